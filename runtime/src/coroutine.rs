@@ -1,0 +1,585 @@
+//! Stackful coroutines on corosensei: create, enter, yield, self, wake — and the stack pool.
+//!
+//! QEMU: `util/qemu-coroutine.c` (`qemu_coroutine_create`, `qemu_aio_coroutine_enter`,
+//! `qemu_coroutine_yield`, `qemu_coroutine_self`, `qemu_in_coroutine`, the coroutine pool) and
+//! `util/async.c` (`aio_co_wake`, `aio_co_schedule`).
+//!
+//! ## The model
+//!
+//! A coroutine is a function with its own stack that can stop in the middle ([`co_yield`]) and be
+//! continued later ([`Coroutine::enter`]). Entering runs it *on the caller's thread, inside the
+//! caller's call*: `enter` returns when the coroutine yields or finishes. Code that may yield is
+//! marked with a `co_` prefix, as QEMU marks it `coroutine_fn`.
+//!
+//! **A coroutine never changes thread.** It belongs to the thread that created it (its *home*),
+//! whose [`AioContext`] runs it. [`Coroutine`] is the local handle (it can enter; it is `!Send`):
+//!
+//! ```compile_fail
+//! fn assert_send<T: Send>() {}
+//! assert_send::<runtime::Coroutine>();
+//! ```
+//!
+//! [`CoWaker`] is the `Send` handle: it can only wake. Waking ([`CoWaker::wake`], QEMU's
+//! `aio_co_wake`) does one of three things:
+//! - from another thread: queue the coroutine on its home context, which enters it from its next
+//!   `poll()` (a message, not a jump — QEMU's `aio_co_schedule`);
+//! - from home, inside another coroutine: enter it right after the current coroutine yields
+//!   (QEMU's `co_queue_wakeup`), so coroutines never nest by accident;
+//! - from home, outside any coroutine: enter it at once.
+//!
+//! Misuse aborts the process with a message, as QEMU does: entering a coroutine that is running
+//! ("re-entered recursively"), entering or waking one that has finished, waking one that already
+//! has a wake-up pending. These are logic errors that would otherwise corrupt a stack.
+//!
+//! A panic inside a coroutine is caught at its boundary: [`spawn`] hands it to whoever joins, a
+//! [`Coroutine::new`] coroutine has it logged. It never unwinds into the event loop.
+//!
+//! ## Stacks
+//!
+//! Stacks come from corosensei's `DefaultStack`: `mmap`ed, with a guard page below, so an overflow
+//! is a clean SIGSEGV rather than silent corruption. Finished coroutines return their stack to a
+//! per-thread pool (at most [`PoolConfig::max_pooled`], 256 by default), so a request costs no
+//! `mmap`. The default size is 256 KiB: the request handlers keep their buffers on the heap and
+//! their deepest path (FUSE dispatch → block layer → qcow2 → thread-pool submit) uses a few KiB,
+//! so this leaves a wide margin while a pool of 256 stays at 64 MiB of *address space*; only the
+//! pages a coroutine actually touched cost memory. QEMU uses 1 MiB because its coroutines also
+//! run arbitrary device emulation code. Change it with [`set_pool_config`].
+//!
+//! Suspended coroutines left when a thread exits are leaked with a warning, not unwound: their
+//! destructors would run in a dying thread, against a context that no longer polls.
+
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::fmt;
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use corosensei::stack::DefaultStack;
+use corosensei::{CoroutineResult, Yielder};
+
+use crate::aio::{self, AioContext, Remote, Shared};
+
+type Body = corosensei::Coroutine<(), (), (), DefaultStack>;
+
+const SUSPENDED: u8 = 0; // created, or yielded
+const RUNNING: u8 = 1;
+const FINISHED: u8 = 2;
+
+/// The part of a coroutine that handles (and other threads) share.
+struct CoShared {
+    home: Arc<Shared>,
+    /// Index into the home thread's coroutine table.
+    slot: u32,
+    state: AtomicU8,
+    /// A wake-up is pending (QEMU: `Coroutine::scheduled`).
+    scheduled: AtomicBool,
+}
+
+/// Stack pool settings. QEMU: `COROUTINE_STACK_SIZE`, `POOL_MIN_BATCH_SIZE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Usable stack size in bytes (a guard page is added).
+    pub stack_size: usize,
+    /// Stacks kept per thread for reuse; finished coroutines beyond that unmap theirs.
+    pub max_pooled: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            stack_size: 256 * 1024,
+            max_pooled: 256,
+        }
+    }
+}
+
+static STACK_SIZE: AtomicUsize = AtomicUsize::new(256 * 1024);
+static MAX_POOLED: AtomicUsize = AtomicUsize::new(256);
+static LIVE_STACKS: AtomicUsize = AtomicUsize::new(0);
+
+/// Changes the stack pool settings for coroutines created from now on, in every thread.
+pub fn set_pool_config(cfg: PoolConfig) {
+    STACK_SIZE.store(cfg.stack_size, Ordering::Relaxed);
+    MAX_POOLED.store(cfg.max_pooled, Ordering::Relaxed);
+}
+
+/// The current stack pool settings.
+pub fn pool_config() -> PoolConfig {
+    PoolConfig {
+        stack_size: STACK_SIZE.load(Ordering::Relaxed),
+        max_pooled: MAX_POOLED.load(Ordering::Relaxed),
+    }
+}
+
+/// The number of coroutine stacks currently mapped in the whole process (in use or pooled).
+pub fn mapped_stacks() -> usize {
+    LIVE_STACKS.load(Ordering::Relaxed)
+}
+
+struct Slot {
+    shared: Arc<CoShared>,
+    body: Option<Body>,
+    /// Set by the body when it first runs; valid while the body is alive.
+    yielder: *const Yielder<(), ()>,
+}
+
+/// Per-thread coroutine state. Borrowed only briefly: never across a stack switch.
+struct Table {
+    slots: Vec<Slot>,
+    /// Slots whose coroutine finished, ready for reuse.
+    free: Vec<u32>,
+    /// Slots of the coroutines running on this thread, innermost last.
+    running: Vec<u32>,
+    stacks: Vec<(usize, DefaultStack)>,
+    /// Wake-ups issued from inside a coroutine for coroutines of this thread; run after the
+    /// current coroutine yields. QEMU: `Coroutine::co_queue_wakeup`.
+    deferred: VecDeque<CoWaker>,
+    /// An `enter` further up this thread's stack is running the deferred wake-ups.
+    draining: bool,
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        let suspended: Vec<Body> = self
+            .slots
+            .iter_mut()
+            .filter_map(|s| s.body.take())
+            .collect();
+        if !suspended.is_empty() {
+            log::warn!(
+                "{} coroutine(s) still suspended at thread exit; leaking them",
+                suspended.len()
+            );
+            std::mem::forget(suspended);
+        }
+        LIVE_STACKS.fetch_sub(self.stacks.len(), Ordering::Relaxed);
+    }
+}
+
+thread_local! {
+    static TABLE: RefCell<Table> = const {
+        RefCell::new(Table {
+            slots: Vec::new(),
+            free: Vec::new(),
+            running: Vec::new(),
+            stacks: Vec::new(),
+            deferred: VecDeque::new(),
+            draining: false,
+        })
+    };
+}
+
+#[cold]
+fn fatal(msg: fmt::Arguments<'_>) -> ! {
+    eprintln!("coro-fuse: fatal coroutine error: {msg}");
+    std::process::abort();
+}
+
+/// A coroutine of this thread. Clone freely; entering needs this `!Send` handle.
+///
+/// QEMU: `Coroutine *`.
+#[derive(Clone)]
+pub struct Coroutine {
+    shared: Arc<CoShared>,
+    _not_send: PhantomData<*const ()>,
+}
+
+/// A `Send + Sync` handle that can only wake its coroutine. QEMU: passing a `Coroutine *` to
+/// `aio_co_wake()` from any thread.
+#[derive(Clone)]
+pub struct CoWaker {
+    shared: Arc<CoShared>,
+}
+
+impl Coroutine {
+    /// Creates a coroutine that will run `f` on a pooled stack when first entered. A panic in `f`
+    /// is caught and logged; use [`spawn`] to receive it.
+    ///
+    /// QEMU: `qemu_coroutine_create()`.
+    pub fn new(f: impl FnOnce() + 'static) -> Coroutine {
+        Self::create(move || {
+            if let Err(p) = catch_unwind(AssertUnwindSafe(f)) {
+                log::error!("{}", CoPanic::from_payload(p));
+            }
+        })
+    }
+
+    /// `f` must not unwind (the callers catch panics).
+    fn create(f: impl FnOnce() + 'static) -> Coroutine {
+        let home = AioContext::with_current(|ctx| ctx.shared().clone());
+        let cfg_size = STACK_SIZE.load(Ordering::Relaxed);
+        TABLE.with(|t| {
+            let mut t = t.borrow_mut();
+            let stack = loop {
+                match t.stacks.pop() {
+                    Some((size, stack)) if size == cfg_size => break stack,
+                    Some(_) => LIVE_STACKS.fetch_sub(1, Ordering::Relaxed), // size changed
+                    None => break new_stack(cfg_size),
+                };
+            };
+            let slot = match t.free.pop() {
+                Some(i) => {
+                    let s = &mut t.slots[i as usize];
+                    // Reuse the shared block when no stale handle can still observe it.
+                    if Arc::strong_count(&s.shared) == 1 && Arc::ptr_eq(&s.shared.home, &home) {
+                        s.shared.state.store(SUSPENDED, Ordering::Relaxed);
+                        s.shared.scheduled.store(false, Ordering::Relaxed);
+                    } else {
+                        s.shared = Arc::new(CoShared::new(home, i));
+                    }
+                    i
+                }
+                None => {
+                    let i = u32::try_from(t.slots.len()).unwrap_or_else(|_| {
+                        fatal(format_args!("more than 4 billion coroutines on one thread"))
+                    });
+                    let shared = Arc::new(CoShared::new(home, i));
+                    t.slots.push(Slot {
+                        shared,
+                        body: None,
+                        yielder: std::ptr::null(),
+                    });
+                    i
+                }
+            };
+            let body = Body::with_stack(stack, move |yielder: &Yielder<(), ()>, ()| {
+                TABLE.with(|t| t.borrow_mut().slots[slot as usize].yielder = yielder);
+                f();
+            });
+            let s = &mut t.slots[slot as usize];
+            s.body = Some(body);
+            Coroutine {
+                shared: s.shared.clone(),
+                _not_send: PhantomData,
+            }
+        })
+    }
+
+    /// The coroutine running on this thread, if any. QEMU: `qemu_coroutine_self()`.
+    pub fn current() -> Option<Coroutine> {
+        TABLE.with(|t| {
+            let t = t.borrow();
+            let slot = *t.running.last()?;
+            Some(Coroutine {
+                shared: t.slots[slot as usize].shared.clone(),
+                _not_send: PhantomData,
+            })
+        })
+    }
+
+    /// Runs the coroutine until it yields or finishes, then runs the coroutines it woke.
+    ///
+    /// Aborts if the coroutine is running, has finished, or belongs to another thread.
+    ///
+    /// QEMU: `qemu_coroutine_enter()`.
+    pub fn enter(&self) {
+        enter_shared(&self.shared);
+    }
+
+    /// Wakes the coroutine; see the module documentation. QEMU: `aio_co_wake()`.
+    pub fn wake(&self) {
+        wake_shared(&self.shared);
+    }
+
+    /// A `Send` handle that can wake this coroutine from any thread.
+    pub fn waker(&self) -> CoWaker {
+        CoWaker {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Whether the coroutine has returned.
+    pub fn is_finished(&self) -> bool {
+        self.shared.state.load(Ordering::Acquire) == FINISHED
+    }
+}
+
+impl PartialEq for Coroutine {
+    /// Same coroutine (handle identity, as comparing `Coroutine *` in QEMU).
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+impl Eq for Coroutine {}
+
+impl fmt::Debug for Coroutine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Coroutine")
+            .field("home", &self.shared.home.name)
+            .field("slot", &self.shared.slot)
+            .field("state", &self.shared.state.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl CoWaker {
+    /// The running coroutine's waker. Panics outside a coroutine.
+    pub fn current() -> CoWaker {
+        match Coroutine::current() {
+            Some(co) => co.waker(),
+            None => panic!("CoWaker::current() called outside a coroutine"),
+        }
+    }
+
+    /// Wakes the coroutine; see the module documentation. QEMU: `aio_co_wake()`.
+    pub fn wake(self) {
+        wake_shared(&self.shared);
+    }
+}
+
+impl CoShared {
+    fn new(home: Arc<Shared>, slot: u32) -> CoShared {
+        CoShared {
+            home,
+            slot,
+            state: AtomicU8::new(SUSPENDED),
+            scheduled: AtomicBool::new(false),
+        }
+    }
+}
+
+#[cold]
+fn new_stack(size: usize) -> DefaultStack {
+    match DefaultStack::new(size) {
+        Ok(s) => {
+            LIVE_STACKS.fetch_add(1, Ordering::Relaxed);
+            s
+        }
+        Err(e) => fatal(format_args!(
+            "cannot map a {size}-byte coroutine stack: {e}"
+        )),
+    }
+}
+
+fn wake_shared(co: &Arc<CoShared>) {
+    if co.state.load(Ordering::Acquire) == FINISHED {
+        fatal(format_args!("woke a coroutine that has already finished"));
+    }
+    if co.scheduled.swap(true, Ordering::AcqRel) {
+        fatal(format_args!(
+            "woke a coroutine that already has a wake-up pending"
+        ));
+    }
+    let waker = CoWaker { shared: co.clone() };
+    if !aio::is_current(&co.home) {
+        co.home.push_remote(Remote::Wake(waker));
+    } else {
+        let now = TABLE.with(|t| {
+            let mut t = t.borrow_mut();
+            if t.running.is_empty() {
+                return Some(waker);
+            }
+            t.deferred.push_back(waker);
+            None
+        });
+        if let Some(w) = now {
+            enter_shared(&w.shared);
+        }
+    }
+}
+
+/// Enters a coroutine whose wake-up came through its home context's queue.
+pub(crate) fn enter_scheduled(co: CoWaker) {
+    enter_shared(&co.shared);
+}
+
+fn enter_shared(co: &Arc<CoShared>) {
+    if !aio::is_current(&co.home) {
+        fatal(format_args!(
+            "entered a coroutine from thread {:?}, but it belongs to context '{}'",
+            std::thread::current().name().unwrap_or("unnamed"),
+            co.home.name
+        ));
+    }
+    match co.state.load(Ordering::Acquire) {
+        RUNNING => fatal(format_args!("co-routine re-entered recursively")),
+        FINISHED => fatal(format_args!(
+            "entered a coroutine that has already finished"
+        )),
+        _ => {}
+    }
+    co.scheduled.store(false, Ordering::Release);
+    co.state.store(RUNNING, Ordering::Release);
+
+    let slot = co.slot as usize;
+    let mut body = TABLE.with(|t| {
+        let mut t = t.borrow_mut();
+        t.running.push(co.slot);
+        t.slots[slot].body.take()
+    });
+    let result = match body.as_mut() {
+        Some(b) => b.resume(()),
+        None => fatal(format_args!("coroutine slot {slot} has no body")),
+    };
+    let mut next = TABLE.with(|t| {
+        let mut t = t.borrow_mut();
+        t.running.pop();
+        match result {
+            CoroutineResult::Yield(()) => {
+                t.slots[slot].body = body;
+                co.state.store(SUSPENDED, Ordering::Release);
+            }
+            CoroutineResult::Return(()) => {
+                co.state.store(FINISHED, Ordering::Release);
+                t.slots[slot].yielder = std::ptr::null();
+                t.free.push(co.slot);
+                if let Some(b) = body {
+                    let stack = b.into_stack();
+                    if t.stacks.len() < MAX_POOLED.load(Ordering::Relaxed) {
+                        t.stacks.push((STACK_SIZE.load(Ordering::Relaxed), stack));
+                    } else {
+                        LIVE_STACKS.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        // Only the outermost enter runs the deferred wake-ups, and only one loop at a time,
+        // so a chain of hand-offs (A wakes B wakes C ...) iterates instead of recursing.
+        if t.running.is_empty() && !t.draining && !t.deferred.is_empty() {
+            t.draining = true;
+            t.deferred.pop_front()
+        } else {
+            None
+        }
+    });
+    if next.is_none() {
+        return;
+    }
+
+    // Run the wake-ups this coroutine issued for its neighbours (QEMU: the `pending` loop in
+    // `qemu_aio_coroutine_enter`).
+    while let Some(w) = next {
+        enter_shared(&w.shared);
+        next = TABLE.with(|t| {
+            let mut t = t.borrow_mut();
+            let n = t.deferred.pop_front();
+            t.draining = n.is_some();
+            n
+        });
+    }
+}
+
+/// Whether the caller runs inside a coroutine. QEMU: `qemu_in_coroutine()`.
+pub fn in_coroutine() -> bool {
+    TABLE.with(|t| !t.borrow().running.is_empty())
+}
+
+/// Suspends the running coroutine; [`Coroutine::enter`] or a wake continues it. Panics outside a
+/// coroutine.
+///
+/// QEMU: `qemu_coroutine_yield()`.
+pub fn co_yield() {
+    let yielder = TABLE.with(|t| {
+        let t = t.borrow();
+        match t.running.last() {
+            Some(&slot) => t.slots[slot as usize].yielder,
+            None => std::ptr::null(),
+        }
+    });
+    if yielder.is_null() {
+        panic!("co_yield() called outside a coroutine");
+    }
+    // SAFETY: the pointer was stored by the body of the innermost running coroutine of this
+    // thread when it started, and points at the `Yielder` corosensei passed to that body, which
+    // lives (on the coroutine's stack) until the body returns. We are inside that body, so it is
+    // alive; and we are on its thread, which `Yielder` requires.
+    unsafe { (*yielder).suspend(()) };
+}
+
+/// A coroutine panicked; the payload's message, if it had one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoPanic {
+    pub message: String,
+}
+
+impl CoPanic {
+    pub(crate) fn from_payload(p: Box<dyn Any + Send>) -> CoPanic {
+        let message = if let Some(s) = p.downcast_ref::<&str>() {
+            (*s).to_owned()
+        } else if let Some(s) = p.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "(non-string panic payload)".to_owned()
+        };
+        CoPanic { message }
+    }
+}
+
+impl fmt::Display for CoPanic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "coroutine panicked: {}", self.message)
+    }
+}
+
+impl std::error::Error for CoPanic {}
+
+struct JoinState<T> {
+    result: RefCell<Option<Result<T, CoPanic>>>,
+    waiter: Cell<Option<CoWaker>>,
+}
+
+/// The result of a coroutine started with [`spawn`].
+pub struct JoinHandle<T> {
+    state: Rc<JoinState<T>>,
+    co: Coroutine,
+}
+
+/// Creates a coroutine running `f`, enters it at once, and returns a handle to its result.
+/// A panic in `f` becomes `Err(CoPanic)` for the joiner.
+pub fn spawn<T: 'static>(f: impl FnOnce() -> T + 'static) -> JoinHandle<T> {
+    let state = Rc::new(JoinState {
+        result: RefCell::new(None),
+        waiter: Cell::new(None),
+    });
+    let s = state.clone();
+    let co = Coroutine::create(move || {
+        let r = catch_unwind(AssertUnwindSafe(f)).map_err(CoPanic::from_payload);
+        *s.result.borrow_mut() = Some(r);
+        if let Some(w) = s.waiter.take() {
+            w.wake();
+        }
+    });
+    co.enter();
+    JoinHandle { state, co }
+}
+
+impl<T> JoinHandle<T> {
+    /// Whether the coroutine has finished.
+    pub fn is_finished(&self) -> bool {
+        self.state.result.borrow().is_some()
+    }
+
+    /// The coroutine (to enter or wake it by hand).
+    pub fn coroutine(&self) -> &Coroutine {
+        &self.co
+    }
+
+    /// The result if the coroutine has finished, else the handle back.
+    pub fn try_join(self) -> Result<Result<T, CoPanic>, JoinHandle<T>> {
+        let r = self.state.result.borrow_mut().take();
+        r.ok_or(self)
+    }
+
+    /// Waits for the result: inside a coroutine by yielding, outside by polling this thread's
+    /// context (like `AIO_WAIT_WHILE`).
+    pub fn join(self) -> Result<T, CoPanic> {
+        if in_coroutine() {
+            while !self.is_finished() {
+                self.state.waiter.set(Some(CoWaker::current()));
+                co_yield();
+            }
+        } else {
+            let ctx = AioContext::current();
+            crate::aio_wait::wait_while(&ctx, || !self.is_finished());
+        }
+        match self.state.result.borrow_mut().take() {
+            Some(r) => r,
+            None => unreachable!("joined coroutine has no result"),
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! A pool of worker threads for blocking work (syscalls that may sleep), with completions
+//! delivered back to the submitter's event loop.
+//!
+//! QEMU: `util/thread-pool.c` (`thread_pool_submit_co`, `thread_pool_submit_aio`, the
+//! `worker_thread` loop with its idle timeout, `max_threads`).
+//!
+//! A coroutine calls [`ThreadPool::submit_co`]; the closure runs on a worker; the worker then
+//! wakes the coroutine, which — being a cross-thread wake — is queued on the coroutine's home
+//! `AioContext` and entered from that context's next `poll()`. So the result is always consumed on
+//! the submitting thread, as QEMU's completion bottom half ensures.
+//!
+//! Workers are started on demand when no worker is idle, up to `max_threads`, and exit after
+//! sitting idle for `idle_timeout` (QEMU: 64 threads, 10 s). Jobs are served FIFO.
+//!
+//! Differences from QEMU: one pool may serve many contexts (QEMU has one per `AioContext`); the
+//! routing back is done by the waker, so the pool needs no per-context state. There is no
+//! cancellation: a submitted job always runs.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread;
+use std::time::Duration;
+
+use crate::coroutine::{co_yield, CoWaker, Coroutine};
+
+/// A job returns the coroutine to wake, if any, so that the worker can count itself idle
+/// *before* the wake: otherwise the woken submitter's next job would find no idle worker and
+/// start a needless new one.
+type Job = Box<dyn FnOnce() -> Option<CoWaker> + Send>;
+
+struct State {
+    queue: VecDeque<Job>,
+    threads: usize,
+    idle: usize,
+    /// Workers spawned so far, for thread names.
+    spawned: usize,
+    shutdown: bool,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    cond: Condvar,
+    max_threads: usize,
+    idle_timeout: Duration,
+    name: String,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Jobs run outside this lock and the sections inside it cannot panic halfway.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A bounded pool of worker threads. Clone to share.
+///
+/// QEMU: `ThreadPool`.
+#[derive(Clone)]
+pub struct ThreadPool {
+    inner: Arc<Inner>,
+}
+
+impl ThreadPool {
+    /// A pool of at most `max_threads` workers, each exiting after `idle_timeout` without work.
+    pub fn new(name: &str, max_threads: usize, idle_timeout: Duration) -> ThreadPool {
+        ThreadPool {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State {
+                    queue: VecDeque::new(),
+                    threads: 0,
+                    idle: 0,
+                    spawned: 0,
+                    shutdown: false,
+                }),
+                cond: Condvar::new(),
+                max_threads: max_threads.max(1),
+                idle_timeout,
+                name: name.to_owned(),
+            }),
+        }
+    }
+
+    /// The process-wide pool (64 workers, 10 s idle timeout, as QEMU's defaults).
+    pub fn global() -> &'static ThreadPool {
+        static POOL: OnceLock<ThreadPool> = OnceLock::new();
+        POOL.get_or_init(|| ThreadPool::new("worker", 64, Duration::from_secs(10)))
+    }
+
+    /// Runs `job` on a worker. The building block of the other forms.
+    pub fn submit(&self, job: impl FnOnce() + Send + 'static) {
+        self.push(Box::new(move || {
+            job();
+            None
+        }));
+    }
+
+    fn push(&self, job: Job) {
+        let mut st = self.inner.lock();
+        st.queue.push_back(job);
+        if st.idle == 0 && st.threads < self.inner.max_threads {
+            st.threads += 1;
+            st.spawned += 1;
+            let name = format!("{}-{}", self.inner.name, st.spawned);
+            drop(st);
+            self.spawn_worker(name);
+        } else {
+            drop(st);
+            self.inner.cond.notify_one();
+        }
+    }
+
+    #[cold]
+    fn spawn_worker(&self, name: String) {
+        let inner = self.inner.clone();
+        if let Err(e) = thread::Builder::new()
+            .name(name)
+            .spawn(move || worker(inner))
+        {
+            // The job stays queued; an existing worker (if any) will take it.
+            log::error!(
+                "thread pool '{}': cannot start a worker: {e}",
+                self.inner.name
+            );
+            self.inner.lock().threads -= 1;
+        }
+    }
+
+    /// Runs `f` on a worker and yields the calling coroutine until it is done; returns `f`'s
+    /// result on the calling thread. A panic in `f` resumes in the caller.
+    ///
+    /// QEMU: `thread_pool_submit_co()`.
+    pub fn submit_co<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let waker = CoWaker::current();
+        let slot: Arc<Mutex<Option<thread::Result<R>>>> = Arc::new(Mutex::new(None));
+        let result = slot.clone();
+        self.push(Box::new(move || {
+            let r = catch_unwind(AssertUnwindSafe(f));
+            *result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            Some(waker)
+        }));
+        loop {
+            co_yield();
+            if let Some(r) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                return r.unwrap_or_else(|p| resume_unwind(p));
+            }
+        }
+    }
+
+    /// Like [`ThreadPool::submit_co`], but `f` may borrow from the caller (a buffer on the
+    /// coroutine's stack or in its request): the coroutine stays suspended until `f` has run,
+    /// so the borrow outlives its use. This is how a block driver hands `&mut [u8]` to `preadv`
+    /// on a worker without copying.
+    pub fn submit_co_scoped<'a, R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'a) -> R {
+        let job: Box<dyn FnOnce() -> R + Send + 'a> = Box::new(f);
+        // SAFETY: we erase the lifetime `'a` so the job can cross to a worker. This function does
+        // not return until the job has finished: `submit_co` yields until the worker stored the
+        // result, and loops on spurious wakes. While it waits, the borrows in `f` cannot end:
+        // the caller's frame is on this coroutine's stack, which is neither resumed nor freed
+        // (a suspended coroutine is never unwound or dropped — see `coroutine`, "leaked at
+        // thread exit"). A panic in `f` is caught on the worker and re-raised only after the
+        // job is complete. So `f` never outlives what it borrows.
+        let job: Box<dyn FnOnce() -> R + Send + 'static> = unsafe { std::mem::transmute(job) };
+        self.submit_co(job)
+    }
+
+    /// Runs `f` on a worker, then `cb(result)` on the calling thread's event loop. The callback
+    /// form of [`ThreadPool::submit_co`]; a panic in `f` is logged and `cb` is not called.
+    ///
+    /// QEMU: `thread_pool_submit_aio()`.
+    pub fn submit_cb<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+        cb: impl FnOnce(R) + 'static,
+    ) {
+        let pool = self.clone();
+        // The coroutine is the completion's home: it is woken on this thread. `Coroutine::new`
+        // logs a panic of `f` (resumed by `submit_co`) instead of calling `cb`.
+        Coroutine::new(move || cb(pool.submit_co(f))).enter();
+    }
+
+    /// Lets workers exit as soon as the queue is empty instead of waiting for the idle timeout.
+    /// Jobs submitted later still run (on a fresh worker).
+    pub fn shutdown(&self) {
+        self.inner.lock().shutdown = true;
+        self.inner.cond.notify_all();
+    }
+
+    /// Workers alive now (for tests and statistics).
+    pub fn threads(&self) -> usize {
+        self.inner.lock().threads
+    }
+}
+
+fn worker(inner: Arc<Inner>) {
+    let mut st = inner.lock();
+    loop {
+        if let Some(job) = st.queue.pop_front() {
+            drop(st);
+            // A panicking job must not kill the worker; submit_co reports f's panic itself.
+            let waker = catch_unwind(AssertUnwindSafe(job)).unwrap_or_else(|_| {
+                log::error!("thread pool '{}': a job panicked", inner.name);
+                None
+            });
+            st = inner.lock();
+            if let Some(w) = waker {
+                // Idle from the submitter's point of view while we deliver the completion.
+                st.idle += 1;
+                drop(st);
+                w.wake();
+                st = inner.lock();
+                st.idle -= 1;
+            }
+            continue;
+        }
+        if st.shutdown {
+            break;
+        }
+        st.idle += 1;
+        let (guard, timeout) = inner
+            .cond
+            .wait_timeout(st, inner.idle_timeout)
+            .unwrap_or_else(|e| e.into_inner());
+        st = guard;
+        st.idle -= 1;
+        if timeout.timed_out() && st.queue.is_empty() {
+            break;
+        }
+    }
+    st.threads -= 1;
+}

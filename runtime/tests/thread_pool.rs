@@ -1,0 +1,144 @@
+//! ThreadPool: results come back on the submitting thread; bounded workers; idle exit.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use runtime::{spawn, wait_while, AioContext, IoThread, ThreadPool};
+
+#[test]
+fn submit_co_runs_on_a_worker_and_resumes_on_the_submitting_thread() {
+    let io = IoThread::spawn("submitter").expect("iothread");
+    let (tx, rx) = mpsc::channel();
+    io.spawn_co(move || {
+        let home = thread::current().id();
+        let worker = ThreadPool::global().submit_co(|| thread::current().id());
+        tx.send((home, worker, thread::current().id()))
+            .expect("send");
+    });
+    let (home, worker, after) = rx.recv_timeout(Duration::from_secs(10)).expect("completed");
+    assert_ne!(worker, home, "the job ran on the submitting thread");
+    assert_eq!(after, home, "the coroutine resumed on another thread");
+    io.stop();
+}
+
+#[test]
+fn submit_cb_calls_back_on_the_submitting_thread() {
+    let ctx = AioContext::current();
+    let got = Rc::new(Cell::new(None));
+    let g = got.clone();
+    let home = thread::current().id();
+    ThreadPool::global().submit_cb(
+        || 40 + 2,
+        move |v| {
+            assert_eq!(thread::current().id(), home);
+            g.set(Some(v));
+        },
+    );
+    let start = Instant::now();
+    while got.get().is_none() {
+        ctx.poll(true);
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+    assert_eq!(got.get(), Some(42));
+}
+
+#[test]
+fn a_panicking_job_reaches_its_coroutine_not_the_worker() {
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = spawn(|| ThreadPool::global().submit_co(|| -> u32 { panic!("job failed") })).join();
+    std::panic::set_hook(prev);
+    assert_eq!(r.expect_err("the panic is reported").message, "job failed");
+    // The pool still works.
+    assert_eq!(spawn(|| ThreadPool::global().submit_co(|| 7)).join(), Ok(7));
+}
+
+#[test]
+fn workers_are_bounded_and_exit_when_idle() {
+    let pool = ThreadPool::new("bounded", 3, Duration::from_millis(100));
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    for i in 0..9 {
+        let (running, peak, done) = (running.clone(), peak.clone(), done.clone());
+        pool.submit(move || {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            if i < 3 {
+                // First wave: hold on until three run at once (proves three workers).
+                let start = Instant::now();
+                while peak.load(Ordering::SeqCst) < 3 && start.elapsed() < Duration::from_secs(5) {
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+            thread::sleep(Duration::from_millis(5));
+            running.fetch_sub(1, Ordering::SeqCst);
+            done.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    let start = Instant::now();
+    while done.load(Ordering::SeqCst) < 9 {
+        thread::sleep(Duration::from_millis(5));
+        assert!(start.elapsed() < Duration::from_secs(10), "jobs stuck");
+    }
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        3,
+        "more workers than max_threads ran at once"
+    );
+    assert!(pool.threads() <= 3);
+    let start = Instant::now();
+    while pool.threads() > 0 {
+        thread::sleep(Duration::from_millis(20));
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "idle workers did not exit"
+        );
+    }
+}
+
+#[test]
+fn sequential_submits_reuse_one_worker() {
+    let pool = ThreadPool::new("reuse", 8, Duration::from_secs(5));
+    let p = pool.clone();
+    let ids = spawn(move || {
+        (0..50)
+            .map(|_| p.submit_co(|| thread::current().id()))
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .expect("ran");
+    let mut distinct = ids.clone();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        1,
+        "one job at a time should keep to one worker: {distinct:?}"
+    );
+    assert_eq!(pool.threads(), 1);
+    pool.shutdown();
+}
+
+#[test]
+fn many_coroutines_in_flight_complete_on_their_thread() {
+    let ctx = AioContext::current();
+    let done = Rc::new(Cell::new(0));
+    for i in 0..200u64 {
+        let d = done.clone();
+        runtime::Coroutine::new(move || {
+            let r = ThreadPool::global().submit_co(move || {
+                thread::sleep(Duration::from_micros(100));
+                i * 2
+            });
+            assert_eq!(r, i * 2);
+            d.set(d.get() + 1);
+        })
+        .enter();
+    }
+    let d = done.clone();
+    wait_while(&ctx, || d.get() < 200);
+}
