@@ -44,6 +44,13 @@ fn coroutine(c: &mut Criterion) {
     stop.set(true);
     co.enter();
     assert!(co.is_finished());
+
+    // The floor: corosensei's own resume + suspend, without any of our bookkeeping (thread
+    // check, state atomics, the per-thread table, deferred wakes).
+    let mut raw = corosensei::Coroutine::new(|y: &corosensei::Yielder<(), ()>, ()| loop {
+        y.suspend(());
+    });
+    g.bench_function("raw_corosensei_round_trip", |b| b.iter(|| raw.resume(())));
     g.finish();
 }
 

@@ -389,7 +389,9 @@ impl AioContext {
         progress |= self.poll_remote();
 
         // Phase 5: timers.
-        progress |= inner.timers.run_expired(Instant::now());
+        if !inner.timers.is_empty() {
+            progress |= inner.timers.run_expired(Instant::now());
+        }
         progress
     }
 

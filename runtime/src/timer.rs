@@ -89,6 +89,11 @@ impl TimerList {
         heap.entries.peek().map(|Reverse(e)| e.deadline)
     }
 
+    /// Whether no timer entry (live or stale) is queued: then `poll()` need not read the clock.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.heap.borrow().entries.is_empty()
+    }
+
     /// Fires every timer whose deadline is `<= now`, earliest first. QEMU:
     /// `timerlist_run_timers()`.
     pub(crate) fn run_expired(&self, now: Instant) -> bool {
