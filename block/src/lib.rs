@@ -8,17 +8,71 @@
 //!                           │
 //!                           ▼
 //!                     format driver    raw (offset/size window) | qcow2 | null
-//!                           │
+//!                           │          (blkdebug: an error-injecting filter, for tests)
 //!                           ▼
-//!                    protocol driver   file (preadv/pwritev on the thread pool)
+//!                    protocol driver   file (preadv/pwritev inline or on the thread pool)
 //! ```
 //!
 //! Every `co_` method may yield: call it from a coroutine. Drivers are `Send + Sync` because one
 //! image is shared by all queue threads; state that needs a lock across a yield uses
 //! `runtime::CoMutex`.
+//!
+//! # Example: open an image and read it from a coroutine
+//!
+//! ```
+//! use block::{open_image, OpenOptions};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("disk.img");
+//! std::fs::write(&path, b"hello, block layer")?;
+//!
+//! let blk = open_image(&path, &OpenOptions::default())?; // raw, read-write, locked
+//! let reader = blk.clone();
+//! let data = runtime::spawn(move || {
+//!     let mut buf = vec![0; 5];
+//!     reader.co_pread(0, &mut buf).map(|()| buf) // yields while a worker runs pread
+//! })
+//! .join()
+//! .expect("the coroutine panicked")?;
+//! assert_eq!(data, b"hello");
+//! blk.close()?; // flush
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Where things live
+//!
+//! | module | QEMU | owns |
+//! |---|---|---|
+//! | [`backend`] | `block/block-backend.c`, `block/io.c` | `BlockBackend`: checks, alignment, in-flight, drain |
+//! | [`file`](mod@file) | `block/file-posix.c` | the `file` protocol driver |
+//! | [`image_lock`] | `block/file-posix.c` (lock bytes) | QEMU-compatible image locking |
+//! | [`raw`] | `block/raw-format.c` | the `raw` format, with an offset/size window |
+//! | [`null`] | `block/null.c` | `null-co`: zeros in, nothing out |
+//! | [`blkdebug`] | `block/blkdebug.c` | error injection for tests |
+//! | [`probe`] | `block.c` `bdrv_probe_all()`, each driver's `bdrv_probe` | image format detection |
+//! | `sys` (private) | the syscalls of the above | every `unsafe` of the crate |
+
+pub mod backend;
+pub mod blkdebug;
+pub mod file;
+pub mod image_lock;
+pub mod null;
+pub mod probe;
+pub mod raw;
+mod sys;
 
 use std::fmt;
 use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use backend::{BackendOptions, BlockBackend};
+pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Rule, RuleId};
+pub use file::{CacheMode, FileDriver, FileOptions, FileStats};
+pub use image_lock::Perm;
+pub use null::NullDriver;
+pub use raw::{RawDriver, RawOptions};
+pub use sys::AlignedBuf;
 
 /// One error type for the block layer; the export maps it to an errno once.
 #[derive(Debug)]
@@ -35,6 +89,13 @@ pub enum BlockError {
     Corrupt(String),
     /// Invalid arguments from the caller.
     Invalid(String),
+    /// The image file could not be opened (missing, a directory, permission denied …).
+    Open { path: PathBuf, source: io::Error },
+    /// Another process (QEMU, qemu-img, another coro-fuse) uses the image in a conflicting way;
+    /// `detail` is QEMU's wording, e.g. `Failed to get shared "write" lock`.
+    Locked { path: PathBuf, detail: String },
+    /// The image is in a format this build cannot read (yet).
+    UnsupportedFormat { path: PathBuf, format: &'static str },
 }
 
 impl BlockError {
@@ -47,6 +108,9 @@ impl BlockError {
             BlockError::NotSupported(_) => libc::EOPNOTSUPP,
             BlockError::Corrupt(_) => libc::EIO,
             BlockError::Invalid(_) => libc::EINVAL,
+            BlockError::Open { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            BlockError::Locked { .. } => libc::EAGAIN,
+            BlockError::UnsupportedFormat { .. } => libc::EMEDIUMTYPE,
         }
     }
 }
@@ -62,6 +126,32 @@ impl fmt::Display for BlockError {
             BlockError::NotSupported(what) => write!(f, "not supported: {what}"),
             BlockError::Corrupt(why) => write!(f, "image is corrupt: {why}"),
             BlockError::Invalid(why) => write!(f, "invalid request: {why}"),
+            BlockError::Open { path, source } => {
+                let path = path.display();
+                match source.raw_os_error() {
+                    Some(libc::ENOENT) => write!(f, "cannot open '{path}': no such file"),
+                    Some(libc::EISDIR) => write!(f, "cannot open '{path}': is a directory"),
+                    Some(libc::EACCES | libc::EPERM) => {
+                        write!(f, "cannot open '{path}': permission denied")
+                    }
+                    Some(libc::EROFS) => write!(
+                        f,
+                        "cannot open '{path}' for writing: read-only file system (open it read-only)"
+                    ),
+                    _ => write!(f, "cannot open '{path}': {source}"),
+                }
+            }
+            BlockError::Locked { path, detail } => write!(
+                f,
+                "'{}': image is locked by another process (qemu or coro-fuse); use \
+                 -U/--force-share to open it read-only without locking ({detail})",
+                path.display()
+            ),
+            BlockError::UnsupportedFormat { path, format } => write!(
+                f,
+                "'{}' is a {format} image; this format is not supported yet",
+                path.display()
+            ),
         }
     }
 }
@@ -69,7 +159,7 @@ impl fmt::Display for BlockError {
 impl std::error::Error for BlockError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            BlockError::Io(e) => Some(e),
+            BlockError::Io(e) | BlockError::Open { source: e, .. } => Some(e),
             _ => None,
         }
     }
@@ -97,8 +187,10 @@ pub enum BlockStatus {
 /// A block driver: a format (raw, qcow2, null) or protocol (file) node.
 ///
 /// QEMU: `BlockDriver` in `include/block/block_int-common.h`. All offsets are bytes; requests
-/// reach a driver already aligned to [`BlockDriver::request_alignment`] and inside
-/// [`BlockDriver::getlength`] (the backend checks), except `co_truncate`.
+/// reach a driver already aligned to [`BlockDriver::request_alignment`], with buffers aligned to
+/// [`BlockDriver::min_mem_alignment`], and inside [`BlockDriver::getlength`] rounded up to the
+/// request alignment (the backend checks and pads), except `co_truncate`. A read of the padding
+/// past the end returns zeros.
 pub trait BlockDriver: Send + Sync {
     /// The driver's name as `qemu-img info` would print it ("raw", "qcow2", "null", "file").
     fn format_name(&self) -> &'static str;
@@ -108,6 +200,12 @@ pub trait BlockDriver: Send + Sync {
 
     /// Required alignment of offsets and lengths (1 unless O_DIRECT or a format needs more).
     fn request_alignment(&self) -> u64 {
+        1
+    }
+
+    /// Required alignment of buffer addresses (1 unless O_DIRECT). QEMU:
+    /// `BlockLimits::min_mem_alignment`.
+    fn min_mem_alignment(&self) -> u64 {
         1
     }
 
@@ -142,4 +240,86 @@ pub trait BlockDriver: Send + Sync {
     fn close(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Which format driver [`open_image`] puts on top of the file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// `raw` over `file`.
+    Raw,
+    /// `null-co` (no file; `OpenOptions::size` bytes of zeros, 1 GiB by default).
+    Null,
+    /// Look at the first bytes ([`probe`]): raw unless they are another format's magic, which is
+    /// refused with [`BlockError::UnsupportedFormat`].
+    #[default]
+    Auto,
+}
+
+/// Options of [`open_image`]: the union of the file, raw and backend options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    pub format: Format,
+    pub read_only: bool,
+    /// Writes past the end grow the image (see [`BackendOptions::growable`]).
+    pub growable: bool,
+    pub cache: CacheMode,
+    /// No image locking (QEMU `-U`); implies `read_only`.
+    pub force_share: bool,
+    /// Raw window: start of the exported range in the file.
+    pub offset: u64,
+    /// Raw window: length of the exported range (default: to the end of the file). For
+    /// [`Format::Null`], the size of the null device.
+    pub size: Option<u64>,
+}
+
+/// QEMU's `null-co` default size.
+const NULL_DEFAULT_SIZE: u64 = 1 << 30;
+
+/// Opens an image the way the CLI does: `file` (locked, possibly O_DIRECT) → format probe →
+/// `raw` (with the window) → `BlockBackend`. Call it outside a coroutine; its I/O (the probe)
+/// runs on the calling thread. Errors name the file.
+///
+/// QEMU: `blk_new_open()` / `bdrv_open()` with `driver=raw,file.driver=file`.
+pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<BlockBackend>> {
+    let read_only = opts.read_only || opts.force_share;
+    let backend_opts = BackendOptions {
+        read_only,
+        growable: opts.growable,
+    };
+    if opts.format == Format::Null {
+        if opts.offset != 0 {
+            return Err(BlockError::Invalid(
+                "the null driver has no offset option".into(),
+            ));
+        }
+        let null = NullDriver::new(opts.size.unwrap_or(NULL_DEFAULT_SIZE), read_only);
+        return Ok(Arc::new(BlockBackend::new(Arc::new(null), backend_opts)?));
+    }
+
+    let file_opts = FileOptions {
+        read_only,
+        cache: opts.cache,
+        force_share: opts.force_share,
+    };
+    let file: Arc<dyn BlockDriver> = Arc::new(FileDriver::open(path, &file_opts)?);
+    if opts.format == Format::Auto {
+        if let Some(format) = probe::probe(&file)? {
+            return Err(BlockError::UnsupportedFormat {
+                path: path.to_owned(),
+                format,
+            });
+        }
+    }
+    let raw = RawDriver::new(
+        file,
+        RawOptions {
+            offset: opts.offset,
+            size: opts.size,
+        },
+    )
+    .map_err(|e| match e {
+        BlockError::Invalid(why) => BlockError::Invalid(format!("'{}': {why}", path.display())),
+        e => e,
+    })?;
+    Ok(Arc::new(BlockBackend::new(Arc::new(raw), backend_opts)?))
 }

@@ -1,19 +1,190 @@
 //! `coro-fuse IMAGE MOUNTPOINT`: the command-line entry point.
 //!
-//! The export itself (block layer, mount, request loop) is being built; until it lands this
-//! binary says so plainly instead of pretending to work.
+//! QEMU: the `--export type=fuse,...` options of `qemu-storage-daemon` (`qapi/block-export.json`,
+//! `BlockExportOptionsFuse`) and `--blockdev` for the image.
+//!
+//! This file only turns arguments into [`fuse::server::ServerConfig`] and prints errors; the
+//! lifecycle (open, mount, serve, drain, flush, unmount) lives in `server.rs`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Parser, ValueEnum};
+
+use block::{CacheMode, Format, OpenOptions};
+use fuse::server::{self, AllowOther, ServerConfig};
+
+/// Export a disk image through FUSE as one regular file.
+///
+/// The image appears at MOUNTPOINT: if MOUNTPOINT is a regular file (it may be the image
+/// itself) the export is mounted over it; if it is a directory, the image appears inside it
+/// under its own file name. Stop with Ctrl-C, SIGTERM or `umount MOUNTPOINT`; every request in
+/// flight is finished and the image flushed first.
+///
+/// Exit status: 0 stopped cleanly; 1 could not start (image, mountpoint, /dev/fuse, lock);
+/// 2 bad arguments; 3 the export failed while running (protocol error, final flush failed).
+#[derive(Parser, Debug)]
+#[command(name = "coro-fuse", version, about, long_about)]
+struct Cli {
+    /// The disk image (a regular file or block device).
+    image: PathBuf,
+
+    /// Where to show the image: a regular file or a directory.
+    mountpoint: PathBuf,
+
+    /// Image format; `auto` is raw unless the image starts with the magic of a known format.
+    #[arg(short = 'f', long, value_enum, default_value_t = FormatArg::Auto)]
+    format: FormatArg,
+
+    /// Export read-only (mode 0400, `ro` mount).
+    #[arg(short = 'r', long)]
+    read_only: bool,
+
+    /// Writes past the end grow the image.
+    #[arg(long, conflicts_with = "read_only")]
+    growable: bool,
+
+    /// Let other users access the export. `auto`: on when allowed (root, or `user_allow_other`
+    /// in /etc/fuse.conf), else off.
+    #[arg(long, value_enum, default_value_t = AllowOtherArg::Auto)]
+    allow_other: AllowOtherArg,
+
+    /// Host page cache for the image: `writeback` (buffered) or `none` (O_DIRECT).
+    #[arg(long, value_enum, default_value_t = CacheArg::Writeback)]
+    cache: CacheArg,
+
+    /// Open the image read-only without taking its locks, even if another process writes it.
+    #[arg(short = 'U', long, conflicts_with_all = ["growable"])]
+    force_share: bool,
+
+    /// Create IMAGE as a sparse raw image of SIZE (e.g. 1G, 512M) if it does not exist.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    create: Option<u64>,
+
+    /// raw: export only SIZE bytes (from --offset). null: the device size (default 1G).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+
+    /// raw: the export starts at this byte offset of the image.
+    #[arg(long, value_parser = parse_size)]
+    offset: Option<u64>,
+
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short = 'v', long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    Auto,
+    Raw,
+    Null,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AllowOtherArg {
+    On,
+    Off,
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CacheArg {
+    Writeback,
+    None,
+}
+
+/// Parses `4096`, `64K`, `512M`, `1G`, `2T` (binary units; optional trailing `B` or `iB`).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                _ => return Err(format!("unknown size suffix in '{s}' (use K, M, G, T)")),
+            };
+            (&t[..t.len() - 1], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 4096, 64K, 1G)"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("usage: coro-fuse [OPTIONS] IMAGE MOUNTPOINT");
-        println!();
-        println!("Exports a disk image through FUSE as one regular file.");
-        println!("Status: the runtime is done; the export itself is not implemented yet.");
-        return ExitCode::SUCCESS;
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp(None)
+        .format_target(false)
+        .init();
+
+    let format = match cli.format {
+        FormatArg::Auto => Format::Auto,
+        FormatArg::Raw => Format::Raw,
+        FormatArg::Null => Format::Null,
+    };
+    let read_only = cli.read_only || cli.force_share;
+    let open = OpenOptions {
+        format,
+        read_only,
+        growable: cli.growable,
+        cache: match cli.cache {
+            CacheArg::Writeback => CacheMode::Writeback,
+            CacheArg::None => CacheMode::None,
+        },
+        force_share: cli.force_share,
+        offset: cli.offset.unwrap_or(0),
+        size: cli.size,
+    };
+    let cfg = ServerConfig {
+        image: cli.image,
+        mountpoint: cli.mountpoint,
+        open,
+        create: cli.create,
+        allow_other: match cli.allow_other {
+            AllowOtherArg::On => AllowOther::On,
+            AllowOtherArg::Off => AllowOther::Off,
+            AllowOtherArg::Auto => AllowOther::Auto,
+        },
+    };
+    match server::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("coro-fuse: {e}");
+            ExitCode::from(e.exit_code())
+        }
     }
-    eprintln!("coro-fuse: the FUSE export is not implemented yet (see README.md, 'Status')");
-    ExitCode::from(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("512MB"), Ok(512 << 20));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("abc").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
 }

@@ -1,0 +1,618 @@
+//! The export's semantics: what each FUSE request does to the image, independent of how the
+//! request was read or the reply is written.
+//!
+//! QEMU: `block/export/fuse.c` (`fuse_co_init`, `fuse_co_getattr`, `fuse_co_setattr`,
+//! `fuse_co_read`, `fuse_co_write`, `fuse_co_fallocate`, `fuse_co_lseek`, …) after the series
+//! "export/fuse: Use coroutines and multi-threading"; the cases are those of
+//! `tests/qemu-iotests/308`.
+//!
+//! [`Export::co_handle`] runs inside the request's coroutine and may yield in the block layer.
+//! It never panics on what the kernel sends: every failure becomes an errno in the reply.
+//!
+//! The exported file is inode 1 when the mountpoint is a regular file (QEMU style). When the
+//! mountpoint is a directory (nbdfuse style), inode 1 is that directory and the image appears
+//! in it as inode 2, named after the image file.
+//!
+//! The rules that matter to clients (all from QEMU):
+//! - READ at or after EOF returns 0 bytes, across EOF a short read;
+//! - WRITE at or after EOF on a non-growable export writes 0 bytes (`dd` then reports "No space
+//!   left on device"), across EOF a short write; a growable export grows first;
+//! - SETATTR may change the size (truncate; EACCES when read-only) and the mode (EPERM for
+//!   group/other bits without allow_other; EROFS for +w when read-only); uid/gid only with
+//!   allow_other; anything else is ENOTSUP;
+//! - FALLOCATE mode 0 only at or after EOF (it grows); PUNCH_HOLE needs KEEP_SIZE and becomes
+//!   write-zeroes with unmap; ZERO_RANGE grows unless KEEP_SIZE; other modes EOPNOTSUPP;
+//! - LSEEK SEEK_DATA/SEEK_HOLE from block status, ENXIO past EOF;
+//! - a backend error is that request's errno (EIO); the export keeps serving.
+
+use std::cell::RefCell;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use block::{BlockBackend, BlockStatus};
+use runtime::CoMutex;
+use smallvec::SmallVec;
+use zerocopy::IntoBytes;
+
+use crate::abi::*;
+use crate::reply::{self, InitConfig, Negotiated};
+use crate::request::{Operation, Request};
+
+/// Attribute and entry validity the kernel may cache (seconds). Short, because the size
+/// changes under the kernel's feet (truncate, growable writes from other queues).
+const ATTR_VALID_SECS: u64 = 1;
+
+/// How a request is answered.
+pub enum Response {
+    /// No reply at all (FORGET, BATCH_FORGET, INTERRUPT).
+    None,
+    /// An error reply; a positive errno.
+    Err(i32),
+    /// A success reply whose payload is these bytes (empty for "ok").
+    Bytes(SmallVec<[u8; 128]>),
+    /// READ data: the first `len` bytes of the buffer. The buffer goes back to the pool.
+    Data(Vec<u8>, usize),
+}
+
+impl Response {
+    fn ok() -> Response {
+        Response::Bytes(SmallVec::new())
+    }
+
+    fn bytes(b: &[u8]) -> Response {
+        Response::Bytes(SmallVec::from_slice(b))
+    }
+}
+
+fn errno_of(e: &block::BlockError) -> i32 {
+    e.errno()
+}
+
+/// Options of one export.
+#[derive(Clone, Debug)]
+pub struct ExportConfig {
+    /// Writes allowed.
+    pub writable: bool,
+    /// Writes past EOF grow the image.
+    pub growable: bool,
+    /// Other users may access the mount (mount option `allow_other`).
+    pub allow_other: bool,
+    /// Directory mode: the name of the file shown in the mountpoint directory.
+    pub dir_entry: Option<OsString>,
+    /// What we offer in INIT.
+    pub init: InitConfig,
+}
+
+/// Mode and ownership of the exported file; changed by SETATTR.
+#[derive(Clone, Copy, Debug)]
+struct FileAttrs {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
+
+/// One exported image, shared by all queue threads.
+pub struct Export {
+    blk: Arc<BlockBackend>,
+    cfg: ExportConfig,
+    attrs: Mutex<FileAttrs>,
+    /// Negotiated at INIT (once).
+    negotiated: OnceLock<Negotiated>,
+    /// Protocol minor for parsing: 0 before INIT, then the negotiated one.
+    minor: AtomicU32,
+    /// Serialises size changes (growable writes, truncate, fallocate): check-then-grow must
+    /// not race with another queue's.
+    resize_lock: CoMutex<()>,
+    /// Time of the last change, for mtime/ctime (seconds since the epoch).
+    changed: AtomicU64,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Export {
+    pub fn new(blk: Arc<BlockBackend>, cfg: ExportConfig) -> Export {
+        let (uid, gid) = (crate::sys::getuid(), crate::sys::getgid());
+        let mode = libc::S_IFREG | libc::S_IRUSR | if cfg.writable { libc::S_IWUSR } else { 0 };
+        Export {
+            blk,
+            cfg,
+            attrs: Mutex::new(FileAttrs { mode, uid, gid }),
+            negotiated: OnceLock::new(),
+            minor: AtomicU32::new(0),
+            resize_lock: CoMutex::new(()),
+            changed: AtomicU64::new(now_secs()),
+        }
+    }
+
+    /// The block backend.
+    pub fn blk(&self) -> &Arc<BlockBackend> {
+        &self.blk
+    }
+
+    /// The export's options.
+    pub fn config(&self) -> &ExportConfig {
+        &self.cfg
+    }
+
+    /// The protocol minor to parse requests with (0 before INIT).
+    pub fn minor(&self) -> u32 {
+        self.minor.load(Ordering::Acquire)
+    }
+
+    /// The session parameters, once INIT is done.
+    pub fn negotiated(&self) -> Option<&Negotiated> {
+        self.negotiated.get()
+    }
+
+    fn file_ino(&self) -> u64 {
+        if self.cfg.dir_entry.is_some() {
+            2
+        } else {
+            FUSE_ROOT_ID
+        }
+    }
+
+    fn attrs(&self) -> FileAttrs {
+        *self.attrs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn touch(&self) {
+        self.changed.store(now_secs(), Ordering::Relaxed);
+    }
+
+    /// Handles one request; runs in the request's coroutine.
+    pub fn co_handle(&self, req: &Request<'_>) -> Response {
+        let nodeid = req.nodeid();
+        match req.op {
+            Operation::Init(ref init) => self.init(init),
+            Operation::Destroy => Response::ok(),
+            Operation::Forget(_) | Operation::BatchForget { .. } | Operation::Interrupt(_) => {
+                Response::None
+            }
+            Operation::Statfs => self.statfs(),
+            Operation::Lookup { name } => self.lookup(nodeid, name.to_bytes()),
+            Operation::Getattr(_) => self.getattr(nodeid),
+            Operation::Setattr(ref arg) => self.co_setattr(nodeid, arg),
+            Operation::Open(_) => self.open(nodeid),
+            Operation::Release(_) => Response::ok(),
+            Operation::Read(ref arg) => self.co_read(nodeid, arg),
+            Operation::Write { ref arg, data } => self.co_write(nodeid, arg, data),
+            Operation::Fallocate(ref arg) => self.co_fallocate(nodeid, arg),
+            Operation::Fsync(_) | Operation::Flush(_) => self.co_flush(),
+            Operation::Lseek(ref arg) => self.co_lseek(nodeid, arg),
+            Operation::Opendir(_) if self.is_dir(nodeid) => Response::bytes(
+                fuse_open_out {
+                    fh: 0,
+                    open_flags: 0,
+                    backing_id: 0,
+                }
+                .as_bytes(),
+            ),
+            Operation::Readdir(ref arg) if self.is_dir(nodeid) => self.readdir(arg),
+            Operation::Releasedir(_) => Response::ok(),
+            Operation::Opendir(_) | Operation::Readdir(_) => Response::Err(libc::ENOTDIR),
+            Operation::Unknown(_) => Response::Err(libc::ENOSYS),
+        }
+    }
+
+    fn is_dir(&self, nodeid: u64) -> bool {
+        self.cfg.dir_entry.is_some() && nodeid == FUSE_ROOT_ID
+    }
+
+    fn init(&self, init: &fuse_init_in) -> Response {
+        match reply::negotiate_init(init, &self.cfg.init) {
+            Ok(r) => {
+                if let Some(n) = r.negotiated() {
+                    if self.negotiated.set(*n).is_err() {
+                        log::warn!("second FUSE_INIT ignored");
+                        return Response::Err(libc::EINVAL);
+                    }
+                    self.minor.store(n.minor, Ordering::Release);
+                    log::debug!(
+                        "FUSE 7.{}: flags {:#x}, max_write {}, max_pages {}",
+                        n.minor,
+                        n.flags,
+                        n.max_write,
+                        n.max_pages
+                    );
+                }
+                Response::bytes(r.as_bytes())
+            }
+            Err(errno) => {
+                log::error!(
+                    "kernel speaks FUSE {}.{}; coro-fuse needs 7.{} or newer",
+                    init.major,
+                    init.minor,
+                    reply::MIN_SUPPORTED_MINOR
+                );
+                Response::Err(errno)
+            }
+        }
+    }
+
+    fn statfs(&self) -> Response {
+        let size = self.blk.size();
+        let out = fuse_statfs_out {
+            st: fuse_kstatfs {
+                blocks: size.div_ceil(512),
+                bfree: 0,
+                bavail: 0,
+                files: 1,
+                ffree: 0,
+                bsize: 512,
+                namelen: 255,
+                frsize: 512,
+                padding: 0,
+                spare: [0; 6],
+            },
+        };
+        Response::bytes(reply::statfs_out_bytes(&out, self.minor()))
+    }
+
+    /// Attributes of inode `ino`, or `None` if there is no such inode.
+    fn attr(&self, ino: u64) -> Option<fuse_attr> {
+        let t = self.changed.load(Ordering::Relaxed);
+        let a = self.attrs();
+        let mut attr = fuse_attr {
+            ino,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            nlink: 1,
+            uid: a.uid,
+            gid: a.gid,
+            blksize: 512,
+            ..Default::default()
+        };
+        if ino == self.file_ino() {
+            let size = self.blk.size();
+            attr.mode = a.mode;
+            attr.size = size;
+            attr.blocks = size.div_ceil(512);
+        } else if self.is_dir(ino) {
+            let perm = if self.cfg.allow_other { 0o555 } else { 0o500 };
+            attr.mode = libc::S_IFDIR | perm;
+            attr.nlink = 2;
+        } else {
+            return None;
+        }
+        Some(attr)
+    }
+
+    fn attr_reply(&self, ino: u64) -> Response {
+        match self.attr(ino) {
+            Some(attr) => {
+                let out = fuse_attr_out {
+                    attr_valid: ATTR_VALID_SECS,
+                    attr_valid_nsec: 0,
+                    dummy: 0,
+                    attr,
+                };
+                Response::bytes(reply::attr_out_bytes(&out, self.minor()))
+            }
+            None => Response::Err(libc::ENOENT),
+        }
+    }
+
+    fn getattr(&self, nodeid: u64) -> Response {
+        self.attr_reply(nodeid)
+    }
+
+    fn lookup(&self, parent: u64, name: &[u8]) -> Response {
+        let Some(entry) = &self.cfg.dir_entry else {
+            return Response::Err(libc::ENOENT);
+        };
+        if parent != FUSE_ROOT_ID || name != entry.as_bytes() {
+            return Response::Err(libc::ENOENT);
+        }
+        let Some(attr) = self.attr(2) else {
+            return Response::Err(libc::ENOENT);
+        };
+        let out = fuse_entry_out {
+            nodeid: 2,
+            generation: 0,
+            entry_valid: ATTR_VALID_SECS,
+            attr_valid: ATTR_VALID_SECS,
+            entry_valid_nsec: 0,
+            attr_valid_nsec: 0,
+            attr,
+        };
+        Response::bytes(reply::entry_out_bytes(&out, self.minor()))
+    }
+
+    fn readdir(&self, arg: &fuse_read_in) -> Response {
+        let name = self
+            .cfg
+            .dir_entry
+            .as_ref()
+            .map(|n| n.as_bytes())
+            .unwrap_or(b"");
+        let entries: [(u64, &[u8], u32); 3] = [
+            (1, b".", libc::DT_DIR as u32),
+            (1, b"..", libc::DT_DIR as u32),
+            (2, name, libc::DT_REG as u32),
+        ];
+        let mut buf = Vec::new();
+        for (i, (ino, name, typ)) in entries.iter().enumerate().skip(arg.offset as usize) {
+            let rec = fuse_dirent_size(name.len());
+            if buf.len() + rec > arg.size as usize {
+                break;
+            }
+            let d = fuse_dirent {
+                ino: *ino,
+                off: i as u64 + 1,
+                namelen: name.len() as u32,
+                r#type: *typ,
+            };
+            buf.extend_from_slice(d.as_bytes());
+            buf.extend_from_slice(name);
+            buf.resize(buf.len() + (rec - FUSE_NAME_OFFSET - name.len()), 0);
+        }
+        let len = buf.len();
+        Response::Data(buf, len)
+    }
+
+    fn open(&self, nodeid: u64) -> Response {
+        if nodeid != self.file_ino() {
+            return Response::Err(libc::EISDIR);
+        }
+        let out = fuse_open_out {
+            fh: 0,
+            open_flags: FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES,
+            backing_id: 0,
+        };
+        Response::bytes(out.as_bytes())
+    }
+
+    fn co_setattr(&self, nodeid: u64, arg: &fuse_setattr_in) -> Response {
+        if nodeid != self.file_ino() {
+            return Response::Err(libc::EPERM);
+        }
+        // The file handle and lock owner only say who asks; libfuse drops them as well.
+        let to_set = arg.valid & !(FATTR_FH | FATTR_LOCKOWNER);
+        let mut supported = FATTR_SIZE | FATTR_MODE;
+        if self.cfg.allow_other {
+            supported |= FATTR_UID | FATTR_GID;
+        }
+        if to_set & !supported != 0 {
+            return Response::Err(libc::ENOTSUP);
+        }
+        if to_set & FATTR_MODE != 0 {
+            // Without allow_other nobody else can reach the file: refuse to pretend otherwise.
+            if !self.cfg.allow_other && arg.mode & (libc::S_IRWXG | libc::S_IRWXO) != 0 {
+                return Response::Err(libc::EPERM);
+            }
+            if !self.cfg.writable && arg.mode & (libc::S_IWUSR | libc::S_IWGRP | libc::S_IWOTH) != 0
+            {
+                return Response::Err(libc::EROFS);
+            }
+        }
+        if to_set & FATTR_SIZE != 0 {
+            if !self.cfg.writable {
+                return Response::Err(libc::EACCES);
+            }
+            let _g = self.resize_lock.co_lock();
+            if let Err(e) = self.blk.co_truncate(arg.size) {
+                return Response::Err(errno_of(&e));
+            }
+            self.touch();
+        }
+        {
+            let mut a = self.attrs.lock().unwrap_or_else(|e| e.into_inner());
+            if to_set & FATTR_MODE != 0 {
+                a.mode = (arg.mode & 0o7777) | libc::S_IFREG;
+            }
+            if to_set & FATTR_UID != 0 {
+                a.uid = arg.uid;
+            }
+            if to_set & FATTR_GID != 0 {
+                a.gid = arg.gid;
+            }
+        }
+        self.attr_reply(nodeid)
+    }
+
+    fn co_read(&self, nodeid: u64, arg: &fuse_read_in) -> Response {
+        if nodeid != self.file_ino() {
+            return Response::Err(libc::EISDIR);
+        }
+        let size = self.blk.size();
+        if arg.offset >= size {
+            return Response::ok();
+        }
+        let len = (size - arg.offset).min(u64::from(arg.size)) as usize;
+        let mut buf = take_buffer(len);
+        match self.blk.co_pread(arg.offset, &mut buf[..len]) {
+            Ok(()) => Response::Data(buf, len),
+            Err(e) => {
+                give_back_buffer(buf);
+                log::debug!("read {}+{len}: {e}", arg.offset);
+                Response::Err(errno_of(&e))
+            }
+        }
+    }
+
+    fn write_out(size: u32) -> Response {
+        Response::bytes(fuse_write_out { size, padding: 0 }.as_bytes())
+    }
+
+    fn co_write(&self, nodeid: u64, arg: &fuse_write_in, data: &[u8]) -> Response {
+        if nodeid != self.file_ino() {
+            return Response::Err(libc::EISDIR);
+        }
+        if !self.cfg.writable {
+            return Response::Err(libc::EACCES);
+        }
+        let Some(end) = arg.offset.checked_add(data.len() as u64) else {
+            return Response::Err(libc::EINVAL);
+        };
+        let mut len = data.len();
+        if end > self.blk.size() {
+            if self.cfg.growable {
+                if let Err(e) = self.co_grow_to(end) {
+                    return Response::Err(errno_of(&e));
+                }
+            } else {
+                let size = self.blk.size();
+                if arg.offset >= size {
+                    return Self::write_out(0);
+                }
+                len = (size - arg.offset) as usize;
+            }
+        }
+        match self.blk.co_pwrite(arg.offset, &data[..len]) {
+            Ok(()) => {
+                self.touch();
+                Self::write_out(len as u32)
+            }
+            Err(e) => {
+                log::debug!("write {}+{len}: {e}", arg.offset);
+                Response::Err(errno_of(&e))
+            }
+        }
+    }
+
+    /// Grows the image to at least `end` bytes (never shrinks: another queue may have grown
+    /// it further meanwhile).
+    fn co_grow_to(&self, end: u64) -> block::Result<()> {
+        let _g = self.resize_lock.co_lock();
+        if end > self.blk.size() {
+            self.blk.co_truncate(end)?;
+        }
+        Ok(())
+    }
+
+    fn co_fallocate(&self, nodeid: u64, arg: &fuse_fallocate_in) -> Response {
+        if nodeid != self.file_ino() {
+            return Response::Err(libc::EISDIR);
+        }
+        if !self.cfg.writable {
+            return Response::Err(libc::EACCES);
+        }
+        let size = self.blk.size();
+        let (offset, mut length, mode) = (arg.offset, arg.length, arg.mode);
+        let Some(end) = offset.checked_add(length) else {
+            return Response::Err(libc::EINVAL);
+        };
+        if mode & FALLOC_FL_KEEP_SIZE != 0 {
+            length = length.min(size.saturating_sub(offset));
+        }
+        let r = if mode == 0 {
+            // Only allocation at or after EOF can be expressed: it is a grow.
+            if offset < size {
+                return Response::Err(libc::EOPNOTSUPP);
+            }
+            self.co_grow_to(end)
+        } else if mode & FALLOC_FL_PUNCH_HOLE != 0 {
+            if mode & FALLOC_FL_KEEP_SIZE == 0 {
+                return Response::Err(libc::EINVAL);
+            }
+            if length == 0 {
+                Ok(())
+            } else {
+                self.blk.co_pwrite_zeroes(offset, length, true)
+            }
+        } else if mode & FALLOC_FL_ZERO_RANGE != 0 {
+            let grow = if mode & FALLOC_FL_KEEP_SIZE == 0 && end > size {
+                self.co_grow_to(end)
+            } else {
+                Ok(())
+            };
+            grow.and_then(|()| {
+                if length == 0 {
+                    Ok(())
+                } else {
+                    self.blk.co_pwrite_zeroes(offset, length, false)
+                }
+            })
+        } else {
+            return Response::Err(libc::EOPNOTSUPP);
+        };
+        match r {
+            Ok(()) => {
+                self.touch();
+                Response::ok()
+            }
+            Err(e) => Response::Err(match e.errno() {
+                libc::ENOTSUP => libc::EOPNOTSUPP,
+                n => n,
+            }),
+        }
+    }
+
+    fn co_flush(&self) -> Response {
+        match self.blk.co_flush() {
+            Ok(()) => Response::ok(),
+            Err(e) => Response::Err(errno_of(&e)),
+        }
+    }
+
+    fn co_lseek(&self, nodeid: u64, arg: &fuse_lseek_in) -> Response {
+        if nodeid != self.file_ino() {
+            return Response::Err(libc::EISDIR);
+        }
+        let whence = arg.whence as i32;
+        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
+            return Response::Err(libc::EINVAL);
+        }
+        let size = self.blk.size();
+        let mut offset = arg.offset;
+        loop {
+            if offset >= size {
+                // The end of the file is a hole (SEEK_HOLE at EOF returns EOF).
+                return if offset > size || whence == libc::SEEK_DATA {
+                    Response::Err(libc::ENXIO)
+                } else {
+                    Response::bytes(fuse_lseek_out { offset }.as_bytes())
+                };
+            }
+            let (status, n) = match self.blk.co_block_status(offset, size - offset) {
+                Ok(s) => s,
+                Err(e) => return Response::Err(errno_of(&e)),
+            };
+            let is_data = status == BlockStatus::Data;
+            if is_data == (whence == libc::SEEK_DATA) {
+                return Response::bytes(fuse_lseek_out { offset }.as_bytes());
+            }
+            if n == 0 {
+                return Response::Err(libc::ENXIO); // no progress: refuse to loop forever
+            }
+            offset += n;
+        }
+    }
+}
+
+thread_local! {
+    /// Reusable READ buffers of this queue thread.
+    static BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Buffers kept per thread: enough for a deep queue of large reads.
+const MAX_POOLED_BUFFERS: usize = 64;
+
+/// A buffer of at least `len` initialised bytes, from this thread's pool when possible.
+pub fn take_buffer(len: usize) -> Vec<u8> {
+    let mut v = BUFFERS.with(|b| b.borrow_mut().pop()).unwrap_or_default();
+    if v.len() < len {
+        v.resize(len, 0);
+    }
+    v
+}
+
+/// Returns a buffer to this thread's pool.
+pub fn give_back_buffer(v: Vec<u8>) {
+    BUFFERS.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < MAX_POOLED_BUFFERS {
+            b.push(v);
+        }
+    });
+}

@@ -1,0 +1,297 @@
+//! One FUSE queue: a `/dev/fuse` fd watched by one thread's `AioContext`, and one coroutine per
+//! request read from it.
+//!
+//! QEMU: `block/export/fuse.c` — `read_from_fuse_fd()` (the fd handler), `co_read_from_fuse_fd()`
+//! / `fuse_co_process_request()` (the request coroutine), `fuse_write_response()`.
+//!
+//! The request lifecycle (DESIGN.md): fd readable → [`Queue::on_readable`] reads one request
+//! (header and fixed arguments into a small array, WRITE data into a pooled payload buffer) →
+//! `in_flight += 1` → a coroutine is created and entered → it parses, dispatches to
+//! [`Export::co_handle`] (which may yield in the block layer), and writes one reply with one
+//! `writev` on the same fd → `in_flight -= 1`, buffers back to the pool.
+//!
+//! Because the read handler hands the buffers to the coroutine before the next read, a request
+//! that yields never sees its bytes overwritten by the next one (the bug QEMU's series fixes in
+//! "fuse: Copy write buffer content before polling").
+
+use std::cell::RefCell;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use runtime::{AioContext, Coroutine};
+use zerocopy::FromBytes;
+
+use crate::abi::fuse_in_header;
+use crate::export::{give_back_buffer, Export, Response};
+use crate::reply::Reply;
+use crate::request::{self, ParseError, WRITE_HEADER_SIZE};
+use crate::sys::{self, ReadError};
+
+/// Why the session stopped serving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SessionState {
+    Running = 0,
+    /// SIGINT/SIGTERM or an explicit stop: drain, flush, unmount.
+    Stopping = 1,
+    /// The kernel said ENODEV: unmounted from outside (`umount`, `fusermount3 -u`).
+    Unmounted = 2,
+    /// A malformed request: the stream cannot be trusted; stop reading (QEMU: "halted").
+    Halted = 3,
+}
+
+/// State shared by all queues of one export.
+pub struct Session {
+    pub export: Arc<Export>,
+    in_flight: AtomicUsize,
+    state: AtomicU8,
+    /// Requests served per queue (index = queue number).
+    served: Vec<AtomicU64>,
+}
+
+impl Session {
+    pub fn new(export: Arc<Export>, queues: usize) -> Session {
+        Session {
+            export,
+            in_flight: AtomicUsize::new(0),
+            state: AtomicU8::new(SessionState::Running as u8),
+            served: (0..queues).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn state(&self) -> SessionState {
+        match self.state.load(Ordering::Acquire) {
+            0 => SessionState::Running,
+            1 => SessionState::Stopping,
+            2 => SessionState::Unmounted,
+            _ => SessionState::Halted,
+        }
+    }
+
+    /// Moves from Running to `to` (the first reason wins); wakes the main loop.
+    pub fn stop(&self, to: SessionState) {
+        if self
+            .state
+            .compare_exchange(
+                SessionState::Running as u8,
+                to as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            runtime::kick();
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Requests each queue has served so far.
+    pub fn served(&self) -> Vec<u64> {
+        self.served
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// One queue: its fd, its thread's buffers.
+pub struct Queue {
+    index: usize,
+    fd: OwnedFd,
+    session: Arc<Session>,
+    /// WRITE payload buffers, each `max_write` bytes (+ room for spilled arguments).
+    payloads: RefCell<Vec<Vec<u8>>>,
+    payload_size: usize,
+    /// Set once the fd handler is removed.
+    detached: AtomicBool,
+}
+
+/// Payload buffers kept per queue.
+const MAX_POOLED_PAYLOADS: usize = 64;
+
+impl Queue {
+    /// A queue reading `fd`; `max_write` sizes its payload buffers.
+    pub fn new(index: usize, fd: OwnedFd, session: Arc<Session>, max_write: usize) -> Rc<Queue> {
+        Rc::new(Queue {
+            index,
+            fd,
+            session,
+            payloads: RefCell::new(Vec::new()),
+            // The kernel refuses reads into less than header + write_in + max_write, and a
+            // non-WRITE request may be longer than WRITE_HEADER_SIZE (a LOOKUP name, INIT).
+            payload_size: request::request_buffer_size(max_write as u32) - WRITE_HEADER_SIZE,
+            detached: AtomicBool::new(false),
+        })
+    }
+
+    /// Starts serving: registers the read handler on `ctx`.
+    pub fn attach(self: &Rc<Queue>, ctx: &AioContext) -> std::io::Result<()> {
+        let q = self.clone();
+        ctx.set_fd_handler(
+            self.fd.as_raw_fd(),
+            Some(Rc::new(move || q.on_readable())),
+            None,
+        )
+    }
+
+    /// Stops reading (requests in flight still reply).
+    pub fn detach(&self, ctx: &AioContext) {
+        if !self.detached.swap(true, Ordering::AcqRel) {
+            if let Err(e) = ctx.set_fd_handler(self.fd.as_raw_fd(), None, None) {
+                log::warn!("queue {}: removing the fd handler: {e}", self.index);
+            }
+        }
+    }
+
+    fn take_payload(&self) -> Vec<u8> {
+        self.payloads
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| vec![0u8; self.payload_size])
+    }
+
+    fn give_back_payload(&self, v: Vec<u8>) {
+        let mut p = self.payloads.borrow_mut();
+        if p.len() < MAX_POOLED_PAYLOADS {
+            p.push(v);
+        }
+    }
+
+    /// The fd handler: reads one request and starts its coroutine.
+    ///
+    /// QEMU: `read_from_fuse_fd()`.
+    fn on_readable(self: &Rc<Queue>) {
+        if self.session.state() != SessionState::Running {
+            self.detach(&AioContext::current());
+            return;
+        }
+        let mut head = [0u8; WRITE_HEADER_SIZE];
+        let mut payload = self.take_payload();
+        match sys::read_request(self.fd.as_fd(), &mut head, &mut payload) {
+            Ok(n) => {
+                self.session.in_flight.fetch_add(1, Ordering::AcqRel);
+                self.session.served[self.index].fetch_add(1, Ordering::Relaxed);
+                let q = self.clone();
+                Coroutine::new(move || q.co_process(head, payload, n)).enter();
+            }
+            Err(ReadError::WouldBlock | ReadError::Interrupted | ReadError::RequestGone) => {
+                // Another clone took it, a signal, or an interrupted request: poll again.
+                self.give_back_payload(payload)
+            }
+            Err(ReadError::Unmounted) => {
+                self.give_back_payload(payload);
+                log::debug!("queue {}: /dev/fuse says ENODEV: unmounted", self.index);
+                self.detach(&AioContext::current());
+                self.session.stop(SessionState::Unmounted);
+            }
+            Err(ReadError::Io(e)) => {
+                self.give_back_payload(payload);
+                log::error!("queue {}: reading /dev/fuse: {e}; stopping", self.index);
+                self.detach(&AioContext::current());
+                self.session.stop(SessionState::Halted);
+            }
+        }
+    }
+
+    /// The request coroutine. QEMU: `fuse_co_process_request()`.
+    fn co_process(self: Rc<Queue>, head: [u8; WRITE_HEADER_SIZE], payload: Vec<u8>, n: usize) {
+        let export = &self.session.export;
+        // Before INIT the minor is unknown; INIT is parsed by its own announced minor.
+        let minor = export.minor().max(crate::reply::MIN_SUPPORTED_MINOR);
+        let (head_len, spill) = if n <= WRITE_HEADER_SIZE {
+            (n, 0)
+        } else {
+            (WRITE_HEADER_SIZE, n - WRITE_HEADER_SIZE)
+        };
+        let opcode = fuse_in_header::read_from_prefix(&head[..head_len])
+            .map(|(h, _)| h.opcode)
+            .ok();
+        let contiguous;
+        let parsed = if spill > 0 && opcode != Some(crate::abi::FUSE_WRITE) {
+            // A non-WRITE request longer than the first iovec: make it one buffer (rare: LOOKUP,
+            // SETATTR, INIT, BATCH_FORGET).
+            let mut v = Vec::with_capacity(n);
+            v.extend_from_slice(&head);
+            v.extend_from_slice(&payload[..spill]);
+            contiguous = v;
+            request::parse(&contiguous, &[], minor)
+        } else {
+            request::parse(&head[..head_len], &payload[..spill], minor)
+        };
+        match parsed {
+            Ok(req) => {
+                let unique = req.unique();
+                let resp = catch_unwind(AssertUnwindSafe(|| export.co_handle(&req)))
+                    .unwrap_or_else(|_| {
+                        log::error!(
+                            "request {unique} ({}) panicked; replying EIO",
+                            crate::abi::opcode_name(req.header.opcode).unwrap_or("?")
+                        );
+                        Response::Err(libc::EIO)
+                    });
+                self.send(unique, resp);
+            }
+            Err(e) if e.is_framing() => {
+                log::error!(
+                    "queue {}: malformed request from the kernel ({e}); halting the export",
+                    self.index
+                );
+                self.session.stop(SessionState::Halted);
+            }
+            Err(e) => {
+                log::warn!("queue {}: bad request: {e}", self.index);
+                if let Ok((h, _)) = fuse_in_header::read_from_prefix(&head[..head_len]) {
+                    self.send(h.unique, Response::Err(libc::EINVAL));
+                }
+            }
+        }
+        self.give_back_payload(payload);
+        if self.session.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            runtime::kick();
+        }
+    }
+
+    /// Writes one reply. QEMU: `fuse_write_response()`.
+    fn send(&self, unique: u64, resp: Response) {
+        let result = match &resp {
+            Response::None => return,
+            Response::Err(errno) => {
+                sys::write_reply(self.fd.as_fd(), &Reply::err(unique, *errno).io_slices())
+            }
+            Response::Bytes(b) => {
+                sys::write_reply(self.fd.as_fd(), &Reply::ok(unique, &[b]).io_slices())
+            }
+            Response::Data(buf, len) => sys::write_reply(
+                self.fd.as_fd(),
+                &Reply::ok(unique, &[&buf[..*len]]).io_slices(),
+            ),
+        };
+        if let Response::Data(buf, _) = resp {
+            give_back_buffer(buf);
+        }
+        if let Err(e) = result {
+            // ENOENT (the request was interrupted) is filtered out by write_reply.
+            log::warn!("queue {}: writing a reply: {e}", self.index);
+        }
+    }
+}
+
+/// Framing errors make the whole stream untrustworthy; others concern one request.
+trait Framing {
+    fn is_framing(&self) -> bool;
+}
+
+impl Framing for ParseError {
+    fn is_framing(&self) -> bool {
+        matches!(
+            self,
+            ParseError::ShortHeader { .. } | ParseError::LengthMismatch { .. }
+        )
+    }
+}

@@ -1,0 +1,257 @@
+//! The export's lifecycle: open the image, mount, serve until told to stop, drain, flush,
+//! unmount.
+//!
+//! QEMU: `fuse_export_create()` / `fuse_export_shutdown()` / `fuse_export_delete()` in
+//! `block/export/fuse.c`, and `qemu-storage-daemon`'s main loop with its signal handling.
+//!
+//! Stopping, in every case, is: stop reading requests, wait until the requests in flight have
+//! replied (`wait_while(in_flight > 0)`, QEMU's drain), flush the image, then unmount — unless
+//! the kernel already unmounted us (`umount` from outside: reads return ENODEV). SIGINT and
+//! SIGTERM arrive through a signalfd watched by the main `AioContext`, so a signal is just
+//! another event in the loop: no async-signal-safety puzzles, no busy loop.
+
+use std::fmt;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use block::{BlockBackend, OpenOptions};
+use runtime::{wait_while, AioContext};
+
+use crate::export::{Export, ExportConfig};
+use crate::mount::{self, Mount, MountOptions};
+use crate::queue::{Queue, Session, SessionState};
+use crate::reply::InitConfig;
+use crate::sys;
+
+/// `--allow-other`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllowOther {
+    On,
+    Off,
+    /// On when permitted (root, or `user_allow_other` in /etc/fuse.conf).
+    Auto,
+}
+
+/// Everything `run` needs.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub image: PathBuf,
+    pub mountpoint: PathBuf,
+    pub open: OpenOptions,
+    /// Create the image (sparse raw, this size) if it does not exist.
+    pub create: Option<u64>,
+    pub allow_other: AllowOther,
+}
+
+/// Why the export could not start or did not end cleanly.
+#[derive(Debug)]
+pub enum ServerError {
+    /// Before serving: the image, the mountpoint, /dev/fuse. Exit code 1.
+    Start(String),
+    /// While serving or stopping. Exit code 3.
+    Failed(String),
+}
+
+impl ServerError {
+    /// The process exit code (see `coro-fuse --help`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ServerError::Start(_) => 1,
+            ServerError::Failed(_) => 3,
+        }
+    }
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerError::Start(m) | ServerError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+fn start_err(e: impl fmt::Display) -> ServerError {
+    ServerError::Start(e.to_string())
+}
+
+/// `1073741824` → `1 GiB`, `1536` → `1.5 KiB`.
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} bytes")
+    } else if v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn create_image(path: &Path, size: u64) -> Result<(), ServerError> {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+    {
+        Ok(f) => {
+            f.set_len(size)
+                .map_err(|e| start_err(format!("cannot size new image {}: {e}", path.display())))?;
+            log::info!(
+                "created {} ({}, sparse raw)",
+                path.display(),
+                human_size(size)
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            log::info!(
+                "{} exists; exporting it as it is (--create ignored)",
+                path.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(start_err(format!("cannot create {}: {e}", path.display()))),
+    }
+}
+
+/// Runs an export until it is stopped. Blocks; returns when everything is flushed and
+/// unmounted.
+pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
+    // Signals first: threads created later (the thread pool's workers) inherit the mask, so
+    // SIGINT/SIGTERM can only be picked up by our signalfd.
+    let signals = sys::SignalFd::new(&[libc::SIGINT, libc::SIGTERM])
+        .map_err(|e| start_err(format!("cannot set up signal handling: {e}")))?;
+
+    if let Some(size) = cfg.create {
+        create_image(&cfg.image, size)?;
+    }
+    let blk = block::open_image(&cfg.image, &cfg.open).map_err(start_err)?;
+
+    let meta = std::fs::metadata(&cfg.mountpoint)
+        .map_err(|e| start_err(format!("mountpoint {}: {e}", cfg.mountpoint.display())))?;
+    let dir_entry = if meta.is_dir() {
+        let name = cfg.image.file_name().ok_or_else(|| {
+            start_err(format!(
+                "{} has no file name to show in the directory",
+                cfg.image.display()
+            ))
+        })?;
+        Some(name.to_os_string())
+    } else {
+        None
+    };
+    let allow_other = match cfg.allow_other {
+        AllowOther::On => true,
+        AllowOther::Off => false,
+        AllowOther::Auto => mount::allow_other_auto(),
+    };
+    let writable = !blk.is_read_only();
+    let mut init = InitConfig::default();
+    if let Some(mw) = std::env::var("CORO_FUSE_MAX_WRITE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        init.max_write = mw;
+    }
+    let export = Arc::new(Export::new(
+        blk.clone(),
+        ExportConfig {
+            writable,
+            growable: cfg.open.growable,
+            allow_other,
+            dir_entry,
+            init,
+        },
+    ));
+
+    let mount_opts = MountOptions {
+        allow_other,
+        read_only: !writable,
+        max_read: init.max_write,
+        fsname: cfg.image.display().to_string(),
+        ..MountOptions::default()
+    };
+    let mount = Mount::new(&cfg.mountpoint, &mount_opts).map_err(start_err)?;
+    let ctx = AioContext::current();
+    let session = Arc::new(Session::new(export.clone(), 1));
+    let fd = mount.fd().try_clone_to_owned().map_err(start_err)?;
+    let queue = Queue::new(0, fd, session.clone(), init.max_write as usize);
+    queue.attach(&ctx).map_err(start_err)?;
+
+    let s = session.clone();
+    let sigfd = Rc::new(signals);
+    let sf = sigfd.clone();
+    ctx.set_fd_handler(
+        sigfd.as_raw_fd(),
+        Some(Rc::new(move || {
+            while let Some(sig) = sf.read() {
+                log::info!("got signal {sig}; stopping");
+                s.stop(SessionState::Stopping);
+            }
+        })),
+        None,
+    )
+    .map_err(start_err)?;
+
+    println!(
+        "exported {} ({}, {}, {}) at {}; Ctrl-C or umount to stop",
+        cfg.image.display(),
+        blk.format_name(),
+        human_size(blk.size()),
+        if writable { "read-write" } else { "read-only" },
+        cfg.mountpoint.display()
+    );
+
+    wait_while(&ctx, || session.state() == SessionState::Running);
+    let state = session.state();
+
+    // Stop reading, drain, flush, unmount.
+    queue.detach(&ctx);
+    let _ = ctx.set_fd_handler(sigfd.as_raw_fd(), None, None);
+    wait_while(&ctx, || session.in_flight() > 0);
+    let flushed = flush(&blk);
+    let served = session.served();
+    log::debug!("requests served per queue: {served:?}");
+    drop(queue);
+    // After an external umount this finds the session over and leaves the path alone.
+    if let Err(e) = mount.unmount() {
+        log::warn!("unmounting {}: {e}", cfg.mountpoint.display());
+    }
+    println!(
+        "stopped: {} {}; {} requests served",
+        cfg.image.display(),
+        if flushed.is_ok() {
+            "flushed"
+        } else {
+            "NOT flushed"
+        },
+        served.iter().sum::<u64>()
+    );
+    flushed?;
+    if state == SessionState::Halted {
+        return Err(ServerError::Failed(
+            "the export halted after a malformed request or a /dev/fuse error (see above)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Flushes the image from the main thread (in a coroutine, since flushing may yield).
+fn flush(blk: &Arc<BlockBackend>) -> Result<(), ServerError> {
+    let b = blk.clone();
+    match runtime::spawn(move || b.co_flush()).join() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ServerError::Failed(format!("final flush failed: {e}"))),
+        Err(p) => Err(ServerError::Failed(format!("final flush: {p}"))),
+    }
+}
