@@ -238,6 +238,8 @@ pub fn is_memory_backed(fd: BorrowedFd<'_>) -> io::Result<bool> {
     let mut sfs = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: `sfs` is a writable `struct statfs` for the kernel to fill.
     cvt(unsafe { libc::fstatfs(fd.as_raw_fd(), sfs.as_mut_ptr()) })?;
+    // `f_type` is i64 on x86-64 but narrower elsewhere.
+    #[allow(clippy::unnecessary_cast)]
     // SAFETY: `fstatfs` succeeded, so it initialised the whole struct.
     let f_type = unsafe { sfs.assume_init() }.f_type as i64;
     Ok(matches!(

@@ -40,6 +40,7 @@ use zerocopy::IntoBytes;
 use crate::abi::*;
 use crate::reply::{self, InitConfig, Negotiated};
 use crate::request::{Operation, Request};
+use crate::sys::PayloadBuf;
 
 /// Attribute and entry validity the kernel may cache (seconds). Short, because the size
 /// changes under the kernel's feet (truncate, growable writes from other queues).
@@ -54,7 +55,7 @@ pub enum Response {
     /// A success reply whose payload is these bytes (empty for "ok").
     Bytes(SmallVec<[u8; 128]>),
     /// READ data: the first `len` bytes of the buffer. The buffer goes back to the pool.
-    Data(Vec<u8>, usize),
+    Data(ReadBuf, usize),
 }
 
 impl Response {
@@ -357,7 +358,7 @@ impl Export {
             buf.resize(buf.len() + (rec - FUSE_NAME_OFFSET - name.len()), 0);
         }
         let len = buf.len();
-        Response::Data(buf, len)
+        Response::Data(ReadBuf::Small(buf), len)
     }
 
     fn open(&self, nodeid: u64) -> Response {
@@ -429,7 +430,13 @@ impl Export {
             return Response::ok();
         }
         let len = (size - arg.offset).min(u64::from(arg.size)) as usize;
-        let mut buf = take_buffer(len);
+        let mut buf = match take_buffer(len) {
+            Ok(b) => b,
+            Err(e) => {
+                log::error!("no memory for a {len}-byte read buffer: {e}");
+                return Response::Err(libc::ENOMEM);
+            }
+        };
         match self.blk.co_pread(arg.offset, &mut buf[..len]) {
             Ok(()) => Response::Data(buf, len),
             Err(e) => {
@@ -590,29 +597,77 @@ impl Export {
     }
 }
 
-thread_local! {
-    /// Reusable READ buffers of this queue thread.
-    static BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+/// A READ reply buffer: small reads use plain heap memory, large ones a huge-page-backed
+/// [`PayloadBuf`] (the kernel copies out of it much faster, see `sys::PayloadBuf`).
+pub enum ReadBuf {
+    Small(Vec<u8>),
+    Large(PayloadBuf),
 }
 
-/// Buffers kept per thread: enough for a deep queue of large reads.
+impl std::ops::Deref for ReadBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadBuf::Small(v) => v,
+            ReadBuf::Large(b) => b,
+        }
+    }
+}
+
+impl std::ops::DerefMut for ReadBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            ReadBuf::Small(v) => v,
+            ReadBuf::Large(b) => b,
+        }
+    }
+}
+
+/// Reads up to this size use the small-buffer pool.
+const SMALL_READ: usize = 128 * 1024;
+
+/// Largest READ (the kernel never sends more than `max_read`, 1 MiB).
+const LARGE_READ: usize = 1 << 20;
+
+thread_local! {
+    /// Reusable READ buffers of this queue thread, by size class.
+    static SMALL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static LARGE: RefCell<Vec<PayloadBuf>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Buffers kept per thread and class: enough for a deep queue.
 const MAX_POOLED_BUFFERS: usize = 64;
 
 /// A buffer of at least `len` initialised bytes, from this thread's pool when possible.
-pub fn take_buffer(len: usize) -> Vec<u8> {
-    let mut v = BUFFERS.with(|b| b.borrow_mut().pop()).unwrap_or_default();
-    if v.len() < len {
-        v.resize(len, 0);
+pub fn take_buffer(len: usize) -> std::io::Result<ReadBuf> {
+    if len <= SMALL_READ {
+        let mut v = SMALL.with(|b| b.borrow_mut().pop()).unwrap_or_default();
+        if v.len() < len {
+            v.resize(SMALL_READ.min(len.next_power_of_two()).max(len), 0);
+        }
+        Ok(ReadBuf::Small(v))
+    } else {
+        match LARGE.with(|b| b.borrow_mut().pop()) {
+            Some(b) => Ok(ReadBuf::Large(b)),
+            None => PayloadBuf::new(LARGE_READ.max(len)).map(ReadBuf::Large),
+        }
     }
-    v
 }
 
 /// Returns a buffer to this thread's pool.
-pub fn give_back_buffer(v: Vec<u8>) {
-    BUFFERS.with(|b| {
-        let mut b = b.borrow_mut();
-        if b.len() < MAX_POOLED_BUFFERS {
-            b.push(v);
-        }
-    });
+pub fn give_back_buffer(b: ReadBuf) {
+    match b {
+        ReadBuf::Small(v) => SMALL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < MAX_POOLED_BUFFERS {
+                p.push(v);
+            }
+        }),
+        ReadBuf::Large(b) => LARGE.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < MAX_POOLED_BUFFERS {
+                p.push(b);
+            }
+        }),
+    }
 }

@@ -69,6 +69,11 @@ struct Cli {
     #[arg(long, value_parser = parse_size)]
     offset: Option<u64>,
 
+    /// Largest READ/WRITE request the kernel may send (4K to 1M). Bigger requests mean fewer
+    /// round trips; QEMU's export uses 64K.
+    #[arg(long, value_name = "SIZE", value_parser = parse_request_size, default_value = "1M")]
+    max_request: u32,
+
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -122,6 +127,14 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
+fn parse_request_size(s: &str) -> Result<u32, String> {
+    let n = parse_size(s)?;
+    if !(4096..=1 << 20).contains(&n) || n % 4096 != 0 {
+        return Err(format!("'{s}' must be a multiple of 4K between 4K and 1M"));
+    }
+    Ok(n as u32)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
@@ -162,6 +175,7 @@ fn main() -> ExitCode {
             AllowOtherArg::Off => AllowOther::Off,
             AllowOtherArg::Auto => AllowOther::Auto,
         },
+        max_request: cli.max_request,
     };
     match server::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,7 +28,7 @@ use crate::abi::fuse_in_header;
 use crate::export::{give_back_buffer, Export, Response};
 use crate::reply::Reply;
 use crate::request::{self, ParseError, WRITE_HEADER_SIZE};
-use crate::sys::{self, ReadError};
+use crate::sys::{self, PayloadBuf, ReadError};
 
 /// Why the session stopped serving.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,7 +106,7 @@ pub struct Queue {
     fd: OwnedFd,
     session: Arc<Session>,
     /// WRITE payload buffers, each `max_write` bytes (+ room for spilled arguments).
-    payloads: RefCell<Vec<Vec<u8>>>,
+    payloads: RefCell<Vec<PayloadBuf>>,
     payload_size: usize,
     /// Set once the fd handler is removed.
     detached: AtomicBool,
@@ -149,14 +149,14 @@ impl Queue {
         }
     }
 
-    fn take_payload(&self) -> Vec<u8> {
-        self.payloads
-            .borrow_mut()
-            .pop()
-            .unwrap_or_else(|| vec![0u8; self.payload_size])
+    fn take_payload(&self) -> std::io::Result<PayloadBuf> {
+        match self.payloads.borrow_mut().pop() {
+            Some(b) => Ok(b),
+            None => PayloadBuf::new(self.payload_size),
+        }
     }
 
-    fn give_back_payload(&self, v: Vec<u8>) {
+    fn give_back_payload(&self, v: PayloadBuf) {
         let mut p = self.payloads.borrow_mut();
         if p.len() < MAX_POOLED_PAYLOADS {
             p.push(v);
@@ -172,7 +172,14 @@ impl Queue {
             return;
         }
         let mut head = [0u8; WRITE_HEADER_SIZE];
-        let mut payload = self.take_payload();
+        let mut payload = match self.take_payload() {
+            Ok(p) => p,
+            Err(e) => {
+                // Out of memory: leave the request in the kernel and try again next round.
+                log::error!("queue {}: no memory for a request buffer: {e}", self.index);
+                return;
+            }
+        };
         match sys::read_request(self.fd.as_fd(), &mut head, &mut payload) {
             Ok(n) => {
                 self.session.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -200,7 +207,7 @@ impl Queue {
     }
 
     /// The request coroutine. QEMU: `fuse_co_process_request()`.
-    fn co_process(self: Rc<Queue>, head: [u8; WRITE_HEADER_SIZE], payload: Vec<u8>, n: usize) {
+    fn co_process(self: Rc<Queue>, head: [u8; WRITE_HEADER_SIZE], payload: PayloadBuf, n: usize) {
         let export = &self.session.export;
         // Before INIT the minor is unknown; INIT is parsed by its own announced minor.
         let minor = export.minor().max(crate::reply::MIN_SUPPORTED_MINOR);

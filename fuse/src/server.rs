@@ -44,6 +44,8 @@ pub struct ServerConfig {
     /// Create the image (sparse raw, this size) if it does not exist.
     pub create: Option<u64>,
     pub allow_other: AllowOther,
+    /// Largest READ/WRITE the kernel may send (bytes; 4 KiB to 1 MiB).
+    pub max_request: u32,
 }
 
 /// Why the export could not start or did not end cleanly.

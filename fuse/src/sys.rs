@@ -703,6 +703,85 @@ impl AsRawFd for SignalFd {
     }
 }
 
+/// A request payload buffer: anonymous memory mapped at a 2 MiB boundary and marked for
+/// transparent huge pages, so that the kernel's copy of WRITE data into it (in `readv`) pins one
+/// huge page instead of 256 small ones and stays within a few TLB entries.
+pub struct PayloadBuf {
+    ptr: std::ptr::NonNull<u8>,
+    map_len: usize,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain memory exclusively owned by this value.
+unsafe impl Send for PayloadBuf {}
+
+impl PayloadBuf {
+    const HUGE: usize = 2 << 20;
+
+    /// A zeroed buffer of `len` bytes.
+    pub fn new(len: usize) -> io::Result<PayloadBuf> {
+        let map_len = len.div_ceil(Self::HUGE).max(1) * Self::HUGE;
+        // Over-allocate by one huge page so that an aligned start exists inside the mapping.
+        let total = map_len + Self::HUGE;
+        // SAFETY: an anonymous private mapping with no address hint; the result is checked.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let start = raw as usize;
+        let aligned = (start + Self::HUGE - 1) & !(Self::HUGE - 1);
+        // SAFETY: both ranges lie inside the mapping just created and are unmapped exactly once:
+        // the slack before the aligned start and after its end.
+        unsafe {
+            if aligned > start {
+                libc::munmap(raw, aligned - start);
+            }
+            let end = aligned + map_len;
+            let tail = start + total - end;
+            if tail > 0 {
+                libc::munmap(end as *mut libc::c_void, tail);
+            }
+            // Advice only: without THP the buffer still works with small pages.
+            libc::madvise(aligned as *mut libc::c_void, map_len, libc::MADV_HUGEPAGE);
+        }
+        match std::ptr::NonNull::new(aligned as *mut u8) {
+            Some(ptr) => Ok(PayloadBuf { ptr, map_len, len }),
+            None => Err(io::Error::from_raw_os_error(libc::ENOMEM)),
+        }
+    }
+}
+
+impl std::ops::Deref for PayloadBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` starts a live mapping of `map_len >= len` bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for PayloadBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes this the only borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PayloadBuf {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` kept; nothing borrows it any more.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
