@@ -513,11 +513,18 @@ impl Export {
             length = length.min(size.saturating_sub(offset));
         }
         let r = if mode == 0 {
-            // Only allocation at or after EOF can be expressed: it is a grow.
+            // Only allocation at or after EOF can be expressed: a grow, then the new range is
+            // allocated (QEMU: truncate with PREALLOC_MODE_FALLOC), so disk usage grows.
             if offset < size {
                 return Response::Err(libc::EOPNOTSUPP);
             }
-            self.co_grow_to(end)
+            self.co_grow_to(end).and_then(|()| {
+                if length == 0 {
+                    Ok(())
+                } else {
+                    self.blk.co_pwrite_zeroes(offset, length, false)
+                }
+            })
         } else if mode & FALLOC_FL_PUNCH_HOLE != 0 {
             if mode & FALLOC_FL_KEEP_SIZE == 0 {
                 return Response::Err(libc::EINVAL);
