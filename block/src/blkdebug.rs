@@ -85,6 +85,44 @@ impl Rule {
         self
     }
 
+    /// Parses `OP[:START-END][:ERRNO][:once]`, e.g. `read:4096-8192:EIO:once` or `flush`.
+    /// OP is `read`, `write`, `flush` or `any`; ERRNO a number or EIO, ENOSPC, EROFS, EINVAL,
+    /// EPERM. The form of the CLI's hidden `--inject-error` option, for tests.
+    pub fn parse(spec: &str) -> std::result::Result<Rule, String> {
+        let mut parts = spec.split(':');
+        let op = match parts.next().unwrap_or("") {
+            "read" => BlkdebugOp::Read,
+            "write" => BlkdebugOp::Write,
+            "flush" => BlkdebugOp::Flush,
+            "any" => BlkdebugOp::Any,
+            other => return Err(format!("unknown operation '{other}' in '{spec}'")),
+        };
+        let mut rule = Rule::new(op);
+        for part in parts {
+            if part == "once" {
+                rule.once = true;
+            } else if let Some((a, b)) = part.split_once('-') {
+                let (a, b) = (a.parse::<u64>(), b.parse::<u64>());
+                match (a, b) {
+                    (Ok(a), Ok(b)) if a < b => rule.range = a..b,
+                    _ => return Err(format!("bad range '{part}' in '{spec}'")),
+                }
+            } else {
+                rule.errno = match part {
+                    "EIO" => libc::EIO,
+                    "ENOSPC" => libc::ENOSPC,
+                    "EROFS" => libc::EROFS,
+                    "EINVAL" => libc::EINVAL,
+                    "EPERM" => libc::EPERM,
+                    n => n
+                        .parse()
+                        .map_err(|_| format!("bad errno '{n}' in '{spec}'"))?,
+                };
+            }
+        }
+        Ok(rule)
+    }
+
     fn matches(&self, op: BlkdebugOp, offset: u64, len: u64) -> bool {
         let op_matches = self.op == BlkdebugOp::Any || self.op == op;
         let ranged = matches!(op, BlkdebugOp::Read | BlkdebugOp::Write) && len != u64::MAX;

@@ -281,6 +281,26 @@ const NULL_DEFAULT_SIZE: u64 = 1 << 30;
 ///
 /// QEMU: `blk_new_open()` / `bdrv_open()` with `driver=raw,file.driver=file`.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<BlockBackend>> {
+    open_image_with(path, opts, &[])
+}
+
+/// [`open_image`] with error-injection rules: when `inject` is not empty, a
+/// [`BlkdebugDriver`] with these rules sits between the backend and the format driver.
+pub fn open_image_with(
+    path: &Path,
+    opts: &OpenOptions,
+    inject: &[Rule],
+) -> Result<Arc<BlockBackend>> {
+    let debug = |d: Arc<dyn BlockDriver>| -> Arc<dyn BlockDriver> {
+        if inject.is_empty() {
+            return d;
+        }
+        let dbg = BlkdebugDriver::new(d);
+        for r in inject {
+            dbg.add_rule(r.clone());
+        }
+        Arc::new(dbg)
+    };
     let read_only = opts.read_only || opts.force_share;
     let backend_opts = BackendOptions {
         read_only,
@@ -293,7 +313,10 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<BlockBackend>> 
             ));
         }
         let null = NullDriver::new(opts.size.unwrap_or(NULL_DEFAULT_SIZE), read_only);
-        return Ok(Arc::new(BlockBackend::new(Arc::new(null), backend_opts)?));
+        return Ok(Arc::new(BlockBackend::new(
+            debug(Arc::new(null)),
+            backend_opts,
+        )?));
     }
 
     let file_opts = FileOptions {
@@ -321,5 +344,8 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<BlockBackend>> 
         BlockError::Invalid(why) => BlockError::Invalid(format!("'{}': {why}", path.display())),
         e => e,
     })?;
-    Ok(Arc::new(BlockBackend::new(Arc::new(raw), backend_opts)?))
+    Ok(Arc::new(BlockBackend::new(
+        debug(Arc::new(raw)),
+        backend_opts,
+    )?))
 }

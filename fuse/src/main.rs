@@ -74,6 +74,10 @@ struct Cli {
     #[arg(long, value_name = "SIZE", value_parser = parse_request_size, default_value = "1M")]
     max_request: u32,
 
+    /// Test hook: fail matching requests, `OP[:START-END][:ERRNO][:once]` (blkdebug).
+    #[arg(long, hide = true, value_name = "RULE", value_parser = block::Rule::parse)]
+    inject_error: Vec<block::Rule>,
+
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -176,6 +180,7 @@ fn main() -> ExitCode {
             AllowOtherArg::Auto => AllowOther::Auto,
         },
         max_request: cli.max_request,
+        inject: cli.inject_error,
     };
     match server::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub allow_other: AllowOther,
     /// Largest READ/WRITE the kernel may send (bytes; 4 KiB to 1 MiB).
     pub max_request: u32,
+    /// Error-injection rules (tests only; the hidden `--inject-error`).
+    pub inject: Vec<block::Rule>,
 }
 
 /// Why the export could not start or did not end cleanly.
@@ -137,7 +139,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
     if let Some(size) = cfg.create {
         create_image(&cfg.image, size)?;
     }
-    let blk = block::open_image(&cfg.image, &cfg.open).map_err(start_err)?;
+    let blk = block::open_image_with(&cfg.image, &cfg.open, &cfg.inject).map_err(start_err)?;
 
     let meta = std::fs::metadata(&cfg.mountpoint)
         .map_err(|e| start_err(format!("mountpoint {}: {e}", cfg.mountpoint.display())))?;

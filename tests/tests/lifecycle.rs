@@ -351,3 +351,85 @@ fn killed_clients_do_not_disturb_the_export() {
     drop(f);
     e.stop_ok();
 }
+
+/// A backend read error (injected by the blkdebug filter through the hidden `--inject-error`)
+/// reaches the client as EIO; the rest of the image stays readable, writes still work, and once
+/// the one-shot rule has fired the same read succeeds.
+#[test]
+fn injected_eio_reaches_the_client_and_the_export_keeps_serving() {
+    require!(fuse_available(), have_tools(&["dd"]));
+    let dir = workdir();
+    let img = dir.path().join("t.img");
+    let data = random_image(&img, 4 << 20, 9);
+    let mnt = dir.path().join("mnt");
+    fs::write(&mnt, b"").unwrap();
+    // Reads touching [1 MiB, 1 MiB + 4 KiB) fail with EIO once; writes to [2 MiB, 3 MiB) always.
+    let mut exp = Export::start(
+        &img,
+        &mnt,
+        &[
+            "--inject-error",
+            "read:1048576-1052672:EIO:once",
+            "--inject-error",
+            "write:2097152-3145728:EIO",
+        ],
+    );
+    let ifp = format!("if={}", exp.path().display());
+    let bad = sh!(
+        "dd",
+        &ifp,
+        "of=/dev/null",
+        "bs=4k",
+        "count=1",
+        "skip=256",
+        "iflag=direct"
+    );
+    assert!(
+        !bad.success(),
+        "the injected read error must fail the read: {bad}"
+    );
+    assert!(
+        bad.stderr.contains("Input/output error"),
+        "EIO expected: {bad}"
+    );
+
+    // Other ranges still read correctly, and the failed block reads fine once the rule is gone.
+    let f = open_rw(exp.path());
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 0).expect("read elsewhere");
+    assert_eq!(&buf[..], &data[..4096]);
+    f.read_exact_at(&mut buf, 1 << 20)
+        .expect("the one-shot rule fired already");
+    assert_eq!(&buf[..], &data[1 << 20..(1 << 20) + 4096]);
+
+    let err = f
+        .write_all_at(&[7u8; 4096], 2 << 20)
+        .expect_err("write error injected");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "write error: {err}");
+    f.write_all_at(&[7u8; 4096], 0)
+        .expect("writes elsewhere work");
+    f.sync_all().expect("fsync");
+    drop(f);
+    assert!(
+        exp.is_running(),
+        "the export must survive backend errors\n{}",
+        exp.logs()
+    );
+    let out = exp.stop();
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "clean stop after backend errors: {out}"
+    );
+    let img_bytes = fs::read(&img).unwrap();
+    assert_eq!(
+        &img_bytes[..4096],
+        &[7u8; 4096][..],
+        "the good write reached the image"
+    );
+    assert_eq!(
+        &img_bytes[2 << 20..(2 << 20) + 4096],
+        &data[2 << 20..(2 << 20) + 4096],
+        "the failed write did not"
+    );
+}
