@@ -74,6 +74,12 @@ struct Cli {
     #[arg(long, value_name = "SIZE", value_parser = parse_request_size, default_value = "1M")]
     max_request: u32,
 
+    /// Queue threads, each with its own /dev/fuse fd and event loop (1 to 64). One is QEMU's
+    /// default and enough for a single client stream; more help parallel clients and big
+    /// sequential writes, whose kernel copy then runs on several CPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: u16,
+
     /// Test hook: fail matching requests, `OP[:START-END][:ERRNO][:once]` (blkdebug).
     #[arg(long, hide = true, value_name = "RULE", value_parser = block::Rule::parse)]
     inject_error: Vec<block::Rule>,
@@ -181,6 +187,7 @@ fn main() -> ExitCode {
         },
         max_request: cli.max_request,
         inject: cli.inject_error,
+        threads: usize::from(cli.threads),
     };
     match server::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

@@ -112,6 +112,11 @@ pub struct Queue {
     detached: AtomicBool,
 }
 
+thread_local! {
+    /// The queue an iothread serves (set by [`Queue::start_here`], taken by [`Queue::stop_here`]).
+    static HERE: RefCell<Option<Rc<Queue>>> = const { RefCell::new(None) };
+}
+
 /// Payload buffers kept per queue.
 const MAX_POOLED_PAYLOADS: usize = 64;
 
@@ -138,6 +143,28 @@ impl Queue {
             Some(Rc::new(move || q.on_readable())),
             None,
         )
+    }
+
+    /// Creates a queue on the calling thread, attaches it to the thread's context and keeps it
+    /// there until [`Queue::stop_here`]. For iothreads (run it with `IoThread::run_sync`).
+    pub fn start_here(
+        index: usize,
+        fd: OwnedFd,
+        session: Arc<Session>,
+        max_write: usize,
+    ) -> std::io::Result<()> {
+        let q = Queue::new(index, fd, session, max_write);
+        q.attach(&AioContext::current())?;
+        HERE.with(|h| *h.borrow_mut() = Some(q));
+        Ok(())
+    }
+
+    /// Detaches and releases the calling thread's queue (requests in flight keep their own
+    /// reference and still reply).
+    pub fn stop_here() {
+        if let Some(q) = HERE.with(|h| h.borrow_mut().take()) {
+            q.detach(&AioContext::current());
+        }
     }
 
     /// Stops reading (requests in flight still reply).

@@ -18,7 +18,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use block::{BlockBackend, OpenOptions};
-use runtime::{wait_while, AioContext};
+use runtime::{wait_while, AioContext, IoThread};
 
 use crate::export::{Export, ExportConfig};
 use crate::mount::{self, Mount, MountOptions};
@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub max_request: u32,
     /// Error-injection rules (tests only; the hidden `--inject-error`).
     pub inject: Vec<block::Rule>,
+    /// Queue threads: queue 0 on the main thread, the others on iothreads with cloned fds.
+    pub threads: usize,
 }
 
 /// Why the export could not start or did not end cleanly.
@@ -187,10 +189,23 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
     };
     let mount = Mount::new(&cfg.mountpoint, &mount_opts).map_err(start_err)?;
     let ctx = AioContext::current();
-    let session = Arc::new(Session::new(export.clone(), 1));
+    let threads = cfg.threads.max(1);
+    let session = Arc::new(Session::new(export.clone(), threads));
     let fd = mount.fd().try_clone_to_owned().map_err(start_err)?;
     let queue = Queue::new(0, fd, session.clone(), init.max_write as usize);
     queue.attach(&ctx).map_err(start_err)?;
+    // Queues 1.. on iothreads, each reading its own clone of the session fd
+    // (QEMU: "fuse: Implement multi-threading").
+    let mut iothreads = Vec::with_capacity(threads - 1);
+    for i in 1..threads {
+        let io = IoThread::spawn(&format!("queue-{i}")).map_err(start_err)?;
+        let fd = sys::clone_dev_fuse(mount.fd())
+            .map_err(|e| start_err(format!("cannot clone /dev/fuse for queue {i}: {e}")))?;
+        let (s, mw) = (session.clone(), init.max_write as usize);
+        io.run_sync(move || Queue::start_here(i, fd, s, mw))
+            .map_err(start_err)?;
+        iothreads.push(io);
+    }
 
     let s = session.clone();
     let sigfd = Rc::new(signals);
@@ -221,15 +236,21 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
 
     // Stop reading, drain, flush, unmount.
     queue.detach(&ctx);
+    for io in &iothreads {
+        io.run_sync(Queue::stop_here);
+    }
     let _ = ctx.set_fd_handler(sigfd.as_raw_fd(), None, None);
     wait_while(&ctx, || session.in_flight() > 0);
     let flushed = flush(&blk);
     let served = session.served();
-    log::debug!("requests served per queue: {served:?}");
+    log::info!("requests served per queue: {served:?}");
     drop(queue);
     // After an external umount this finds the session over and leaves the path alone.
     if let Err(e) = mount.unmount() {
         log::warn!("unmounting {}: {e}", cfg.mountpoint.display());
+    }
+    for io in iothreads {
+        io.stop();
     }
     println!(
         "stopped: {} {}; {} requests served",

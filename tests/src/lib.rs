@@ -619,6 +619,16 @@ pub struct Export {
     cmdline: String,
 }
 
+/// Arguments every export gets from the environment: `CORO_FUSE_THREADS=N` runs the whole suite
+/// with `--threads N` (test.sh runs it with 1, 2 and 4), unless a test sets `--threads` itself.
+fn extra_args<S: AsRef<OsStr>>(args: &[S]) -> Vec<String> {
+    let own = args.iter().any(|a| a.as_ref() == "--threads");
+    match std::env::var("CORO_FUSE_THREADS") {
+        Ok(n) if !own && !n.is_empty() => vec!["--threads".into(), n],
+        _ => Vec::new(),
+    }
+}
+
 impl Export {
     /// Starts an export and waits for its mount; panics (with the daemon's output) if it
     /// exits or does not mount within [`MOUNT_TIMEOUT`].
@@ -673,7 +683,10 @@ impl Export {
         let err = File::create(logs.path().join("stderr")).expect("log file");
         let base_mounts = fuse_mounts_at(&mnt);
         let mut cmd = Command::new(bin);
-        cmd.args(args).arg(&image_arg).arg(&mnt_arg);
+        cmd.args(extra_args(args))
+            .args(args)
+            .arg(&image_arg)
+            .arg(&mnt_arg);
         if let Some(d) = cwd {
             cmd.current_dir(d);
         }
