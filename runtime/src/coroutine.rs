@@ -53,6 +53,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
 use std::marker::PhantomData;
+use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -132,8 +133,11 @@ struct Table {
     slots: Vec<Slot>,
     /// Slots whose coroutine finished, ready for reuse.
     free: Vec<u32>,
-    /// Slots of the coroutines running on this thread, innermost last.
-    running: Vec<u32>,
+    /// Slot of the innermost coroutine running on this thread; an `enter` saves the outer one
+    /// in its own frame and restores it afterwards.
+    current: Option<u32>,
+    /// That coroutine's `Yielder` (null before its body stored it), for `co_yield`.
+    current_yielder: *const Yielder<(), ()>,
     stacks: Vec<(usize, DefaultStack)>,
     /// Wake-ups issued from inside a coroutine for coroutines of this thread; run after the
     /// current coroutine yields. QEMU: `Coroutine::co_queue_wakeup`.
@@ -142,8 +146,9 @@ struct Table {
     draining: bool,
 }
 
-impl Drop for Table {
-    fn drop(&mut self) {
+impl Table {
+    /// Thread exit: suspended coroutines are leaked (see the module doc), pooled stacks unmapped.
+    fn release(&mut self) {
         let suspended: Vec<Body> = self
             .slots
             .iter_mut()
@@ -157,20 +162,35 @@ impl Drop for Table {
             std::mem::forget(suspended);
         }
         LIVE_STACKS.fetch_sub(self.stacks.len(), Ordering::Relaxed);
+        self.stacks.clear();
+        self.deferred.clear();
+    }
+}
+
+/// Runs `Table::release` when the thread exits. The table itself has no destructor, so each
+/// access to it is a plain thread-local access: a thread-local with a destructor pays a
+/// registration check on every access, measurable on the enter/yield path.
+struct TableRelease;
+
+impl Drop for TableRelease {
+    fn drop(&mut self) {
+        let _ = TABLE.try_with(|t| t.borrow_mut().release());
     }
 }
 
 thread_local! {
-    static TABLE: RefCell<Table> = const {
-        RefCell::new(Table {
+    static TABLE: ManuallyDrop<RefCell<Table>> = const {
+        ManuallyDrop::new(RefCell::new(Table {
             slots: Vec::new(),
             free: Vec::new(),
-            running: Vec::new(),
+            current: None,
+            current_yielder: std::ptr::null(),
             stacks: Vec::new(),
             deferred: VecDeque::new(),
             draining: false,
-        })
+        }))
     };
+    static RELEASE: TableRelease = const { TableRelease };
 }
 
 #[cold]
@@ -211,6 +231,7 @@ impl Coroutine {
     /// `f` must not unwind (the callers catch panics).
     fn create(f: impl FnOnce() + 'static) -> Coroutine {
         let home = AioContext::with_current(|ctx| ctx.shared().clone());
+        RELEASE.with(|_| {}); // registers the thread-exit release (cheap after the first time)
         let cfg_size = STACK_SIZE.load(Ordering::Relaxed);
         TABLE.with(|t| {
             let mut t = t.borrow_mut();
@@ -247,7 +268,11 @@ impl Coroutine {
                 }
             };
             let body = Body::with_stack(stack, move |yielder: &Yielder<(), ()>, ()| {
-                TABLE.with(|t| t.borrow_mut().slots[slot as usize].yielder = yielder);
+                TABLE.with(|t| {
+                    let mut t = t.borrow_mut();
+                    t.slots[slot as usize].yielder = yielder;
+                    t.current_yielder = yielder;
+                });
                 f();
             });
             let s = &mut t.slots[slot as usize];
@@ -263,7 +288,7 @@ impl Coroutine {
     pub fn current() -> Option<Coroutine> {
         TABLE.with(|t| {
             let t = t.borrow();
-            let slot = *t.running.last()?;
+            let slot = t.current?;
             Some(Coroutine {
                 shared: t.slots[slot as usize].shared.clone(),
                 _not_send: PhantomData,
@@ -276,6 +301,7 @@ impl Coroutine {
     /// Aborts if the coroutine is running, has finished, or belongs to another thread.
     ///
     /// QEMU: `qemu_coroutine_enter()`.
+    #[inline]
     pub fn enter(&self) {
         enter_shared(&self.shared);
     }
@@ -371,7 +397,7 @@ fn wake_shared(co: &Arc<CoShared>) {
     } else {
         let now = TABLE.with(|t| {
             let mut t = t.borrow_mut();
-            if t.running.is_empty() {
+            if t.current.is_none() {
                 return Some(waker);
             }
             t.deferred.push_back(waker);
@@ -407,10 +433,12 @@ fn enter_shared(co: &Arc<CoShared>) {
     co.state.store(RUNNING, Ordering::Release);
 
     let slot = co.slot as usize;
-    let mut body = TABLE.with(|t| {
+    let (mut body, outer, outer_yielder) = TABLE.with(|t| {
         let mut t = t.borrow_mut();
-        t.running.push(co.slot);
-        t.slots[slot].body.take()
+        let yielder = t.slots[slot].yielder;
+        let outer = t.current.replace(co.slot);
+        let outer_yielder = std::mem::replace(&mut t.current_yielder, yielder);
+        (t.slots[slot].body.take(), outer, outer_yielder)
     });
     let result = match body.as_mut() {
         Some(b) => b.resume(()),
@@ -418,7 +446,8 @@ fn enter_shared(co: &Arc<CoShared>) {
     };
     let mut next = TABLE.with(|t| {
         let mut t = t.borrow_mut();
-        t.running.pop();
+        t.current = outer;
+        t.current_yielder = outer_yielder;
         match result {
             CoroutineResult::Yield(()) => {
                 t.slots[slot].body = body;
@@ -440,7 +469,7 @@ fn enter_shared(co: &Arc<CoShared>) {
         }
         // Only the outermost enter runs the deferred wake-ups, and only one loop at a time,
         // so a chain of hand-offs (A wakes B wakes C ...) iterates instead of recursing.
-        if t.running.is_empty() && !t.draining && !t.deferred.is_empty() {
+        if t.current.is_none() && !t.draining && !t.deferred.is_empty() {
             t.draining = true;
             t.deferred.pop_front()
         } else {
@@ -466,26 +495,21 @@ fn enter_shared(co: &Arc<CoShared>) {
 
 /// Whether the caller runs inside a coroutine. QEMU: `qemu_in_coroutine()`.
 pub fn in_coroutine() -> bool {
-    TABLE.with(|t| !t.borrow().running.is_empty())
+    TABLE.with(|t| t.borrow().current.is_some())
 }
 
 /// Suspends the running coroutine; [`Coroutine::enter`] or a wake continues it. Panics outside a
 /// coroutine.
 ///
 /// QEMU: `qemu_coroutine_yield()`.
+#[inline]
 pub fn co_yield() {
-    let yielder = TABLE.with(|t| {
-        let t = t.borrow();
-        match t.running.last() {
-            Some(&slot) => t.slots[slot as usize].yielder,
-            None => std::ptr::null(),
-        }
-    });
+    let yielder = TABLE.with(|t| t.borrow().current_yielder);
     if yielder.is_null() {
         panic!("co_yield() called outside a coroutine");
     }
-    // SAFETY: the pointer was stored by the body of the innermost running coroutine of this
-    // thread when it started, and points at the `Yielder` corosensei passed to that body, which
+    // SAFETY: the pointer is the innermost running coroutine's, stored by its body when it
+    // started (and restored by `enter` around nested coroutines), and points at the `Yielder` corosensei passed to that body, which
     // lives (on the coroutine's stack) until the body returns. We are inside that body, so it is
     // alive; and we are on its thread, which `Yielder` requires.
     unsafe { (*yielder).suspend(()) };

@@ -47,4 +47,20 @@ fn pooled_stacks_are_reused_not_remapped() {
     let after = count_maps();
     assert!(after <= maps + 8, "mappings grew from {maps} to {after}");
     assert!(pool_config().max_pooled >= 64);
+
+    // A thread's pooled stacks are unmapped when it exits.
+    let before = mapped_stacks();
+    std::thread::spawn(|| {
+        let cos: Vec<Coroutine> = (0..10).map(|_| Coroutine::new(co_yield)).collect();
+        cos.iter().for_each(Coroutine::enter);
+        cos.iter().for_each(Coroutine::enter);
+        assert!(mapped_stacks() >= 10);
+    })
+    .join()
+    .expect("thread");
+    assert_eq!(
+        mapped_stacks(),
+        before,
+        "an exited thread's stacks stayed mapped"
+    );
 }
