@@ -235,6 +235,8 @@ impl Queue {
 
     /// The request coroutine. QEMU: `fuse_co_process_request()`.
     fn co_process(self: Rc<Queue>, head: [u8; WRITE_HEADER_SIZE], payload: PayloadBuf, n: usize) {
+        // Counts the request out even if something below panics, so drain never waits forever.
+        let _in_flight = InFlight(&self.session);
         let export = &self.session.export;
         // Before INIT the minor is unknown; INIT is parsed by its own announced minor.
         let minor = export.minor().max(crate::reply::MIN_SUPPORTED_MINOR);
@@ -286,9 +288,6 @@ impl Queue {
             }
         }
         self.give_back_payload(payload);
-        if self.session.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            runtime::kick();
-        }
     }
 
     /// Writes one reply. QEMU: `fuse_write_response()`.
@@ -312,6 +311,18 @@ impl Queue {
         if let Err(e) = result {
             // ENOENT (the request was interrupted) is filtered out by write_reply.
             log::warn!("queue {}: writing a reply: {e}", self.index);
+        }
+    }
+}
+
+/// One request in flight; dropping it counts the request out and wakes a drain waiting for
+/// the last one.
+struct InFlight<'a>(&'a Session);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            runtime::kick();
         }
     }
 }
