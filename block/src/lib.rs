@@ -47,6 +47,7 @@
 //! | [`file`](mod@file) | `block/file-posix.c` | the `file` protocol driver |
 //! | [`image_lock`] | `block/file-posix.c` (lock bytes) | QEMU-compatible image locking |
 //! | [`raw`] | `block/raw-format.c` | the `raw` format, with an offset/size window |
+//! | [`qcow2`] | `block/qcow2*.c` | the `qcow2` format (read-only for now) |
 //! | [`null`] | `block/null.c` | `null-co`: zeros in, nothing out |
 //! | [`blkdebug`] | `block/blkdebug.c` | error injection for tests |
 //! | [`probe`] | `block.c` `bdrv_probe_all()`, each driver's `bdrv_probe` | image format detection |
@@ -58,6 +59,7 @@ pub mod file;
 pub mod image_lock;
 pub mod null;
 pub mod probe;
+pub mod qcow2;
 pub mod raw;
 mod sys;
 
@@ -71,6 +73,7 @@ pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Rule, RuleId};
 pub use file::{CacheMode, FileDriver, FileOptions, FileStats};
 pub use image_lock::Perm;
 pub use null::NullDriver;
+pub use qcow2::Qcow2Driver;
 pub use raw::{RawDriver, RawOptions};
 pub use sys::AlignedBuf;
 
@@ -249,8 +252,10 @@ pub enum Format {
     Raw,
     /// `null-co` (no file; `OpenOptions::size` bytes of zeros, 1 GiB by default).
     Null,
-    /// Look at the first bytes ([`probe`]): raw unless they are another format's magic, which is
-    /// refused with [`BlockError::UnsupportedFormat`].
+    /// `qcow2` over `file`, read-only for now ([`Qcow2Driver`]).
+    Qcow2,
+    /// Look at the first bytes ([`probe`]): qcow2 by its magic, raw unless they are another
+    /// format's magic, which is refused with [`BlockError::UnsupportedFormat`].
     #[default]
     Auto,
 }
@@ -324,14 +329,30 @@ pub fn open_image_with(
         cache: opts.cache,
         force_share: opts.force_share,
     };
+    if opts.format == Format::Qcow2 && !read_only {
+        // Refuse before opening the file for writing (and taking write locks).
+        return Err(qcow2_needs_read_only(path));
+    }
     let file: Arc<dyn BlockDriver> = Arc::new(FileDriver::open(path, &file_opts)?);
-    if opts.format == Format::Auto {
-        if let Some(format) = probe::probe(&file)? {
-            return Err(BlockError::UnsupportedFormat {
-                path: path.to_owned(),
-                format,
-            });
+    let mut format = opts.format;
+    if format == Format::Auto {
+        match probe::probe(&file)? {
+            Some("qcow2") => format = Format::Qcow2,
+            Some(format) => {
+                return Err(BlockError::UnsupportedFormat {
+                    path: path.to_owned(),
+                    format,
+                })
+            }
+            None => {}
         }
+    }
+    if format == Format::Qcow2 {
+        let qcow2 = open_qcow2(path, file, opts, read_only)?;
+        return Ok(Arc::new(BlockBackend::new(
+            debug(Arc::new(qcow2)),
+            backend_opts,
+        )?));
     }
     let raw = RawDriver::new(
         file,
@@ -348,4 +369,35 @@ pub fn open_image_with(
         debug(Arc::new(raw)),
         backend_opts,
     )?))
+}
+
+/// The qcow2 part of [`open_image_with`]: refuses what the read-only driver cannot do, and
+/// names the file in errors.
+fn open_qcow2(
+    path: &Path,
+    file: Arc<dyn BlockDriver>,
+    opts: &OpenOptions,
+    read_only: bool,
+) -> Result<Qcow2Driver> {
+    let name = |why: String| format!("'{}': {why}", path.display());
+    if !read_only {
+        return Err(qcow2_needs_read_only(path));
+    }
+    if opts.offset != 0 || opts.size.is_some() {
+        return Err(BlockError::Invalid(name(
+            "the offset and size options apply to raw images only".into(),
+        )));
+    }
+    Qcow2Driver::open(file).map_err(|e| match e {
+        BlockError::Invalid(why) => BlockError::Invalid(name(why)),
+        BlockError::Corrupt(why) => BlockError::Corrupt(name(why)),
+        e => e,
+    })
+}
+
+fn qcow2_needs_read_only(path: &Path) -> BlockError {
+    BlockError::Invalid(format!(
+        "'{}': qcow2 images are read-only for now: pass -r/--read-only",
+        path.display()
+    ))
 }

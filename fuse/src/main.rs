@@ -33,6 +33,7 @@ struct Cli {
     mountpoint: PathBuf,
 
     /// Image format; `auto` is raw unless the image starts with the magic of a known format.
+    /// qcow2 is read-only for now (no backing files yet); other formats are refused by name.
     #[arg(short = 'f', long, value_enum, default_value_t = FormatArg::Auto)]
     format: FormatArg,
 
@@ -96,6 +97,7 @@ struct Cli {
 enum FormatArg {
     Auto,
     Raw,
+    Qcow2,
     Null,
 }
 
@@ -170,6 +172,7 @@ fn main() -> ExitCode {
     let format = match cli.format {
         FormatArg::Auto => Format::Auto,
         FormatArg::Raw => Format::Raw,
+        FormatArg::Qcow2 => Format::Qcow2,
         FormatArg::Null => Format::Null,
     };
     let read_only = cli.read_only || cli.force_share;

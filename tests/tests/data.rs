@@ -407,3 +407,55 @@ fn large_requests_round_trip() {
     e.stop_ok();
     assert_same_bytes(&read_all(&img), &data, "image after 64K requests");
 }
+
+/// A qcow2 image (data, zero clusters, a compressed copy) exported read-only reads exactly what
+/// `qemu-img convert -O raw` makes of it; a writable export of it is refused with a clear message.
+#[test]
+fn qcow2_read_only_export_matches_qemu() {
+    require!(fuse_available(), have_tools(&["qemu-img", "qemu-io"]));
+    let dir = workdir();
+    let q = dir.path().join("t.qcow2");
+    sh!(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &q,
+        "16M"
+    )
+    .ok();
+    for cmd in [
+        "write -P 0xab 1M 64k",
+        "write -P 0x11 3000 5000",
+        "write -z 1M 8k",
+        "write -P 0x7e 15M 1M",
+    ] {
+        sh!("qemu-io", "-f", "qcow2", "-c", cmd, &q).ok();
+    }
+    let c = dir.path().join("c.qcow2");
+    sh!("qemu-img", "convert", "-c", "-f", "qcow2", "-O", "qcow2", &q, &c).ok();
+    for img in [&q, &c] {
+        let raw = dir.path().join("oracle.raw");
+        sh!("qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, &raw).ok();
+        let mnt = dir.path().join("mnt");
+        fs::write(&mnt, b"").unwrap();
+        let mut e = Export::start(img, &mnt, &["-r"]);
+        assert_eq!(file_size(e.path()), 16 * MIB);
+        assert_same_bytes(
+            &read_all(e.path()),
+            &read_all(&raw),
+            "qcow2 through the export",
+        );
+        e.stop_ok();
+    }
+    let mnt = dir.path().join("mnt2");
+    fs::write(&mnt, b"").unwrap();
+    let x = Export::try_start(&q, &mnt, NO_ARGS)
+        .err()
+        .expect("a writable qcow2 export is refused");
+    assert_eq!(x.status.code(), Some(1), "{x}");
+    assert!(x.stderr.contains("read-only"), "the message says why: {x}");
+}
