@@ -5,21 +5,8 @@
 #   scripts/bench-null-and-memory.sh [SECONDS]      (root, /dev/fuse, fio)
 set -euo pipefail
 secs=${1:-5}
-bin=${CORO_FUSE:-target/release/coro-fuse}
-[[ -x $bin ]] || cargo build --release --quiet -p fuse
-work=$(mktemp -d /dev/shm/coro-bench.XXXXXX)
-pid=""
-cleanup() {
-  mountpoint -q "$work/mnt" 2>/dev/null && umount "$work/mnt" || true
-  [[ -n $pid ]] && kill "$pid" 2>/dev/null || true
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-touch "$work/mnt"
-start() { "$bin" "$@" "$work/mnt" >"$work/log" 2>&1 & pid=$!
-  for _ in $(seq 100); do mountpoint -q "$work/mnt" && return; sleep 0.1; done; cat "$work/log"; exit 1; }
-stop() { kill "$pid"; wait "$pid" || true; pid=""; }
+source "$(dirname "$0")/export-lib.sh"
+export_setup bench
 kb() { awk -v k="$1" '$1==k":" {print $2}' "/proc/$pid/status"; }
 fiojob() { # rw bs depth numjobs
   fio --name=j --filename="$work/mnt" --rw="$1" --bs="$2" --iodepth="$3" --numjobs="$4" \
@@ -29,15 +16,15 @@ fiojob() { # rw bs depth numjobs
 }
 echo "== null driver (transport only), 1 queue =="
 printf '%-22s %10s\n' job iops
-start -f null --size 1G "$work/null.img"
+export_start -f null --size 1G "$work/null.img"
 for spec in randread:4k:32:1 randwrite:4k:32:1 randread:4k:1:1 read:1M:16:1 write:1M:16:1; do
   IFS=: read -r rw bs d nj <<<"$spec"
   printf '%-22s %10s\n' "$rw-$bs-qd$d" "$(fiojob "$rw" "$bs" "$d" "$nj")"
 done
-stop
+export_stop
 echo "== memory, raw image on tmpfs =="
 truncate -s 1G "$work/disk.img"
-start "$work/disk.img"
+export_start "$work/disk.img"
 sleep 0.5
 echo "idle RSS:            $(kb VmRSS) KiB"
 fiojob randread 4k 32 1 >/dev/null
@@ -46,4 +33,4 @@ echo "after 4k QD32, VmHWM: $(kb VmHWM) KiB (RSS now $(kb VmRSS) KiB)"
 fiojob write 1M 32 1 >/dev/null
 fiojob read 1M 32 1 >/dev/null
 echo "after 1M QD32, VmHWM: $(kb VmHWM) KiB (RSS now $(kb VmRSS) KiB)"
-stop
+export_stop

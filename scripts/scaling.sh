@@ -4,30 +4,20 @@
 # stdout (and to -o FILE); scripts/plot_scaling.py turns it into an SVG plot.
 #
 #   scripts/scaling.sh [-t SECONDS] [-o CSV] [-w rw]     (root, /dev/fuse, fio, python3)
+# Env: SCALING_BACKENDS (default "raw null"), SCALING_THREADS (default "1 2 4").
 set -euo pipefail
 secs=4 csv="" rw=randread
 while getopts "t:o:w:" o; do case $o in t) secs=$OPTARG;; o) csv=$OPTARG;; w) rw=$OPTARG;; *) exit 2;; esac; done
-bin=${CORO_FUSE:-target/release/coro-fuse}
-[[ -x $bin ]] || cargo build --release --quiet -p fuse
-work=$(mktemp -d /dev/shm/coro-scaling.XXXXXX)
-pid=""
-cleanup() {
-  mountpoint -q "$work/mnt" 2>/dev/null && umount "$work/mnt" || true
-  [[ -n $pid ]] && kill "$pid" 2>/dev/null || true
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-touch "$work/mnt"
+source "$(dirname "$0")/export-lib.sh"
+export_setup scaling
 python3 -c "import os,sys; f=open(sys.argv[1],'wb'); [f.write(os.urandom(1<<20)) for _ in range(1024)]" "$work/raw.img"
 out() { echo "$1"; [[ -z $csv ]] || echo "$1" >>"$csv"; }
 [[ -z $csv ]] || : >"$csv"
 out "backend,threads,iodepth,numjobs,iops,p50_us,cpu_s"
-for backend in raw null; do
-  for threads in 1 2 4; do
+for backend in ${SCALING_BACKENDS:-raw null}; do
+  for threads in ${SCALING_THREADS:-1 2 4}; do
     if [[ $backend == null ]]; then args=(-f null --size 1G "$work/null.img"); else args=("$work/raw.img"); fi
-    "$bin" --threads "$threads" "${args[@]}" "$work/mnt" >"$work/log" 2>&1 & pid=$!
-    for _ in $(seq 100); do mountpoint -q "$work/mnt" && break; sleep 0.1; done
+    export_start --threads "$threads" "${args[@]}"
     for depth in 1 32; do
       for nj in 1 2; do
         t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
@@ -41,6 +31,6 @@ for backend in raw null; do
         out "$backend,$threads,$depth,$nj,$iops,$p50,$cpu"
       done
     done
-    kill "$pid"; wait "$pid" || true; pid=""
+    export_stop
   done
 done

@@ -355,9 +355,16 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
     }
 }
 
-/// Runs `cmd` (stdin closed) to completion within `timeout`; on timeout kills it and panics.
+/// Runs `cmd` (stdin closed, output captured) for at most `timeout`. On timeout, `on_timeout`
+/// runs first (e.g. to detach a mount), then the process is killed and the test fails with
+/// `why` and the output.
 #[track_caller]
-pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+fn run_bounded(
+    cmd: &mut Command,
+    timeout: Duration,
+    why: &str,
+    on_timeout: impl FnOnce(),
+) -> Output {
     let what = describe(cmd);
     let mut out = tempfile::tempfile().expect("tempfile");
     let mut err = tempfile::tempfile().expect("tempfile");
@@ -375,15 +382,22 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
             stderr: read_to_string_lossy(&mut err),
         },
         None => {
+            on_timeout();
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "`{what}` did not finish within {timeout:?} (killed)\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                "`{what}` {why} {timeout:?} (killed)\n--- stdout ---\n{}\n--- stderr ---\n{}",
                 read_to_string_lossy(&mut out),
                 read_to_string_lossy(&mut err)
             );
         }
     }
+}
+
+/// Runs `cmd` (stdin closed) to completion within `timeout`; on timeout kills it and panics.
+#[track_caller]
+pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    run_bounded(cmd, timeout, "did not finish within", || {})
 }
 
 /// Runs `cmd` within [`COMMAND_TIMEOUT`].
@@ -410,36 +424,13 @@ macro_rules! sh {
 pub fn coro_fuse_expect_exit<S: AsRef<OsStr>>(args: &[S], mountpoint: Option<&Path>) -> Output {
     let mut cmd = coro_fuse();
     cmd.args(args);
-    let what = describe(&cmd);
     let base = mountpoint.map(fuse_mounts_at).unwrap_or(0);
-    let mut out = tempfile::tempfile().expect("tempfile");
-    let mut err = tempfile::tempfile().expect("tempfile");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("dup"))
-        .stderr(err.try_clone().expect("dup"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run `{what}`: {e}"));
-    match wait_timeout(&mut child, Duration::from_secs(15)) {
-        Some(status) => Output {
-            what,
-            status,
-            stdout: read_to_string_lossy(&mut out),
-            stderr: read_to_string_lossy(&mut err),
-        },
-        None => {
-            if let Some(m) = mountpoint {
-                detach_fuse_mounts(m, base);
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "`{what}` was expected to exit but is still running after 15 s (killed)\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                read_to_string_lossy(&mut out),
-                read_to_string_lossy(&mut err)
-            );
+    let why = "was expected to exit but is still running after";
+    run_bounded(&mut cmd, Duration::from_secs(15), why, || {
+        if let Some(m) = mountpoint {
+            detach_fuse_mounts(m, base);
         }
-    }
+    })
 }
 
 /// Sends `sig` to `pid`.
