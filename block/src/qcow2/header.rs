@@ -460,7 +460,13 @@ impl Header {
         if rt_clusters == 0 {
             return Err(corrupt("the image has no refcount table".into()));
         }
-        check_table("refcount table", rt_offset, u64::from(rt_clusters) * cs, cs, file_len)?;
+        check_table(
+            "refcount table",
+            rt_offset,
+            u64::from(rt_clusters) * cs,
+            cs,
+            file_len,
+        )?;
         if self.nb_snapshots > MAX_SNAPSHOTS {
             return Err(corrupt(format!(
                 "too many snapshots ({}, at most {MAX_SNAPSHOTS})",
@@ -622,7 +628,10 @@ mod tests {
         b[16..20].copy_from_slice(&8u32.to_be_bytes());
         let h = Header::parse(&b, FILE_LEN).expect("valid");
         assert_eq!(h.backing_format.as_deref(), Some("raw"));
-        assert_eq!(h.backing_file.as_deref(), Some(std::path::Path::new("base.img")));
+        assert_eq!(
+            h.backing_file.as_deref(),
+            Some(std::path::Path::new("base.img"))
+        );
         assert_eq!(h.feature_names, vec![(0, 5, "magic".to_string())]);
         assert!(h.has_bitmaps);
         assert_eq!(h.unknown_extensions, vec![0x1234_5678]);
@@ -632,10 +641,16 @@ mod tests {
         assert!(e.contains("bit 5 (magic)"), "{e}");
 
         let e = Header::parse(&with_extensions(&[(EXT_DATA_FILE, b"data.raw")]), FILE_LEN);
-        assert!(e.expect_err("data file").to_string().contains("data file 'data.raw'"));
+        assert!(e
+            .expect_err("data file")
+            .to_string()
+            .contains("data file 'data.raw'"));
         let e = Header::parse(&with_extensions(&[(EXT_CRYPTO, &[0; 16])]), FILE_LEN);
         assert!(e.expect_err("crypto").to_string().contains("encrypted"));
-        let e = Header::parse(&with_extensions(&[(EXT_BITMAPS, &[0; 24])])[..140], FILE_LEN);
+        let e = Header::parse(
+            &with_extensions(&[(EXT_BITMAPS, &[0; 24])])[..140],
+            FILE_LEN,
+        );
         assert!(e.expect_err("overflow").to_string().contains("overflows"));
     }
 
