@@ -283,7 +283,9 @@ pub enum Format {
     /// `qcow2` over `file`, read-only for now ([`Qcow2Driver`]).
     Qcow2,
     /// Look at the first bytes ([`probe`]): qcow2 by its magic, raw unless they are another
-    /// format's magic, which is refused with [`BlockError::UnsupportedFormat`].
+    /// format's magic, which is refused with [`BlockError::UnsupportedFormat`]. A raw image
+    /// found this way is *probed*: writes that would make its first sector look like another
+    /// format are refused ([`RawDriver::mark_probed`]).
     #[default]
     Auto,
 }
@@ -363,6 +365,7 @@ pub fn open_image_with(
     }
     let file: Arc<dyn BlockDriver> = Arc::new(FileDriver::open(path, &file_opts)?);
     let mut format = opts.format;
+    let mut probed_raw = false;
     if format == Format::Auto {
         match probe::probe(&file)? {
             Some("qcow2") => format = Format::Qcow2,
@@ -372,7 +375,7 @@ pub fn open_image_with(
                     format,
                 })
             }
-            None => {}
+            None => probed_raw = true,
         }
     }
     if format == Format::Qcow2 {
@@ -393,6 +396,19 @@ pub fn open_image_with(
         BlockError::Invalid(why) => BlockError::Invalid(format!("'{}': {why}", path.display())),
         e => e,
     })?;
+    let raw = if probed_raw {
+        if !read_only {
+            log::info!(
+                "the format of '{}' was not given and probing guessed raw: writes that would \
+                 make its first sector look like another format are refused (pass -f raw to \
+                 remove the restriction)",
+                path.display()
+            );
+        }
+        raw.mark_probed()
+    } else {
+        raw
+    };
     Ok(Arc::new(BlockBackend::new(
         debug(Arc::new(raw)),
         backend_opts,
