@@ -398,3 +398,31 @@ fn backing_files_are_opened_read_only_with_shared_locks() {
     qemu_io("qcow2", &at(d, "base.qcow2"), &["write 0 512"]);
     drop(blk);
 }
+
+/// With `--cache none` every image of the chain is opened O_DIRECT; reads of the raw base and
+/// of qcow2 metadata are padded to the logical block size and still match qemu-img.
+#[test]
+fn chain_with_cache_none() {
+    if !have_qemu("chain_with_cache_none") {
+        return;
+    }
+    let dir = disk_dir();
+    let top = make_chain(dir.path(), 65536);
+    let opts = OpenOptions {
+        cache: block::CacheMode::None,
+        ..ro()
+    };
+    let blk = match open_image(&top, &opts) {
+        Ok(b) => b,
+        Err(e) if e.to_string().contains("O_DIRECT") => {
+            common::skip("chain_with_cache_none", &format!("no O_DIRECT here: {e}"));
+            return;
+        }
+        Err(e) => panic!("open with cache=none: {e}"),
+    };
+    assert!(
+        read_all(&blk, 9) == oracle_bytes(&top),
+        "bytes differ with O_DIRECT"
+    );
+    check_map(&blk, &top);
+}

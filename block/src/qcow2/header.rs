@@ -327,7 +327,9 @@ impl Header {
                 })?;
             match ty {
                 EXT_BACKING_FORMAT => {
-                    self.backing_format = Some(String::from_utf8_lossy(data).into_owned());
+                    // QEMU copies it into a C string: a NUL ends it.
+                    let name = data.split(|&c| c == 0).next().unwrap_or_default();
+                    self.backing_format = Some(String::from_utf8_lossy(name).into_owned());
                 }
                 EXT_FEATURE_TABLE => {
                     for entry in data.chunks_exact(48) {
@@ -427,7 +429,8 @@ impl Header {
     }
 
     /// The backing file name: `backing_file_size` bytes at `backing_file_offset`, inside the
-    /// first cluster; no NUL bytes (a path cannot hold one). QEMU: `qcow2_do_open()`.
+    /// first cluster; no NUL bytes (a path cannot hold one). An empty name means no backing
+    /// file, as in QEMU. QEMU: `qcow2_do_open()`.
     fn read_backing_name(&mut self, raw: &RawHeader, head: &[u8], cluster_size: u64) -> Result<()> {
         let off = raw.backing_file_offset.get();
         if off == 0 {
@@ -439,7 +442,10 @@ impl Header {
             .filter(|&e| len <= MAX_BACKING_NAME && e <= cluster_size && e <= head.len() as u64)
             .map(|e| &head[off as usize..e as usize])
             .ok_or_else(|| corrupt(format!("bad backing file name ({len} bytes at {off})")))?;
-        if bytes.is_empty() || bytes.contains(&0) {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if bytes.contains(&0) {
             return Err(corrupt(format!(
                 "bad backing file name '{}'",
                 String::from_utf8_lossy(bytes).escape_debug()
@@ -565,6 +571,12 @@ mod tests {
         assert_eq!(h.l1_size, 8);
     }
 
+    fn set_ok(off: usize, bytes: &[u8]) -> Vec<u8> {
+        let mut b = valid();
+        b[off..off + bytes.len()].copy_from_slice(bytes);
+        b
+    }
+
     #[test]
     fn refuses_bad_fields() {
         let set = |off: usize, bytes: &[u8]| {
@@ -587,7 +599,20 @@ mod tests {
         assert!(set(104, &[1]).contains("feature bit is clear"));
         assert!(set(79, &[8]).contains("feature bit is set"));
         assert!(set(104, &[2]).contains("unknown compression type 2"));
-        assert!(set(8, &0x1000u64.to_be_bytes()).contains("bad backing file name"));
+        let mut long_name = valid();
+        long_name[8..16].copy_from_slice(&0x1000u64.to_be_bytes());
+        long_name[16..20].copy_from_slice(&1024u32.to_be_bytes());
+        let e = Header::parse(&long_name, FILE_LEN).expect_err("1024-byte backing name");
+        assert!(e.to_string().contains("bad backing file name"), "{e}");
+        long_name[16..20].copy_from_slice(&4u32.to_be_bytes());
+        let e = Header::parse(&long_name, FILE_LEN).expect_err("NUL bytes in the name");
+        assert!(e.to_string().contains("bad backing file name"), "{e}");
+        let empty = Header::parse(&set_ok(8, &0x1000u64.to_be_bytes()), FILE_LEN);
+        assert_eq!(
+            empty.expect("empty name").backing_file,
+            None,
+            "empty: no backing file"
+        );
         assert!(set(24, &u64::MAX.to_be_bytes()).contains("too large"));
         assert!(set(56, &0u32.to_be_bytes()).contains("no refcount table"));
         assert!(set(48, &0x10200u64.to_be_bytes()).contains("refcount table offset"));
