@@ -17,7 +17,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use block::qcow2::Header;
@@ -185,7 +185,7 @@ fn entry(file_len: u64) -> impl Strategy<Value = u64> {
 
 /// Opens the image, reads every cluster, walks block status; returns how many reads failed
 /// (`usize::MAX` when the open failed).
-fn exercise(path: &PathBuf) -> usize {
+fn exercise(path: &Path) -> usize {
     let opts = OpenOptions {
         format: Format::Qcow2,
         read_only: true,
