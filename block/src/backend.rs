@@ -377,7 +377,8 @@ impl BlockBackend {
     }
 
     /// The status of the range starting at `offset` (which must be inside the image) and how
-    /// many bytes share it (1 ..= `len` clamped at EOF). QEMU: `bdrv_co_block_status()`.
+    /// many bytes share it (1 ..= `len` clamped at EOF), looking through the backing chain:
+    /// never [`BlockStatus::Unallocated`]. QEMU: `bdrv_co_block_status_above(bs, NULL, …)`.
     pub fn co_block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
         let _req = self.enter();
         let size = self.size();
@@ -388,7 +389,7 @@ impl BlockBackend {
         if len == 0 {
             return Err(BlockError::Invalid("block status of an empty range".into()));
         }
-        let (status, n) = self.driver.co_block_status(offset, len)?;
+        let (status, n) = crate::chain::co_block_status_above(&*self.driver, offset, len)?;
         Ok((status, n.clamp(1, len)))
     }
 

@@ -283,6 +283,11 @@ impl BlockDriver for BlkdebugDriver {
     fn close(&self) -> Result<()> {
         self.child.close()
     }
+
+    /// A filter is transparent: block status through the chain looks below its child.
+    fn backing_node(&self) -> Option<&dyn BlockDriver> {
+        self.child.backing_node()
+    }
 }
 
 #[cfg(test)]

@@ -47,7 +47,8 @@
 //! | [`file`](mod@file) | `block/file-posix.c` | the `file` protocol driver |
 //! | [`image_lock`] | `block/file-posix.c` (lock bytes) | QEMU-compatible image locking |
 //! | [`raw`] | `block/raw-format.c` | the `raw` format, with an offset/size window |
-//! | [`qcow2`] | `block/qcow2*.c` | the `qcow2` format (read-only for now) |
+//! | [`qcow2`] | `block/qcow2*.c` | the `qcow2` format (read-only for now), backing chains |
+//! | [`chain`] | `block/io.c` `bdrv_co_common_block_status_above()` | block status through a backing chain |
 //! | [`null`] | `block/null.c` | `null-co`: zeros in, nothing out |
 //! | [`blkdebug`] | `block/blkdebug.c` | error injection for tests |
 //! | [`probe`] | `block.c` `bdrv_probe_all()`, each driver's `bdrv_probe` | image format detection |
@@ -55,6 +56,7 @@
 
 pub mod backend;
 pub mod blkdebug;
+pub mod chain;
 pub mod file;
 pub mod image_lock;
 pub mod null;
@@ -99,6 +101,14 @@ pub enum BlockError {
     Locked { path: PathBuf, detail: String },
     /// The image is in a format this build cannot read (yet).
     UnsupportedFormat { path: PathBuf, format: &'static str },
+    /// The backing chain of `image` cannot be opened; `source` names the backing file.
+    Backing {
+        image: PathBuf,
+        source: Box<BlockError>,
+    },
+    /// A write was refused to protect the image, e.g. one that would make a probed raw image
+    /// look like another format (QEMU: `-EPERM` from `raw_co_pwritev()`).
+    Refused(String),
 }
 
 impl BlockError {
@@ -114,6 +124,8 @@ impl BlockError {
             BlockError::Open { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             BlockError::Locked { .. } => libc::EAGAIN,
             BlockError::UnsupportedFormat { .. } => libc::EMEDIUMTYPE,
+            BlockError::Backing { source, .. } => source.errno(),
+            BlockError::Refused(_) => libc::EPERM,
         }
     }
 }
@@ -155,6 +167,14 @@ impl fmt::Display for BlockError {
                 "'{}' is a {format} image; this format is not supported yet",
                 path.display()
             ),
+            BlockError::Backing { image, source } => match &**source {
+                // Our own refusals need no "invalid request" prefix.
+                BlockError::Invalid(why) => {
+                    write!(f, "'{}': backing file: {why}", image.display())
+                }
+                e => write!(f, "'{}': backing file: {e}", image.display()),
+            },
+            BlockError::Refused(why) => write!(f, "not permitted: {why}"),
         }
     }
 }
@@ -163,6 +183,7 @@ impl std::error::Error for BlockError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             BlockError::Io(e) | BlockError::Open { source: e, .. } => Some(e),
+            BlockError::Backing { source, .. } => Some(&**source),
             _ => None,
         }
     }
@@ -243,6 +264,13 @@ pub trait BlockDriver: Send + Sync {
     fn close(&self) -> Result<()> {
         Ok(())
     }
+
+    /// The node that ranges reported [`BlockStatus::Unallocated`] read from (a qcow2 image's
+    /// backing file); filters return their child's. [`chain::co_block_status_above`] walks it.
+    /// QEMU: `bdrv_filter_or_cow_bs()`.
+    fn backing_node(&self) -> Option<&dyn BlockDriver> {
+        None
+    }
 }
 
 /// Which format driver [`open_image`] puts on top of the file.
@@ -255,7 +283,9 @@ pub enum Format {
     /// `qcow2` over `file`, read-only for now ([`Qcow2Driver`]).
     Qcow2,
     /// Look at the first bytes ([`probe`]): qcow2 by its magic, raw unless they are another
-    /// format's magic, which is refused with [`BlockError::UnsupportedFormat`].
+    /// format's magic, which is refused with [`BlockError::UnsupportedFormat`]. A raw image
+    /// found this way is *probed*: writes that would make its first sector look like another
+    /// format are refused ([`RawDriver::mark_probed`]).
     #[default]
     Auto,
 }
@@ -335,6 +365,7 @@ pub fn open_image_with(
     }
     let file: Arc<dyn BlockDriver> = Arc::new(FileDriver::open(path, &file_opts)?);
     let mut format = opts.format;
+    let mut probed_raw = false;
     if format == Format::Auto {
         match probe::probe(&file)? {
             Some("qcow2") => format = Format::Qcow2,
@@ -344,7 +375,7 @@ pub fn open_image_with(
                     format,
                 })
             }
-            None => {}
+            None => probed_raw = true,
         }
     }
     if format == Format::Qcow2 {
@@ -365,14 +396,28 @@ pub fn open_image_with(
         BlockError::Invalid(why) => BlockError::Invalid(format!("'{}': {why}", path.display())),
         e => e,
     })?;
+    let raw = if probed_raw {
+        if !read_only {
+            log::info!(
+                "the format of '{}' was not given and probing guessed raw: writes that would \
+                 make its first sector look like another format are refused (pass -f raw to \
+                 remove the restriction)",
+                path.display()
+            );
+        }
+        raw.mark_probed()
+    } else {
+        raw
+    };
     Ok(Arc::new(BlockBackend::new(
         debug(Arc::new(raw)),
         backend_opts,
     )?))
 }
 
-/// The qcow2 part of [`open_image_with`]: refuses what the read-only driver cannot do, and
-/// names the file in errors.
+/// The qcow2 part of [`open_image_with`]: refuses what the read-only driver cannot do, opens
+/// the backing chain (read-only, with the image's cache mode and force-share), and names the
+/// file in errors.
 fn open_qcow2(
     path: &Path,
     file: Arc<dyn BlockDriver>,
@@ -388,7 +433,11 @@ fn open_qcow2(
             "the offset and size options apply to raw images only".into(),
         )));
     }
-    Qcow2Driver::open(file).map_err(|e| match e {
+    let chain = qcow2::ChainOptions {
+        cache: opts.cache,
+        force_share: opts.force_share,
+    };
+    Qcow2Driver::open_chain(file, path, &chain).map_err(|e| match e {
         BlockError::Invalid(why) => BlockError::Invalid(name(why)),
         BlockError::Corrupt(why) => BlockError::Corrupt(name(why)),
         e => e,

@@ -9,8 +9,10 @@
 //! it, so a format we do not implement is refused by name. QEMU scores candidates; we only need
 //! "which magic matches", checked against the first 512 bytes and, for dmg, the trailer.
 //!
-//! Difference from QEMU: QEMU restricts writes to the first sector of a *probed* raw image (so
-//! a guest cannot turn it into a qcow2 header); we do not yet — pass the format explicitly.
+//! A raw image found by probing is *probed*: like QEMU, its raw driver refuses writes that would
+//! make the first sector match one of these magics (see `raw.rs`), so a guest cannot turn its
+//! disk into, say, a qcow2 image whose backing file is a host file. A backing file is never
+//! probed as raw (`qcow2/backing.rs`).
 
 use std::sync::Arc;
 

@@ -10,10 +10,33 @@
 //!
 //! Resizing: a window with a fixed `size` cannot be resized ([`BlockError::NotSupported`]); with
 //! only an `offset`, truncating to `n` truncates the child to `offset + n`, as QEMU does.
+//!
+//! ## Probed raw images: the first sector is guarded
+//!
+//! When nobody said the image is raw and the probe merely found no other format
+//! ([`RawDriver::mark_probed`]), a guest could write a qcow2 header into its first sector —
+//! with a backing file name such as `/etc/shadow` — and the next probing open would show it
+//! that host file. QEMU's `raw_co_pwritev()` therefore refuses (`-EPERM`) a write to the first
+//! 512 bytes of a probed raw image whose new contents would probe as another format. We do the
+//! same, with two differences that fall out of our layering: QEMU raises a probed image's
+//! request alignment to 512 so that such a write always covers the whole sector; we keep
+//! alignment 1 (no read-modify-write for every unaligned write of the image) and instead build
+//! the new sector from the current one and the request, under a `CoMutex` that serialises
+//! every change of the first sector — so two partial writes cannot each look harmless and
+//! together form a magic. And write-zeroes and discard ranges that touch the sector are
+//! checked too (zeroing bytes can complete a magic such as `QED\0`); QEMU checks writes only.
+//! With an explicit `-f raw` nothing is restricted.
 
 use std::sync::Arc;
 
-use crate::{BlockDriver, BlockError, BlockStatus, Result};
+use runtime::CoMutex;
+
+use crate::backend::{BackendOptions, BlockBackend};
+use crate::{probe, BlockDriver, BlockError, BlockStatus, Result};
+
+/// The bytes a probe looks at, and so the bytes guarded on a probed image. QEMU:
+/// `BLOCK_PROBE_BUF_SIZE`.
+pub const PROBE_SECTOR: u64 = 512;
 
 /// The window of a [`RawDriver`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -29,6 +52,10 @@ pub struct RawDriver {
     child: Arc<dyn BlockDriver>,
     offset: u64,
     size: Option<u64>,
+    /// The format was probed: guard the child's first sector. QEMU: `bs->probed`.
+    probed: bool,
+    /// Serialises changes of the child's first sector on a probed image (check, then write).
+    first_sector: CoMutex<()>,
 }
 
 impl RawDriver {
@@ -68,7 +95,61 @@ impl RawDriver {
             child,
             offset: opts.offset,
             size: opts.size,
+            probed: false,
+            first_sector: CoMutex::new(()),
         })
+    }
+
+    /// Marks the image as raw *by probing*: writes that would make its first sector probe as
+    /// another format are refused with [`BlockError::Refused`] (EPERM). QEMU: `bs->probed`.
+    pub fn mark_probed(mut self) -> RawDriver {
+        self.probed = true;
+        self
+    }
+
+    /// Whether the format was probed (see [`RawDriver::mark_probed`]).
+    pub fn is_probed(&self) -> bool {
+        self.probed
+    }
+
+    /// Runs `change` — a write of child range `[offset, offset+len)` whose bytes in the first
+    /// sector are given by `patch` — after checking, on a probed image, that the first sector
+    /// it leaves behind does not look like another format. QEMU: the `bs->probed` branch of
+    /// `raw_co_pwritev()`.
+    fn co_guard_first_sector(
+        &self,
+        offset: u64,
+        len: u64,
+        patch: impl FnOnce(&mut [u8], u64),
+        change: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        if !self.probed || offset >= PROBE_SECTOR || len == 0 {
+            return change();
+        }
+        let _sector = self.first_sector.co_lock();
+        let mut sector = vec![0u8; PROBE_SECTOR as usize];
+        let covered = offset == 0 && len >= PROBE_SECTOR;
+        if !covered {
+            // The current contents, through a backend that pads for the child's alignment.
+            let reader = BlockBackend::new(
+                self.child.clone(),
+                BackendOptions {
+                    read_only: true,
+                    growable: false,
+                },
+            )?;
+            let n = reader.size().min(PROBE_SECTOR) as usize;
+            reader.co_pread(0, &mut sector[..n])?;
+        }
+        patch(&mut sector, offset);
+        if let Some(format) = probe::match_magic(&sector) {
+            return Err(BlockError::Refused(format!(
+                "writing to the first sector of a probed raw image is not allowed (the new \
+                 contents look like a {format} image); specify the raw format explicitly \
+                 (-f raw) to remove the restriction"
+            )));
+        }
+        change()
     }
 
     /// The child node.
@@ -118,7 +199,16 @@ impl BlockDriver for RawDriver {
     }
 
     fn co_pwritev(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.child.co_pwritev(self.child_offset(offset)?, buf)
+        let at = self.child_offset(offset)?;
+        self.co_guard_first_sector(
+            at,
+            buf.len() as u64,
+            |sector, at| {
+                let n = (PROBE_SECTOR - at).min(buf.len() as u64) as usize;
+                sector[at as usize..at as usize + n].copy_from_slice(&buf[..n]);
+            },
+            || self.child.co_pwritev(at, buf),
+        )
     }
 
     fn co_flush(&self) -> Result<()> {
@@ -126,12 +216,16 @@ impl BlockDriver for RawDriver {
     }
 
     fn co_pwrite_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.child
-            .co_pwrite_zeroes(self.child_offset(offset)?, len, may_unmap)
+        let at = self.child_offset(offset)?;
+        self.co_guard_first_sector(at, len, zero_patch(len), || {
+            self.child.co_pwrite_zeroes(at, len, may_unmap)
+        })
     }
 
     fn co_pdiscard(&self, offset: u64, len: u64) -> Result<()> {
-        self.child.co_pdiscard(self.child_offset(offset)?, len)
+        // Discarded bytes may read back as zeros: checked like write-zeroes.
+        let at = self.child_offset(offset)?;
+        self.co_guard_first_sector(at, len, zero_patch(len), || self.child.co_pdiscard(at, len))
     }
 
     fn co_block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
@@ -149,6 +243,14 @@ impl BlockDriver for RawDriver {
 
     fn close(&self) -> Result<()> {
         self.child.close()
+    }
+}
+
+/// The first-sector patch of a write-zeroes of `len` bytes.
+fn zero_patch(len: u64) -> impl FnOnce(&mut [u8], u64) {
+    move |sector, at| {
+        let end = at.saturating_add(len).min(PROBE_SECTOR) as usize;
+        sector[at as usize..end].fill(0);
     }
 }
 

@@ -291,33 +291,6 @@ fn writable_open_is_refused() {
 }
 
 #[test]
-fn backing_file_is_refused() {
-    if !have_qemu("backing_file_is_refused") {
-        return;
-    }
-    let dir = disk_dir();
-    let base = create(dir.path(), "base.qcow2", "cluster_size=65536", MIB);
-    let top = dir.path().join("top.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(&base)
-        .arg(&top));
-    let e = open_image(
-        &top,
-        &OpenOptions {
-            read_only: true,
-            ..OpenOptions::default()
-        },
-    )
-    .expect_err("backing file");
-    assert!(
-        e.to_string()
-            .contains("backing files are not supported yet"),
-        "{e}"
-    );
-}
-
-#[test]
 fn compressed_images_match_qemu() {
     if !have_qemu("compressed_images_match_qemu") {
         return;

@@ -32,8 +32,10 @@ struct Cli {
     /// Where to show the image: a regular file or a directory.
     mountpoint: PathBuf,
 
-    /// Image format; `auto` is raw unless the image starts with the magic of a known format.
-    /// qcow2 is read-only for now (no backing files yet); other formats are refused by name.
+    /// Image format; `auto` is raw unless the image starts with the magic of a known format
+    /// (a raw image found so refuses writes that would make its first sector look like another
+    /// format: pass `-f raw` to lift that). qcow2 is read-only for now, with backing files
+    /// opened read-only; other formats are refused by name.
     #[arg(short = 'f', long, value_enum, default_value_t = FormatArg::Auto)]
     format: FormatArg,
 

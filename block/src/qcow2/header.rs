@@ -10,12 +10,17 @@
 //! by safe per-field copies at `offset_of!` positions: no dependency, no `unsafe`, and a short
 //! (version 2) header simply reads zeros for the missing version 3 fields.
 //!
-//! What is refused, and why (this driver is read-only and has no backing-file support yet):
-//! encryption, an external data file, extended L2 entries (subclusters), a compression type
-//! other than deflate, any unknown incompatible feature bit, the corrupt bit, a backing file.
+//! What is refused, and why: encryption (`crypt_method`, or a crypto header extension), an
+//! external data file (the incompatible bit or the data file name extension), extended L2
+//! entries (subclusters), a compression type other than deflate (0) and zstd (1), a compression
+//! type that disagrees with incompatible bit 3, any unknown incompatible feature bit, the
+//! corrupt bit; and as corrupt: tables (L1, refcount table, snapshot table) that are unaligned or
+//! not inside the file, impossible sizes (virtual size ≥ 2^63, too many snapshots, a header
+//! extension or backing file name that overflows the first cluster).
 //! Accepted on purpose: the dirty bit (refcounts may be stale; reads do not use them), any
 //! `refcount_order` up to 6 (refcounts are not read at all), snapshots (only the active L1 table
-//! is used), bitmaps and other compatible/autoclear features.
+//! is used), bitmaps and other compatible/autoclear features, a backing file (its name and
+//! format are parsed here; `super::backing` opens it).
 
 use std::mem::{offset_of, size_of};
 
@@ -46,6 +51,17 @@ const INCOMPAT_KNOWN: u64 =
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+const EXT_BITMAPS: u32 = 0x2385_2875;
+const EXT_CRYPTO: u32 = 0x0537_be77;
+const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// `compression_type` values. QEMU: `QCOW2_COMPRESSION_TYPE_ZLIB`, `_ZSTD`.
+pub const COMPRESSION_DEFLATE: u8 = 0;
+pub const COMPRESSION_ZSTD: u8 = 1;
+/// QEMU's `QCOW_MAX_SNAPSHOTS`.
+pub const MAX_SNAPSHOTS: u32 = 65536;
+/// Longest backing file name QEMU accepts (`backing_file_size` ≤ 1023).
+pub const MAX_BACKING_NAME: u32 = 1023;
 
 /// A big-endian `u32` as stored on disk (alignment 1, so [`RawHeader`] has no padding).
 #[derive(Clone, Copy, Debug, Default)]
@@ -168,10 +184,18 @@ pub struct Header {
     pub nb_snapshots: u32,
     /// The length of the header proper; extensions follow.
     pub header_length: u32,
-    /// From the backing file format extension, if present (informational).
+    /// The backing file name as stored (relative to the image's directory unless absolute).
+    pub backing_file: Option<std::path::PathBuf>,
+    /// From the backing file format extension, if present ("qcow2", "raw", …).
     pub backing_format: Option<String>,
     /// Feature name table entries: (type 0/1/2, bit, name).
     pub feature_names: Vec<(u8, u8, String)>,
+    /// [`COMPRESSION_DEFLATE`] or [`COMPRESSION_ZSTD`] (validated against incompatible bit 3).
+    pub compression_type: u8,
+    /// Whether a bitmaps extension is present (persistent dirty bitmaps; reads ignore them).
+    pub has_bitmaps: bool,
+    /// Types of header extensions this driver does not know, in file order (skipped).
+    pub unknown_extensions: Vec<u32>,
 }
 
 fn corrupt(why: String) -> BlockError {
@@ -245,10 +269,14 @@ impl Header {
         if refcount_order > 6 {
             return Err(corrupt(format!("refcount_order {refcount_order} > 6")));
         }
+        let size = raw.size.get();
+        if size > i64::MAX as u64 {
+            return Err(corrupt(format!("virtual size {size} is too large")));
+        }
         let mut header = Header {
             version,
             cluster_bits,
-            size: raw.size.get(),
+            size,
             l1_size: raw.l1_size.get(),
             l1_table_offset: raw.l1_table_offset.get(),
             refcount_order,
@@ -256,13 +284,19 @@ impl Header {
             compatible_features: compat,
             nb_snapshots: raw.nb_snapshots.get(),
             header_length,
+            backing_file: None,
             backing_format: None,
             feature_names: Vec::new(),
+            compression_type: COMPRESSION_DEFLATE,
+            has_bitmaps: false,
+            unknown_extensions: Vec::new(),
         };
         header.read_extensions(head, cluster_size)?;
         header.check_features(&raw)?;
-        header.check_backing(&raw, head, cluster_size)?;
+        header.check_compression(&raw)?;
+        header.read_backing_name(&raw, head, cluster_size)?;
         header.check_l1(file_len)?;
+        header.check_other_tables(&raw, file_len)?;
         Ok(header)
     }
 
@@ -293,7 +327,9 @@ impl Header {
                 })?;
             match ty {
                 EXT_BACKING_FORMAT => {
-                    self.backing_format = Some(String::from_utf8_lossy(data).into_owned());
+                    // QEMU copies it into a C string: a NUL ends it.
+                    let name = data.split(|&c| c == 0).next().unwrap_or_default();
+                    self.backing_format = Some(String::from_utf8_lossy(name).into_owned());
                 }
                 EXT_FEATURE_TABLE => {
                     for entry in data.chunks_exact(48) {
@@ -303,7 +339,19 @@ impl Header {
                         self.feature_names.push((entry[0], entry[1], name));
                     }
                 }
-                _ => {} // bitmaps, crypto header, data file name, unknown: not needed to read
+                EXT_BITMAPS => self.has_bitmaps = true,
+                EXT_CRYPTO => {
+                    return Err(refuse(
+                        "encrypted images are not supported (crypto header extension)".into(),
+                    ))
+                }
+                EXT_DATA_FILE => {
+                    return Err(refuse(format!(
+                        "external data files are not supported (data file '{}')",
+                        String::from_utf8_lossy(data)
+                    )))
+                }
+                _ => self.unknown_extensions.push(ty),
             }
             off = off.saturating_add(len.div_ceil(8) * 8);
         }
@@ -353,34 +401,90 @@ impl Header {
                 names.join(", ")
             )));
         }
-        let ctype = if self.header_length > 104 {
-            raw.compression_type
-        } else {
-            0
-        };
-        if ctype != 0 {
-            let name = if ctype == 1 { " (zstd)" } else { "" };
-            return Err(refuse(format!(
-                "compression type {ctype}{name} is not supported (only deflate)"
-            )));
-        }
         Ok(())
     }
 
-    fn check_backing(&self, raw: &RawHeader, head: &[u8], cluster_size: u64) -> Result<()> {
+    /// The compression type byte exists from header length 105 on; incompatible bit 3 must be
+    /// set exactly when it is not deflate. QEMU: `validate_compression_type()`.
+    fn check_compression(&mut self, raw: &RawHeader) -> Result<()> {
+        let ctype = if self.header_length > 104 {
+            raw.compression_type
+        } else {
+            COMPRESSION_DEFLATE
+        };
+        if ctype != COMPRESSION_DEFLATE && ctype != COMPRESSION_ZSTD {
+            return Err(refuse(format!(
+                "unknown compression type {ctype} (0 deflate and 1 zstd are supported)"
+            )));
+        }
+        let bit = self.incompatible_features & INCOMPAT_COMPRESSION != 0;
+        if bit != (ctype != COMPRESSION_DEFLATE) {
+            return Err(corrupt(format!(
+                "compression type {ctype} but the compression type feature bit is {}",
+                if bit { "set" } else { "clear" }
+            )));
+        }
+        self.compression_type = ctype;
+        Ok(())
+    }
+
+    /// The backing file name: `backing_file_size` bytes at `backing_file_offset`, inside the
+    /// first cluster; no NUL bytes (a path cannot hold one). An empty name means no backing
+    /// file, as in QEMU. QEMU: `qcow2_do_open()`.
+    fn read_backing_name(&mut self, raw: &RawHeader, head: &[u8], cluster_size: u64) -> Result<()> {
         let off = raw.backing_file_offset.get();
         if off == 0 {
             return Ok(());
         }
-        let len = u64::from(raw.backing_file_size.get());
-        let name = off
-            .checked_add(len)
-            .filter(|&e| len <= 1023 && e <= cluster_size && e <= head.len() as u64)
-            .map(|e| String::from_utf8_lossy(&head[off as usize..e as usize]).into_owned())
+        let len = raw.backing_file_size.get();
+        let bytes = off
+            .checked_add(u64::from(len))
+            .filter(|&e| len <= MAX_BACKING_NAME && e <= cluster_size && e <= head.len() as u64)
+            .map(|e| &head[off as usize..e as usize])
             .ok_or_else(|| corrupt(format!("bad backing file name ({len} bytes at {off})")))?;
-        Err(refuse(format!(
-            "backing files are not supported yet (backing file '{name}')"
-        )))
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if bytes.contains(&0) {
+            return Err(corrupt(format!(
+                "bad backing file name '{}'",
+                String::from_utf8_lossy(bytes).escape_debug()
+            )));
+        }
+        use std::os::unix::ffi::OsStrExt;
+        self.backing_file = Some(std::ffi::OsStr::from_bytes(bytes).into());
+        Ok(())
+    }
+
+    /// The refcount table and the snapshot table are not read (the driver is read-only and uses
+    /// the active L1 table only), but an image whose tables cannot exist is refused as QEMU
+    /// does. QEMU: `validate_table_offset()` calls in `qcow2_do_open()`.
+    fn check_other_tables(&self, raw: &RawHeader, file_len: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let rt_offset = raw.refcount_table_offset.get();
+        let rt_clusters = raw.refcount_table_clusters.get();
+        if rt_clusters == 0 {
+            return Err(corrupt("the image has no refcount table".into()));
+        }
+        check_table(
+            "refcount table",
+            rt_offset,
+            u64::from(rt_clusters) * cs,
+            cs,
+            file_len,
+        )?;
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(corrupt(format!(
+                "too many snapshots ({}, at most {MAX_SNAPSHOTS})",
+                self.nb_snapshots
+            )));
+        }
+        if self.nb_snapshots > 0 {
+            // Entries have a variable length: check that the table starts inside the file.
+            let offset = raw.snapshots_offset.get();
+            check_table("snapshot table", offset, 1, cs, file_len)?;
+        }
+        Ok(())
     }
 
     fn check_l1(&self, file_len: u64) -> Result<()> {
@@ -419,11 +523,29 @@ impl Header {
     }
 }
 
+/// A table of `len` bytes at `offset` must be cluster aligned, not at offset 0 (the header is
+/// there), and inside the file.
+fn check_table(what: &str, offset: u64, len: u64, cluster_size: u64, file_len: u64) -> Result<()> {
+    if offset % cluster_size != 0 {
+        return Err(corrupt(format!(
+            "{what} offset {offset:#x} is not cluster aligned"
+        )));
+    }
+    let inside = matches!(offset.checked_add(len), Some(end) if end <= file_len);
+    if offset == 0 || !inside {
+        return Err(corrupt(format!(
+            "{what} ({len} bytes at {offset:#x}) is not inside the file ({file_len} bytes)"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A minimal valid v3 header (64 KiB clusters, 1 GiB, L1 at 0x30000) in a first cluster.
+    /// A minimal valid v3 header (64 KiB clusters, 1 GiB, refcount table at 0x10000, L1 at
+    /// 0x30000) in a first cluster.
     fn valid() -> Vec<u8> {
         let mut b = vec![0u8; 65536];
         b[0..4].copy_from_slice(&QCOW2_MAGIC.to_be_bytes());
@@ -432,6 +554,8 @@ mod tests {
         b[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
         b[36..40].copy_from_slice(&8u32.to_be_bytes());
         b[40..48].copy_from_slice(&0x30000u64.to_be_bytes());
+        b[48..56].copy_from_slice(&0x10000u64.to_be_bytes());
+        b[56..60].copy_from_slice(&1u32.to_be_bytes());
         b[96..100].copy_from_slice(&4u32.to_be_bytes());
         b[100..104].copy_from_slice(&112u32.to_be_bytes());
         b
@@ -445,6 +569,12 @@ mod tests {
         assert_eq!(h.cluster_size(), 65536);
         assert_eq!(h.size, 1 << 30);
         assert_eq!(h.l1_size, 8);
+    }
+
+    fn set_ok(off: usize, bytes: &[u8]) -> Vec<u8> {
+        let mut b = valid();
+        b[off..off + bytes.len()].copy_from_slice(bytes);
+        b
     }
 
     #[test]
@@ -466,10 +596,101 @@ mod tests {
         assert!(set(79, &[4]).contains("external data"));
         assert!(set(79, &[16]).contains("extended L2"));
         assert!(set(79, &[32]).contains("bit 5"));
-        assert!(set(104, &[1]).contains("zstd"));
-        assert!(set(8, &0x1000u64.to_be_bytes()).contains("backing files"));
+        assert!(set(104, &[1]).contains("feature bit is clear"));
+        assert!(set(79, &[8]).contains("feature bit is set"));
+        assert!(set(104, &[2]).contains("unknown compression type 2"));
+        let mut long_name = valid();
+        long_name[8..16].copy_from_slice(&0x1000u64.to_be_bytes());
+        long_name[16..20].copy_from_slice(&1024u32.to_be_bytes());
+        let e = Header::parse(&long_name, FILE_LEN).expect_err("1024-byte backing name");
+        assert!(e.to_string().contains("bad backing file name"), "{e}");
+        long_name[16..20].copy_from_slice(&4u32.to_be_bytes());
+        let e = Header::parse(&long_name, FILE_LEN).expect_err("NUL bytes in the name");
+        assert!(e.to_string().contains("bad backing file name"), "{e}");
+        let empty = Header::parse(&set_ok(8, &0x1000u64.to_be_bytes()), FILE_LEN);
+        assert_eq!(
+            empty.expect("empty name").backing_file,
+            None,
+            "empty: no backing file"
+        );
+        assert!(set(24, &u64::MAX.to_be_bytes()).contains("too large"));
+        assert!(set(56, &0u32.to_be_bytes()).contains("no refcount table"));
+        assert!(set(48, &0x10200u64.to_be_bytes()).contains("refcount table offset"));
+        assert!(set(48, &0x80000u64.to_be_bytes()).contains("refcount table"));
+        assert!(set(60, &70000u32.to_be_bytes()).contains("too many snapshots"));
+        assert!(set(60, &1u32.to_be_bytes()).contains("snapshot table"));
         assert!(set(4, &1u32.to_be_bytes()).contains("version 1"));
         Header::parse(&valid()[..50], FILE_LEN).expect_err("short");
+    }
+
+    /// Appends header extensions (type, data) after the 112-byte header, with the end marker.
+    fn with_extensions(exts: &[(u32, &[u8])]) -> Vec<u8> {
+        let mut b = valid();
+        let mut off = 112;
+        for (ty, data) in exts {
+            b[off..off + 4].copy_from_slice(&ty.to_be_bytes());
+            b[off + 4..off + 8].copy_from_slice(&(data.len() as u32).to_be_bytes());
+            b[off + 8..off + 8 + data.len()].copy_from_slice(data);
+            off += 8 + data.len().div_ceil(8) * 8;
+        }
+        b
+    }
+
+    #[test]
+    fn extensions_are_kept_or_refused() {
+        let mut table = vec![0u8; 48];
+        table[1] = 5;
+        table[2..7].copy_from_slice(b"magic");
+        let mut b = with_extensions(&[
+            (EXT_BACKING_FORMAT, b"raw"),
+            (EXT_FEATURE_TABLE, &table),
+            (EXT_BITMAPS, &[0; 24]),
+            (0x1234_5678, b"?"),
+        ]);
+        // Backing file name after the extensions.
+        b[0x200..0x208].copy_from_slice(b"base.img");
+        b[8..16].copy_from_slice(&0x200u64.to_be_bytes());
+        b[16..20].copy_from_slice(&8u32.to_be_bytes());
+        let h = Header::parse(&b, FILE_LEN).expect("valid");
+        assert_eq!(h.backing_format.as_deref(), Some("raw"));
+        assert_eq!(
+            h.backing_file.as_deref(),
+            Some(std::path::Path::new("base.img"))
+        );
+        assert_eq!(h.feature_names, vec![(0, 5, "magic".to_string())]);
+        assert!(h.has_bitmaps);
+        assert_eq!(h.unknown_extensions, vec![0x1234_5678]);
+        // The name of an unknown incompatible bit comes from the table.
+        b[79] = 32;
+        let e = Header::parse(&b, FILE_LEN).expect_err("bit 5").to_string();
+        assert!(e.contains("bit 5 (magic)"), "{e}");
+
+        let e = Header::parse(&with_extensions(&[(EXT_DATA_FILE, b"data.raw")]), FILE_LEN);
+        assert!(e
+            .expect_err("data file")
+            .to_string()
+            .contains("data file 'data.raw'"));
+        let e = Header::parse(&with_extensions(&[(EXT_CRYPTO, &[0; 16])]), FILE_LEN);
+        assert!(e.expect_err("crypto").to_string().contains("encrypted"));
+        let e = Header::parse(
+            &with_extensions(&[(EXT_BITMAPS, &[0; 24])])[..140],
+            FILE_LEN,
+        );
+        assert!(e.expect_err("overflow").to_string().contains("overflows"));
+    }
+
+    #[test]
+    fn zstd_needs_its_feature_bit() {
+        let mut b = valid();
+        b[104] = COMPRESSION_ZSTD;
+        b[79] = 8;
+        let h = Header::parse(&b, FILE_LEN).expect("zstd image");
+        assert_eq!(h.compression_type, COMPRESSION_ZSTD);
+        // A 104-byte header has no compression type byte: deflate, whatever follows.
+        b[79] = 0;
+        b[100..104].copy_from_slice(&104u32.to_be_bytes());
+        let h = Header::parse(&b, FILE_LEN).expect("v3 header without the type byte");
+        assert_eq!(h.compression_type, COMPRESSION_DEFLATE);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Decompressing a compressed qcow2 cluster (raw deflate) with `miniz_oxide`.
+//! Decompressing a deflate-compressed qcow2 cluster (raw deflate) with `miniz_oxide`.
 //!
 //! QEMU: `qcow2_zlib_decompress()` in `block/qcow2-threads.c`, which runs zlib's `inflate()`
 //! with `windowBits = -12` (raw deflate, no zlib header) into a cluster-sized buffer and

@@ -15,18 +15,22 @@
 //! Metadata and data I/O go through a private read-only [`BlockBackend`] over the child, so a
 //! child that needs alignment (O_DIRECT) is padded for us, as QEMU's `bdrv_pread()` does.
 //!
-//! Compressed clusters (deflate only) are inflated by a small decoder of our own (`inflate`,
-//! see there why not `miniz_oxide`), one whole cluster per request that touches it.
+//! Compressed clusters (deflate via `miniz_oxide`, zstd via `ruzstd`; see `decompress`) are
+//! decompressed one whole cluster per request that touches it.
 //!
-//! Not yet (issue 5 and later): writes, backing files, zstd, snapshots other than the active
-//! L1 table, refcounts (a read-only driver needs none, so any `refcount_order` is accepted),
-//! bitmaps.
+//! Unallocated clusters read from below through one method, `co_read_below` (the backing
+//! chain, zeros past its end or without one); `backing` opens the chain and explains the rules.
+//!
+//! Not yet: writes, snapshots other than the active L1 table, refcounts (a read-only driver
+//! needs none, so any `refcount_order` is accepted), bitmaps.
 //!
 //! A metadata entry that points outside the file or is misaligned fails the request with
 //! [`BlockError::Corrupt`] (EIO) and marks the image corrupt in memory (logged once, see
 //! [`Qcow2Driver::is_corrupt`]); other requests keep being served. QEMU:
 //! `qcow2_signal_corruption()`, which on a read-only image also only reports.
 
+mod backing;
+mod decompress;
 pub mod header;
 mod inflate;
 
@@ -35,6 +39,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::backend::{BackendOptions, BlockBackend};
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
+pub use backing::{resolve_backing_path, ChainOptions, MAX_CHAIN_DEPTH};
 pub use header::Header;
 
 /// Bits 9..=55 of an L1 or standard L2 entry: a host offset. QEMU: `L1E_OFFSET_MASK`.
@@ -54,11 +59,11 @@ const L2_CACHE_TABLES: u64 = 64;
 pub enum Mapping {
     /// Reads as zeros (v3 zero flag).
     Zero,
-    /// Not allocated; without a backing file, reads as zeros.
+    /// Not allocated: reads from the backing file, or as zeros without one.
     Unallocated,
     /// Data at this host offset (of the cluster start; cluster aligned, inside the file).
     Data(u64),
-    /// Deflate-compressed data: host offset and an upper bound of its length in bytes.
+    /// Compressed data: host offset and an upper bound of its length in bytes.
     Compressed(u64, u64),
 }
 
@@ -102,13 +107,26 @@ pub struct Qcow2Driver {
     l2_cache: Mutex<L2Cache>,
     /// Set once metadata was found inconsistent. Relaxed: only a report, orders nothing.
     corrupt: AtomicBool,
+    /// The backing file (`backing.rs`), opened by [`Qcow2Driver::open_chain`].
+    backing: Option<backing::Backing>,
 }
 
 impl Qcow2Driver {
     /// Opens a qcow2 image over `child`: reads and validates the header and loads the L1 table.
     /// Runs its reads on the calling thread when called outside a coroutine. Errors say what is
-    /// wrong or unsupported but do not name the file (the caller does). QEMU: `qcow2_open()`.
+    /// wrong or unsupported but do not name the file (the caller does). An image with a backing
+    /// file is refused: [`Qcow2Driver::open_chain`] knows where to look for it. QEMU:
+    /// `qcow2_open()`.
     pub fn open(child: Arc<dyn BlockDriver>) -> Result<Qcow2Driver> {
+        let driver = Qcow2Driver::open_node(child)?;
+        match &driver.header.backing_file {
+            Some(name) => Err(backing::needs_chain(name)),
+            None => Ok(driver),
+        }
+    }
+
+    /// [`Qcow2Driver::open`] without looking at the backing file (left unopened).
+    fn open_node(child: Arc<dyn BlockDriver>) -> Result<Qcow2Driver> {
         let file = BlockBackend::new(
             child.clone(),
             BackendOptions {
@@ -143,6 +161,7 @@ impl Qcow2Driver {
                 tables: Vec::new(),
             }),
             corrupt: AtomicBool::new(false),
+            backing: None,
         })
     }
 
@@ -279,7 +298,8 @@ impl Qcow2Driver {
         let mut input = vec![0u8; len as usize];
         self.co_read_host(host, &mut input)?;
         let mut cluster = vec![0u8; self.header.cluster_size() as usize];
-        inflate::inflate_raw(&input, &mut cluster).map_err(|why| {
+        let ctype = self.header.compression_type;
+        decompress::decompress(ctype, &input, &mut cluster).map_err(|why| {
             self.signal_corruption(format!("compressed cluster at {host:#x}: {why}"))
         })?;
         let skip = skip as usize;
@@ -316,10 +336,10 @@ impl BlockDriver for Qcow2Driver {
                 let more = (buf.len() - done) as u64 - run;
                 let step = cs.min(more);
                 let continues = match (mapping, self.co_lookup(next)?) {
-                    (
-                        Mapping::Zero | Mapping::Unallocated,
-                        Mapping::Zero | Mapping::Unallocated,
-                    ) => true,
+                    (Mapping::Zero, Mapping::Zero)
+                    | (Mapping::Unallocated, Mapping::Unallocated) => true,
+                    (Mapping::Zero, Mapping::Unallocated)
+                    | (Mapping::Unallocated, Mapping::Zero) => !self.has_backing(),
                     (Mapping::Data(h), Mapping::Data(n)) => n == h + pos % cs + run,
                     _ => false,
                 };
@@ -330,7 +350,8 @@ impl BlockDriver for Qcow2Driver {
             }
             let chunk = &mut buf[done..done + run as usize];
             match mapping {
-                Mapping::Zero | Mapping::Unallocated => chunk.fill(0),
+                Mapping::Zero => chunk.fill(0),
+                Mapping::Unallocated => self.co_read_below(pos, chunk)?,
                 Mapping::Data(host) => self.co_read_host(host + pos % cs, chunk)?,
                 Mapping::Compressed(host, len) => {
                     self.co_read_compressed(host, len, pos % cs, chunk)?
@@ -357,13 +378,16 @@ impl BlockDriver for Qcow2Driver {
         Err(BlockError::ReadOnly)
     }
 
-    /// Data for allocated (and compressed) clusters; Zero for zero clusters and, as there is
-    /// no backing file, for unallocated ones. QEMU: `qcow2_co_block_status()`.
+    /// Data for allocated (and compressed) clusters; Zero for zero clusters; for unallocated
+    /// ones Unallocated with a backing file (`chain` looks below), Zero without. QEMU:
+    /// `qcow2_co_block_status()`.
     fn co_block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
         self.check_request(offset, len)?;
         let cs = self.header.cluster_size();
+        let has_backing = self.has_backing();
         let status = |m: Mapping| match m {
             Mapping::Data(_) | Mapping::Compressed(..) => BlockStatus::Data,
+            Mapping::Unallocated if has_backing => BlockStatus::Unallocated,
             Mapping::Zero | Mapping::Unallocated => BlockStatus::Zero,
         };
         let first = status(self.co_lookup(offset)?);
@@ -383,6 +407,11 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn close(&self) -> Result<()> {
+        self.close_backing();
         self.child.close()
+    }
+
+    fn backing_node(&self) -> Option<&dyn BlockDriver> {
+        self.backing_driver()
     }
 }
