@@ -55,6 +55,7 @@
 //! | [`bh`] | `util/async.c` | bottom halves |
 //! | [`timer`] | `util/qemu-timer.c` | timers |
 //! | [`coroutine`] | `util/qemu-coroutine.c` | coroutines, wakes, the stack pool |
+//! | [`executor`] | none (the async/await counterpart of `util/qemu-coroutine.c`) | async tasks, wakers, `block_on`, the coroutine bridge, `sleep` |
 //! | [`lock`] | `util/qemu-coroutine-lock.c` | `CoMutex`, `CoQueue`, `CoRwLock`, `co_sleep` |
 //! | [`thread_pool`] | `util/thread-pool.c` | `ThreadPool` |
 //! | [`iothread`] | `iothread.c` | `IoThread` |
@@ -68,6 +69,7 @@ pub mod aio;
 pub mod aio_wait;
 pub mod bh;
 pub mod coroutine;
+pub mod executor;
 pub mod iothread;
 pub mod lock;
 mod sys;
@@ -80,11 +82,13 @@ pub use bh::Bh;
 pub use coroutine::{
     co_yield, in_coroutine, spawn, CoPanic, CoWaker, Coroutine, JoinHandle, PoolConfig,
 };
+pub use executor::{block_on, co_bridge, spawn_detached, spawn_local, TaskHandle};
 pub use iothread::IoThread;
 pub use lock::{
-    co_sleep, co_sleep_until, CoMutex, CoMutexGuard, CoQueue, CoReadGuard, CoRwLock, CoWriteGuard,
+    co_sleep, co_sleep_until, CoMutex, CoMutexGuard, CoMutexLock, CoQueue, CoQueueWait,
+    CoReadGuard, CoRwLock, CoWriteGuard,
 };
-pub use thread_pool::ThreadPool;
+pub use thread_pool::{PoolFuture, ThreadPool};
 pub use timer::Timer;
 
 #[doc(hidden)]
