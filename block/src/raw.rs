@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 
+use crate::async_io::AsyncPath;
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
 
 /// The window of a [`RawDriver`].
@@ -149,6 +150,12 @@ impl BlockDriver for RawDriver {
 
     fn close(&self) -> Result<()> {
         self.child.close()
+    }
+
+    /// The child's path, shifted by the window's offset (raw adds nothing else to a request;
+    /// truncation, which it does check, goes through the coroutine bridge).
+    fn async_path(&self) -> Option<AsyncPath<'_>> {
+        self.child.async_path()?.shifted(self.offset)
     }
 }
 
