@@ -243,7 +243,11 @@ impl Queue {
                     Engine::Coroutine => {
                         Coroutine::new(move || q.co_process(head, payload, n)).enter()
                     }
-                    Engine::Async => runtime::spawn_detached(q.process_async(head, payload, n)),
+                    Engine::Async => {
+                        let fut = q.process_async(head, payload, n);
+                        log_future_size(std::mem::size_of_val(&fut));
+                        runtime::spawn_detached(fut)
+                    }
                 }
             }
             Err(ReadError::WouldBlock | ReadError::Interrupted | ReadError::RequestGone) => {
@@ -374,6 +378,15 @@ impl Queue {
             // ENOENT (the request was interrupted) is filtered out by write_reply.
             log::warn!("queue {}: writing a reply: {e}", self.index);
         }
+    }
+}
+
+/// Says once how big a request's future is: the async engine's one allocation per request.
+fn log_future_size(bytes: usize) {
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    // Relaxed: a statistic; after the first request this is a load of a line nobody writes.
+    if !LOGGED.load(Ordering::Relaxed) && !LOGGED.swap(true, Ordering::Relaxed) {
+        log::info!("async engine: a request future is {bytes} bytes (one allocation per request)");
     }
 }
 

@@ -24,8 +24,9 @@
 //!   until it returns; dropping a [`TaskHandle`] only detaches it. Request handlers rely on
 //!   this (a FUSE request always gets its reply), as coroutines are never unwound. Suspended
 //!   tasks left at thread exit are leaked with a warning, like suspended coroutines.
-//! - **Panics** are caught at the task boundary ([`catch_unwind`]): a [`TaskHandle`] yields
-//!   `Err(CoPanic)`, a detached task logs it. A panic never unwinds into the event loop.
+//! - **Panics** are caught at the task boundary: a [`TaskHandle`] yields `Err(CoPanic)`
+//!   ([`catch_unwind`]), a detached task's panic is caught around its poll and logged. A panic
+//!   never unwinds into the event loop.
 //!
 //! ## Borrowing across threads
 //!
@@ -39,9 +40,11 @@
 //!
 //! ## Costs per task
 //!
-//! One heap allocation for the boxed future; the `Arc<TaskShared>` of a finished task is reused
-//! when no waker of it survives (as coroutine slots are). Polling clones the waker once (one
-//! atomic increment). Nothing else allocates.
+//! One heap allocation for the boxed future (exactly its size for [`spawn_detached`]); the
+//! `Arc<TaskShared>` of a finished task is reused when no waker of it survives (as coroutine
+//! slots are). Polling clones the waker once (one atomic increment). Nothing else allocates.
+//! The wrappers here are structs with pin projections rather than `async` blocks, because an
+//! `async` wrapper stores the wrapped future twice (argument slot and pinned local).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -211,12 +214,16 @@ fn run_task(task: &Arc<TaskShared>) {
     let waker = Waker::from(task.clone());
     let done = {
         let _polling = PollingGuard::new();
-        // The futures spawned here catch their own panics (see `spawn_local`), so a poll does
-        // not unwind.
-        future
-            .as_mut()
-            .poll(&mut Context::from_waker(&waker))
-            .is_ready()
+        let mut cx = Context::from_waker(&waker);
+        match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(&mut cx))) {
+            Ok(p) => p.is_ready(),
+            Err(p) => {
+                // A detached task panicked (a `spawn_local` one reports to its handle): it is
+                // over; the loop goes on.
+                log::error!("async task panicked: {}", CoPanic::from_payload(p).message);
+                true
+            }
+        }
     };
     if done {
         EXEC.with(|e| e.borrow_mut().free.push(task.slot));
@@ -267,27 +274,39 @@ fn spawn_boxed(future: BoxFuture) {
     run_task(&task);
 }
 
-/// Polls `fut`, turning a panic into `Err(CoPanic)`. The future is dropped after a panic.
-pub async fn catch_unwind<F: Future>(fut: F) -> Result<F::Output, CoPanic> {
-    let mut fut = pin!(fut);
-    poll_fn(
-        move |cx| match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+/// Polls `fut`, turning a panic into `Err(CoPanic)`. Do not poll it again after that.
+///
+/// A struct, not an `async fn`: an `async fn` would keep its argument and the pinned local it
+/// moves into as two slots, doubling the size of every future it wraps.
+pub fn catch_unwind<F: Future>(fut: F) -> CatchUnwind<F> {
+    CatchUnwind { fut }
+}
+
+/// The future of [`catch_unwind`].
+pub struct CatchUnwind<F> {
+    fut: F,
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, CoPanic>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: structural pinning of the only field. `fut` is never moved out of a
+        // `CatchUnwind` (no method takes it by value, there is no `Drop` impl, and `Unpin` is
+        // only auto-derived from `F: Unpin`), so pinning the wrapper pins the future.
+        let fut = unsafe { self.map_unchecked_mut(|s| &mut s.fut) };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
             Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
             Ok(Poll::Pending) => Poll::Pending,
             Err(p) => Poll::Ready(Err(CoPanic::from_payload(p))),
-        },
-    )
-    .await
+        }
+    }
 }
 
 /// Runs `fut` as a task of this thread, polled at once until its first `Pending`; a panic is
-/// logged. The cheapest form: one allocation (the box).
+/// logged. The cheapest form: one allocation, of exactly `size_of_val(&fut)` bytes.
 pub fn spawn_detached(fut: impl Future<Output = ()> + 'static) {
-    spawn_boxed(Box::pin(async move {
-        if let Err(p) = catch_unwind(fut).await {
-            log::error!("async task panicked: {}", p.message);
-        }
-    }));
+    spawn_boxed(Box::pin(fut));
 }
 
 struct JoinState<T> {
@@ -301,6 +320,34 @@ pub struct TaskHandle<T> {
     state: Rc<JoinState<T>>,
 }
 
+/// The boxed future of a [`spawn_local`] task: the user's future, then the hand-over of its
+/// result (or panic) to the handle.
+struct Joined<F: Future> {
+    fut: CatchUnwind<F>,
+    state: Rc<JoinState<F::Output>>,
+}
+
+impl<F: Future> Future for Joined<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: structural pinning of `fut` only (as in `CatchUnwind`: never moved out, no
+        // `Drop` impl); `state` is not pinned and only read through a shared reference.
+        let this = unsafe { self.get_unchecked_mut() };
+        // SAFETY: `this` came from a pinned reference and `fut` is never moved (see above).
+        let fut = unsafe { Pin::new_unchecked(&mut this.fut) };
+        let r = match fut.poll(cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => return Poll::Pending,
+        };
+        *this.state.result.borrow_mut() = Some(r);
+        if let Some(w) = this.state.waiter.take() {
+            w.wake();
+        }
+        Poll::Ready(())
+    }
+}
+
 /// Runs `fut` as a task of this thread (polled at once until its first `Pending`) and returns a
 /// handle to its output. A panic becomes `Err(CoPanic)` for the handle.
 ///
@@ -310,13 +357,9 @@ pub fn spawn_local<F: Future + 'static>(fut: F) -> TaskHandle<F::Output> {
         result: RefCell::new(None),
         waiter: Cell::new(None),
     });
-    let s = state.clone();
-    spawn_boxed(Box::pin(async move {
-        let r = catch_unwind(fut).await;
-        *s.result.borrow_mut() = Some(r);
-        if let Some(w) = s.waiter.take() {
-            w.wake();
-        }
+    spawn_boxed(Box::pin(Joined {
+        fut: catch_unwind(fut),
+        state: state.clone(),
     }));
     TaskHandle { state }
 }
