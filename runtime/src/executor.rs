@@ -160,12 +160,14 @@ impl Drop for PollingGuard {
 }
 
 fn push_ready(task: Arc<TaskShared>) {
-    let schedule = EXEC.with(|e| {
+    // `try_with`: a wake during thread exit (a destructor waking a task of this thread) finds
+    // the table gone; the task is leaked with the others then.
+    let schedule = EXEC.try_with(|e| {
         let mut e = e.borrow_mut();
         e.ready.push_back(task);
         !std::mem::replace(&mut e.bh_pending, true)
     });
-    if schedule {
+    if schedule == Ok(true) {
         // `run_ready` is a function item, so the box holds nothing and does not allocate.
         AioContext::with_current(|ctx| ctx.schedule_oneshot(run_ready));
     }

@@ -19,6 +19,25 @@
 //! instead, and whatever completes the wait wakes it ([`CoWaker`]), through the event loop of the
 //! thread the coroutine lives on. Coroutines never move between threads.
 //!
+//! An **async task** ([`spawn_local`], [`executor`]) is the same idea written as a Rust future:
+//! instead of a stack that yields, a boxed state machine that returns `Pending`; its
+//! `std::task::Waker` schedules it on the same context, through the same bottom halves and
+//! remote queue. The coroutine locks, the thread pool and timers have async forms
+//! ([`CoMutex::lock_async`], [`ThreadPool::submit_async`], [`executor::sleep`]), and
+//! [`block_on`] waits for a future from the main loop:
+//!
+//! ```
+//! use runtime::{block_on, executor, spawn_local, ThreadPool};
+//! use std::time::Duration;
+//!
+//! let answer = block_on(async {
+//!     executor::sleep(Duration::from_millis(1)).await; // a timer of this thread's context
+//!     let task = spawn_local(async { ThreadPool::global().submit_async(|| 6 * 7).await });
+//!     task.await.expect("the task panicked")
+//! });
+//! assert_eq!(answer, 42);
+//! ```
+//!
 //! An [`IoThread`] is a thread whose only job is to poll its context; [`wait_while`] blocks the
 //! main loop on a condition such as "requests still in flight" (QEMU: `AIO_WAIT_WHILE`).
 //!
