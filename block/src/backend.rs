@@ -462,8 +462,8 @@ impl BlockBackend {
 impl BlockBackend {
     /// The native route, when the request needs none of the slow paths.
     fn native(&self) -> Option<AsyncPath<'_>> {
-        if self.align > 1 {
-            return None; // padding and the serialising lock: the coroutine code handles them
+        if self.align > 1 || self.mem_align > 1 {
+            return None; // padding, bouncing, the serialising lock: the coroutine code does them
         }
         self.driver.async_path()
     }
