@@ -12,8 +12,8 @@
 //!
 //! ## Two engines, one set of semantics
 //!
-//! A handler is split in three: [`Export::plan`] (dispatch, validation, EOF clamping, the
-//! replies of opcodes without I/O — pure, shared), the I/O (an [`Io`] value, executed by
+//! A handler is split in three: `Export::plan` (dispatch, validation, EOF clamping, the
+//! replies of opcodes without I/O — pure, shared), the I/O (an `Io` value, executed by
 //! `co_io` with `co_` calls or by `io_async` with `.await`s — the only code that exists twice),
 //! and a `*_finish` function that turns the result into the reply (shared). So "read the
 //! header, yield on I/O, reply" is the same sequence in both engines; `docs/comparison.md`
@@ -188,7 +188,7 @@ impl Export {
     }
 
     /// Handles one request as a future (`--engine async`). Same semantics as
-    /// [`Export::co_handle`]: only [`Export::io_async`] differs from [`Export::co_io`].
+    /// [`Export::co_handle`]: only `io_async` differs from `co_io`.
     pub async fn handle_async(&self, req: &Request<'_>) -> Response {
         match self.plan(req) {
             Step::Done(r) => r,
@@ -740,7 +740,7 @@ enum Step<'a> {
 }
 
 /// The I/O part of a request: the only part of the handlers that exists once per engine
-/// ([`Export::co_io`], [`Export::io_async`]). Everything before it is [`Export::plan`]'s,
+/// ([`Export::co_io`], [`Export::io_async`]). Everything before it is `Export::plan`'s,
 /// everything after it a shared `*_finish` function.
 enum Io<'a> {
     /// Read `len` bytes (already clamped at EOF).

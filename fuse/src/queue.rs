@@ -11,7 +11,7 @@
 //! `writev` on the same fd → `in_flight -= 1`, buffers back to the pool.
 //!
 //! With `--engine async` the same request is a task instead of a coroutine
-//! ([`Queue::process_async`], spawned with `runtime::spawn_detached` and polled at once, as the
+//! (`Queue::process_async`, spawned with `runtime::spawn_detached` and polled at once, as the
 //! coroutine is entered at once); reading, parsing and replying are shared.
 //!
 //! Because the read handler hands the buffers to the coroutine before the next read, a request

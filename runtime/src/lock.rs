@@ -20,7 +20,7 @@
 //! ## Async waiters
 //!
 //! [`CoMutex::lock_async`] and [`CoQueue::wait_async`] are the same locks for async tasks (see
-//! [`crate::executor`]): one wait queue holds both kinds of waiter ([`Waiter`]: a `CoWaker` or a
+//! [`crate::executor`]): one wait queue holds both kinds of waiter (`Waiter`: a `CoWaker` or a
 //! `std::task::Waker`), so a coroutine and a future contending for one mutex are served in
 //! one FIFO order and hand the lock to each other. Each waiter carries a ticket, increasing in
 //! queue order; since waiters leave the queue only from the front (or by cancellation), a
