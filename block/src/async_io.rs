@@ -33,27 +33,62 @@ pub enum AsyncLeaf<'a> {
     Null(&'a NullDriver),
 }
 
-/// How to reach a node's data without the coroutine bridge: the leaf, and the offset the
-/// `raw` windows on the way add to every request.
+/// How to reach a node's data without the coroutine bridge: the leaf, the offset the `raw`
+/// windows on the way add to every request, and a range of the leaf that a node on the way
+/// guards — changes touching it must run that node's own checks, so they take the bridge.
 #[derive(Clone, Copy)]
 pub struct AsyncPath<'a> {
     pub leaf: AsyncLeaf<'a>,
     pub shift: u64,
+    /// Leaf bytes `[start, end)` whose writes, write-zeroes and discards go through the
+    /// bridge (a node above checks them; e.g. the first sector of a probed raw image).
+    pub guard: Option<(u64, u64)>,
 }
 
 impl<'a> AsyncPath<'a> {
     /// The path of a leaf driver itself.
     pub fn new(leaf: AsyncLeaf<'a>) -> AsyncPath<'a> {
-        AsyncPath { leaf, shift: 0 }
+        AsyncPath {
+            leaf,
+            shift: 0,
+            guard: None,
+        }
     }
 
     /// The same path seen through a `raw` window starting at `offset`; `None` if the sum
     /// overflows (then the bridge reports the error as `raw` does).
     pub fn shifted(self, offset: u64) -> Option<AsyncPath<'a>> {
         Some(AsyncPath {
-            leaf: self.leaf,
             shift: self.shift.checked_add(offset)?,
+            ..self
         })
+    }
+
+    /// The same path, with the first `len` bytes *of this node* guarded: a format node that
+    /// checks changes there (a probed raw image's first sector) calls this on its child's
+    /// path, so only those changes pay for the bridge. `None` if the range overflows.
+    pub fn guard_first(self, len: u64) -> Option<AsyncPath<'a>> {
+        let (start, end) = (self.shift, self.shift.checked_add(len)?);
+        let guard = match self.guard {
+            Some((s, e)) => (s.min(start), e.max(end)),
+            None => (start, end),
+        };
+        Some(AsyncPath {
+            guard: Some(guard),
+            ..self
+        })
+    }
+
+    /// Whether a change of `[offset, offset+len)` (node coordinates) touches the guarded
+    /// range, or cannot be placed at all (overflow): then it must take the bridge.
+    pub fn touches_guard(&self, offset: u64, len: u64) -> bool {
+        let Some((start, end)) = self.guard else {
+            return false;
+        };
+        match offset.checked_add(self.shift) {
+            Some(leaf) => leaf < end && leaf.saturating_add(len.max(1)) > start,
+            None => true,
+        }
     }
 
     fn at(&self, offset: u64) -> Result<u64> {
@@ -108,5 +143,52 @@ impl<'a> AsyncPath<'a> {
             AsyncLeaf::File(f) => crate::BlockDriver::co_block_status(f, off, len),
             AsyncLeaf::Null(n) => crate::BlockDriver::co_block_status(n, off, len),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn null() -> NullDriver {
+        NullDriver::new(1 << 20, false)
+    }
+
+    #[test]
+    fn shifts_add_up_and_overflow_is_refused() {
+        let n = null();
+        let p = AsyncPath::new(AsyncLeaf::Null(&n));
+        let p = p.shifted(1000).and_then(|p| p.shifted(24)).expect("shift");
+        assert_eq!(p.shift, 1024);
+        assert_eq!(p.at(10).ok(), Some(1034));
+        assert!(p.at(u64::MAX).is_err());
+        assert!(p.shifted(u64::MAX).is_none());
+    }
+
+    #[test]
+    fn a_guard_is_in_leaf_coordinates_and_survives_later_shifts() {
+        let n = null();
+        // A raw node over a window starting at 4096 of the leaf guards its child's first
+        // 512 bytes, i.e. leaf bytes 4096..4608; a raw window above shifts by 1024 more.
+        let p = AsyncPath::new(AsyncLeaf::Null(&n))
+            .shifted(4096)
+            .and_then(|p| p.guard_first(512))
+            .and_then(|p| p.shifted(1024))
+            .expect("path");
+        assert_eq!(p.guard, Some((4096, 4608)));
+        // Node offsets are relative to the top: leaf = offset + 5120.
+        assert!(!p.touches_guard(0, 1)); // leaf 5120: past the guard
+        let unguarded = AsyncPath::new(AsyncLeaf::Null(&n))
+            .shifted(1024)
+            .expect("path");
+        assert!(!unguarded.touches_guard(0, 1 << 20));
+        let q = AsyncPath::new(AsyncLeaf::Null(&n))
+            .guard_first(512)
+            .expect("guard");
+        assert!(q.touches_guard(0, 1));
+        assert!(q.touches_guard(511, 100));
+        assert!(q.touches_guard(100, 0)); // an empty change at 100 still counts as touching
+        assert!(!q.touches_guard(512, 4096));
+        assert!(p.touches_guard(u64::MAX, 1)); // cannot be placed: bridge
     }
 }

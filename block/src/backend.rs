@@ -502,7 +502,8 @@ impl BlockBackend {
 
     /// Writes `buf` at `offset`. The async form of [`BlockBackend::co_pwrite`].
     pub async fn pwrite_async(self: &Arc<Self>, offset: u64, buf: &[u8]) -> Result<()> {
-        if let Some(path) = self.native() {
+        let len = buf.len() as u64;
+        if let Some(path) = self.native().filter(|p| !p.touches_guard(offset, len)) {
             let req = self.enter();
             self.check_writable()?;
             if self.write_range(offset, buf.len() as u64)?.is_none() {
@@ -533,7 +534,7 @@ impl BlockBackend {
         len: u64,
         may_unmap: bool,
     ) -> Result<()> {
-        if let Some(path) = self.native() {
+        if let Some(path) = self.native().filter(|p| !p.touches_guard(offset, len)) {
             let req = self.enter();
             self.check_writable()?;
             if self.write_range(offset, len)?.is_none() {
@@ -550,7 +551,7 @@ impl BlockBackend {
 
     /// The async form of [`BlockBackend::co_pdiscard`].
     pub async fn pdiscard_async(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
-        let Some(path) = self.native() else {
+        let Some(path) = self.native().filter(|p| !p.touches_guard(offset, len)) else {
             return self.bridged(move |b| b.co_pdiscard(offset, len)).await;
         };
         let _req = self.enter();

@@ -152,8 +152,11 @@ impl BlockDriver for RawDriver {
         self.child.close()
     }
 
-    /// The child's path, shifted by the window's offset (raw adds nothing else to a request;
-    /// truncation, which it does check, goes through the coroutine bridge).
+    /// The child's path, shifted by the window's offset. Raw adds nothing else to a request;
+    /// truncation, which it does check, goes through the coroutine bridge. A check raw makes
+    /// on some writes must be declared here with [`AsyncPath::guard_first`] (the probed-image
+    /// first-sector guard: `if self.probed { p = p.guard_first(PROBE_SECTOR)? }` before the
+    /// shift), or the async engine would skip it.
     fn async_path(&self) -> Option<AsyncPath<'_>> {
         self.child.async_path()?.shifted(self.offset)
     }
