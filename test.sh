@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test of the workspace: unit, integration, doc tests (incl. compile_fail), a build of the
 # benchmarks and examples so they cannot rot, and the end-to-end suite once more with 1 and 4
-# queue threads (the first run uses the default: one per CPU, at most 4). See docs/TESTING.md.
+# queue threads (the first run uses the default: one per CPU, at most 4), and once with the async
+# engine (one future per request instead of one coroutine). See docs/TESTING.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo build --workspace --all-targets --quiet
@@ -11,3 +12,5 @@ for n in 1 4; do
   echo "== end-to-end suite with --threads $n =="
   CORO_FUSE_THREADS=$n cargo test -p tests
 done
+echo "== end-to-end suite with --engine async --threads 2 =="
+CORO_FUSE_ENGINE=async CORO_FUSE_THREADS=2 cargo test -p tests

@@ -30,6 +30,14 @@
 //! When the image size is not a multiple of the alignment, the padded write of the last block
 //! extends the file; the backend truncates it back to its size (QEMU rounds such images up).
 //!
+//! ## Two engines
+//!
+//! Every `co_` method has an async form (`pread_async`, …) for `--engine async`. Both run the
+//! same checks (the pure helpers `check_range`, `write_range`, `block_status_len`, …) and count
+//! the request in flight the same way; the async forms then reach the driver through
+//! [`crate::async_io`] or, for anything slow or unusual, run the `co_` method itself in a
+//! coroutine. The padding, serialising and growth logic exists once.
+//!
 //! ## In flight and drain
 //!
 //! `in_flight` counts requests inside the backend. [`BlockBackend::drain`] polls the caller's
@@ -51,6 +59,7 @@ use std::sync::Arc;
 
 use runtime::{AioContext, CoMutex, CoReadGuard, CoRwLock};
 
+use crate::async_io::AsyncPath;
 use crate::sys::AlignedBuf;
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
 
@@ -198,10 +207,19 @@ impl BlockBackend {
 
     /// The range check for writes: past the end is an error, or growth if growable.
     fn check_write_range(&self, offset: u64, len: u64) -> Result<()> {
+        match self.write_range(offset, len)? {
+            Some(end) => self.co_grow(end),
+            None => Ok(()),
+        }
+    }
+
+    /// The pure part of the write range check, shared by both engines: `Some(end)` if the
+    /// image must first grow to `end`.
+    fn write_range(&self, offset: u64, len: u64) -> Result<Option<u64>> {
         let size = self.size();
         match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(()),
-            Some(end) if self.growable => self.co_grow(end),
+            Some(end) if end <= size => Ok(None),
+            Some(end) if self.growable => Ok(Some(end)),
             _ => Err(BlockError::OutOfRange { offset, len, size }),
         }
     }
@@ -381,6 +399,13 @@ impl BlockBackend {
     /// never [`BlockStatus::Unallocated`]. QEMU: `bdrv_co_block_status_above(bs, NULL, …)`.
     pub fn co_block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
         let _req = self.enter();
+        let len = self.block_status_len(offset, len)?;
+        let (status, n) = crate::chain::co_block_status_above(&*self.driver, offset, len)?;
+        Ok((status, n.clamp(1, len)))
+    }
+
+    /// The checks of a block-status query (shared by both engines): the length clamped at EOF.
+    fn block_status_len(&self, offset: u64, len: u64) -> Result<u64> {
         let size = self.size();
         if offset >= size {
             return Err(BlockError::OutOfRange { offset, len, size });
@@ -389,8 +414,7 @@ impl BlockBackend {
         if len == 0 {
             return Err(BlockError::Invalid("block status of an empty range".into()));
         }
-        let (status, n) = crate::chain::co_block_status_above(&*self.driver, offset, len)?;
-        Ok((status, n.clamp(1, len)))
+        Ok(len)
     }
 
     /// Changes the size; growing makes the new range read as zeros. Waits for serialising
@@ -428,6 +452,142 @@ impl BlockBackend {
             log::warn!("closing a block backend with {n} request(s) in flight; drain() first");
         }
         self.driver.close()
+    }
+}
+
+/// The async engine's forms (see [`crate::async_io`]): the same checks and in-flight
+/// accounting, then either the natively async driver path or — for drivers without one, an
+/// alignment, growth or truncation — the `co_` method above run in a coroutine through
+/// [`runtime::co_bridge`], with owned copies of the caller's buffers. They take
+/// `self: &Arc<Self>` because the bridge's coroutine must own a reference.
+impl BlockBackend {
+    /// The native route, when the request needs none of the slow paths.
+    fn native(&self) -> Option<AsyncPath<'_>> {
+        if self.align > 1 || self.mem_align > 1 {
+            return None; // padding, bouncing, the serialising lock: the coroutine code does them
+        }
+        self.driver.async_path()
+    }
+
+    /// Runs `f(backend)` in a coroutine and awaits it.
+    async fn bridged<R: 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&BlockBackend) -> R + 'static,
+    ) -> R {
+        let me = self.clone();
+        runtime::co_bridge(move || f(&me)).await
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. The async form of [`BlockBackend::co_pread`].
+    pub async fn pread_async(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(path) = self.native() else {
+            let len = buf.len();
+            let (own, res) = self
+                .bridged(move |b| {
+                    let mut own = vec![0; len];
+                    let r = b.co_pread(offset, &mut own);
+                    (own, r)
+                })
+                .await;
+            res?;
+            buf.copy_from_slice(&own);
+            return Ok(());
+        };
+        let _req = self.enter();
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        path.preadv(offset, buf).await
+    }
+
+    /// Writes `buf` at `offset`. The async form of [`BlockBackend::co_pwrite`].
+    pub async fn pwrite_async(self: &Arc<Self>, offset: u64, buf: &[u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        if let Some(path) = self.native().filter(|p| !p.touches_guard(offset, len)) {
+            let req = self.enter();
+            self.check_writable()?;
+            if self.write_range(offset, buf.len() as u64)?.is_none() {
+                if buf.is_empty() {
+                    return Ok(());
+                }
+                return path.pwritev(offset, buf).await;
+            }
+            drop(req); // growth: the bridge counts the request itself
+        }
+        let data = buf.to_vec();
+        self.bridged(move |b| b.co_pwrite(offset, &data)).await
+    }
+
+    /// The async form of [`BlockBackend::co_flush`].
+    pub async fn flush_async(self: &Arc<Self>) -> Result<()> {
+        let Some(path) = self.native() else {
+            return self.bridged(|b| b.co_flush()).await;
+        };
+        let _req = self.enter();
+        path.flush().await
+    }
+
+    /// The async form of [`BlockBackend::co_pwrite_zeroes`].
+    pub async fn pwrite_zeroes_async(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> Result<()> {
+        if let Some(path) = self.native().filter(|p| !p.touches_guard(offset, len)) {
+            let req = self.enter();
+            self.check_writable()?;
+            if self.write_range(offset, len)?.is_none() {
+                if len == 0 {
+                    return Ok(());
+                }
+                return path.pwrite_zeroes(offset, len, may_unmap).await;
+            }
+            drop(req);
+        }
+        self.bridged(move |b| b.co_pwrite_zeroes(offset, len, may_unmap))
+            .await
+    }
+
+    /// The async form of [`BlockBackend::co_pdiscard`].
+    pub async fn pdiscard_async(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
+        let Some(path) = self.native().filter(|p| !p.touches_guard(offset, len)) else {
+            return self.bridged(move |b| b.co_pdiscard(offset, len)).await;
+        };
+        let _req = self.enter();
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        path.pdiscard(offset, len).await
+    }
+
+    /// The async form of [`BlockBackend::co_block_status`].
+    pub async fn block_status_async(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(BlockStatus, u64)> {
+        let Some(path) = self.native() else {
+            return self.bridged(move |b| b.co_block_status(offset, len)).await;
+        };
+        let _req = self.enter();
+        let len = self.block_status_len(offset, len)?;
+        let (status, n) = path.block_status(offset, len)?;
+        Ok((status, n.clamp(1, len)))
+    }
+
+    /// The async form of [`BlockBackend::co_truncate`]; always through the bridge (a cold
+    /// path that needs the resize lock and, with an alignment, the serialising lock).
+    pub async fn truncate_async(self: &Arc<Self>, size: u64) -> Result<()> {
+        self.bridged(move |b| b.co_truncate(size)).await
+    }
+
+    /// Whether requests of the async engine reach the driver natively (else the bridge).
+    pub fn is_natively_async(&self) -> bool {
+        self.native().is_some()
     }
 }
 

@@ -51,6 +51,9 @@ pub struct Rule {
     pub once: bool,
     /// Sleep this long (yielding, in a coroutine) before failing or passing the request on.
     pub delay: Option<Duration>,
+    /// Panic instead of failing: tests that a panicking request is caught (EIO to the client,
+    /// the export keeps serving) in both engines. Not in QEMU.
+    pub panic: bool,
 }
 
 impl Rule {
@@ -62,6 +65,7 @@ impl Rule {
             errno: libc::EIO,
             once: false,
             delay: None,
+            panic: false,
         }
     }
 
@@ -80,12 +84,17 @@ impl Rule {
         self
     }
 
+    pub fn panic(mut self) -> Rule {
+        self.panic = true;
+        self
+    }
+
     pub fn delay(mut self, delay: Duration) -> Rule {
         self.delay = Some(delay);
         self
     }
 
-    /// Parses `OP[:START-END][:ERRNO][:once]`, e.g. `read:4096-8192:EIO:once` or `flush`.
+    /// Parses `OP[:START-END][:ERRNO][:once][:panic]`, e.g. `read:4096-8192:EIO:once` or `flush`.
     /// OP is `read`, `write`, `flush` or `any`; ERRNO a number or EIO, ENOSPC, EROFS, EINVAL,
     /// EPERM. The form of the CLI's hidden `--inject-error` option, for tests.
     pub fn parse(spec: &str) -> std::result::Result<Rule, String> {
@@ -101,6 +110,8 @@ impl Rule {
         for part in parts {
             if part == "once" {
                 rule.once = true;
+            } else if part == "panic" {
+                rule.panic = true;
             } else if let Some((a, b)) = part.split_once('-') {
                 let (a, b) = (a.parse::<u64>(), b.parse::<u64>());
                 match (a, b) {
@@ -209,6 +220,9 @@ impl BlkdebugDriver {
             } else {
                 std::thread::sleep(delay);
             }
+        }
+        if rule.panic {
+            panic!("blkdebug: injected panic in {op:?} at {offset}+{len}");
         }
         if rule.errno == 0 {
             return Ok(());

@@ -46,7 +46,9 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
 
+use crate::async_io::{AsyncLeaf, AsyncPath};
 use crate::image_lock::{self, LockError, Perm};
 use crate::sys::{self, AlignedBuf, FallocMode, FileKind, OpenFlags, RwFlags, Whence};
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
@@ -100,7 +102,8 @@ fn bump(c: &AtomicU64) {
 
 /// The `file` protocol driver. QEMU: `BDRVRawState` with `bdrv_file`/`bdrv_host_device`.
 pub struct FileDriver {
-    fd: OwnedFd,
+    /// Shared with thread-pool jobs of the async path, which must own what they use.
+    fd: Arc<OwnedFd>,
     path: PathBuf,
     kind: FileKind,
     read_only: bool,
@@ -188,7 +191,7 @@ impl FileDriver {
         }
         Ok(FileDriver {
             memory_backed,
-            fd,
+            fd: Arc::new(fd),
             path: path.to_owned(),
             kind: st.kind,
             read_only,
@@ -328,7 +331,19 @@ impl FileDriver {
             return Ok(false);
         }
         let fd = self.fd();
-        match self.blocking(move || retry_eintr(|| sys::fallocate(fd, mode, offset, len))) {
+        let res = self.blocking(move || retry_eintr(|| sys::fallocate(fd, mode, offset, len)));
+        self.fallocate_result(flag, mode, res)
+    }
+
+    /// What a `fallocate` result means: done, not supported (remembered in `flag`), or an
+    /// error. Shared by both engines.
+    fn fallocate_result(
+        &self,
+        flag: &AtomicBool,
+        mode: FallocMode,
+        res: io::Result<()>,
+    ) -> Result<bool> {
+        match res {
             Ok(()) => Ok(true),
             Err(e) if not_supported(&e) => {
                 flag.store(false, Ordering::Relaxed);
@@ -341,6 +356,98 @@ impl FileDriver {
             Err(e) => Err(e.into()),
         }
     }
+
+    /// The inline part of a read, shared by both engines: a memory-backed file or an
+    /// `RWF_NOWAIT` hit completes it; otherwise says how much is done and the rest goes to the
+    /// thread pool.
+    fn read_inline(&self, offset: u64, buf: &mut [u8]) -> Result<Inline> {
+        if self.memory_backed && buf.len() <= INLINE_MAX {
+            bump(&self.counters.inline_reads);
+            read_full(self.fd(), buf, offset, false)?;
+            return Ok(Inline::Done);
+        }
+        if !self.nowait_read.load(Ordering::Relaxed) {
+            return Ok(Inline::Rest(0));
+        }
+        match self.try_nowait(Op::Read(buf), offset)? {
+            Some(n) if n == buf.len() => {
+                bump(&self.counters.inline_reads);
+                Ok(Inline::Done)
+            }
+            // RWF_NOWAIT answers EAGAIN, never 0, when nothing is cached: 0 is EOF.
+            Some(0) => {
+                bump(&self.counters.inline_reads);
+                buf.fill(0);
+                Ok(Inline::Done)
+            }
+            Some(n) => {
+                bump(&self.counters.inline_misses);
+                Ok(Inline::Rest(n))
+            }
+            None => {
+                bump(&self.counters.inline_misses);
+                Ok(Inline::Rest(0))
+            }
+        }
+    }
+
+    /// The inline part of a write; see [`FileDriver::read_inline`].
+    fn write_inline(&self, offset: u64, buf: &[u8]) -> Result<Inline> {
+        self.check_writable()?;
+        if self.memory_backed && buf.len() <= INLINE_MAX {
+            bump(&self.counters.inline_writes);
+            write_full(self.fd(), buf, offset)?;
+            return Ok(Inline::Done);
+        }
+        if !self.nowait_write.load(Ordering::Relaxed) {
+            return Ok(Inline::Rest(0));
+        }
+        match self.try_nowait(Op::Write(buf), offset)? {
+            Some(n) if n == buf.len() => {
+                bump(&self.counters.inline_writes);
+                Ok(Inline::Done)
+            }
+            Some(n) => {
+                bump(&self.counters.inline_misses);
+                Ok(Inline::Rest(n))
+            }
+            None => {
+                bump(&self.counters.inline_misses);
+                Ok(Inline::Rest(0))
+            }
+        }
+    }
+
+    /// Before an `fdatasync`: `Ok(false)` if there is nothing to flush, the remembered error
+    /// if an earlier one failed.
+    fn flush_needed(&self) -> Result<bool> {
+        if self.read_only {
+            return Ok(false); // as bdrv_co_flush(): nothing of ours to make durable
+        }
+        let poisoned = self.page_cache_inconsistent.load(Ordering::Relaxed);
+        if poisoned != 0 {
+            return Err(io::Error::from_raw_os_error(poisoned).into());
+        }
+        Ok(true)
+    }
+
+    /// After an `fdatasync`: a failure in writeback mode poisons later flushes.
+    fn flush_result(&self, res: io::Result<()>) -> Result<()> {
+        if let Err(e) = &res {
+            if !self.direct {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                self.page_cache_inconsistent.store(errno, Ordering::Relaxed);
+            }
+        }
+        Ok(res?)
+    }
+}
+
+/// How far the inline attempt got.
+enum Inline {
+    Done,
+    /// This many bytes are done; the rest needs the thread pool.
+    Rest(usize),
 }
 
 enum Op<'a> {
@@ -503,30 +610,10 @@ impl BlockDriver for FileDriver {
     }
 
     fn co_preadv(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if self.memory_backed && buf.len() <= INLINE_MAX {
-            bump(&self.counters.inline_reads);
-            return Ok(read_full(self.fd(), buf, offset, false)?);
-        }
-        let mut done = 0;
-        if self.nowait_read.load(Ordering::Relaxed) {
-            match self.try_nowait(Op::Read(buf), offset)? {
-                Some(n) if n == buf.len() => {
-                    bump(&self.counters.inline_reads);
-                    return Ok(());
-                }
-                // RWF_NOWAIT answers EAGAIN, never 0, when nothing is cached: 0 is EOF.
-                Some(0) => {
-                    bump(&self.counters.inline_reads);
-                    buf.fill(0);
-                    return Ok(());
-                }
-                Some(n) => {
-                    bump(&self.counters.inline_misses);
-                    done = n;
-                }
-                None => bump(&self.counters.inline_misses),
-            }
-        }
+        let done = match self.read_inline(offset, buf)? {
+            Inline::Done => return Ok(()),
+            Inline::Rest(n) => n,
+        };
         let (fd, direct) = (self.fd(), self.direct);
         let rest = &mut buf[done..];
         let off = offset + done as u64;
@@ -534,25 +621,10 @@ impl BlockDriver for FileDriver {
     }
 
     fn co_pwritev(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.check_writable()?;
-        if self.memory_backed && buf.len() <= INLINE_MAX {
-            bump(&self.counters.inline_writes);
-            return Ok(write_full(self.fd(), buf, offset)?);
-        }
-        let mut done = 0;
-        if self.nowait_write.load(Ordering::Relaxed) {
-            match self.try_nowait(Op::Write(buf), offset)? {
-                Some(n) if n == buf.len() => {
-                    bump(&self.counters.inline_writes);
-                    return Ok(());
-                }
-                Some(n) => {
-                    bump(&self.counters.inline_misses);
-                    done = n;
-                }
-                None => bump(&self.counters.inline_misses),
-            }
-        }
+        let done = match self.write_inline(offset, buf)? {
+            Inline::Done => return Ok(()),
+            Inline::Rest(n) => n,
+        };
         let fd = self.fd();
         let rest = &buf[done..];
         let off = offset + done as u64;
@@ -560,22 +632,12 @@ impl BlockDriver for FileDriver {
     }
 
     fn co_flush(&self) -> Result<()> {
-        if self.read_only {
-            return Ok(()); // as bdrv_co_flush(): nothing of ours to make durable
-        }
-        let poisoned = self.page_cache_inconsistent.load(Ordering::Relaxed);
-        if poisoned != 0 {
-            return Err(io::Error::from_raw_os_error(poisoned).into());
+        if !self.flush_needed()? {
+            return Ok(());
         }
         let fd = self.fd();
         let res = self.blocking(move || retry_eintr(|| sys::fdatasync(fd)));
-        if let Err(e) = &res {
-            if !self.direct {
-                let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                self.page_cache_inconsistent.store(errno, Ordering::Relaxed);
-            }
-        }
-        Ok(res?)
+        self.flush_result(res)
     }
 
     fn co_pwrite_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
@@ -645,6 +707,141 @@ impl BlockDriver for FileDriver {
 
     fn close(&self) -> Result<()> {
         self.co_flush()
+    }
+
+    fn async_path(&self) -> Option<AsyncPath<'_>> {
+        Some(AsyncPath::new(AsyncLeaf::File(self)))
+    }
+}
+
+/// The async engine's forms of the operations that may block (see [`crate::async_io`]). The
+/// inline attempts and the bookkeeping are the coroutine engine's; only the hand-off to the
+/// thread pool differs: a pool job must own what it touches (a future may be dropped at any
+/// `.await`), so it gets a clone of the fd's `Arc` and an owned buffer, and the caller's
+/// buffer is copied from or into it — one allocation and one copy per pool request that the
+/// coroutine engine (which lends the buffer itself) does not pay. Inline requests (page-cache
+/// hits, memory-backed files) cost exactly the same in both engines.
+impl FileDriver {
+    fn owned_buf(&self, len: usize) -> Result<AlignedBuf> {
+        Ok(AlignedBuf::zeroed(len, self.mem_alignment as usize)?)
+    }
+
+    /// Runs `f` with a clone of the fd on the thread pool and awaits it.
+    async fn pool<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(BorrowedFd<'_>) -> R + Send + 'static,
+    ) -> R {
+        bump(&self.counters.pool_requests);
+        let fd = self.fd.clone();
+        runtime::ThreadPool::global()
+            .submit_async(move || f(fd.as_fd()))
+            .await
+    }
+
+    pub(crate) async fn preadv_async(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let done = match self.read_inline(offset, buf)? {
+            Inline::Done => return Ok(()),
+            Inline::Rest(n) => n,
+        };
+        let rest = &mut buf[done..];
+        let (off, direct) = (offset + done as u64, self.direct);
+        let mut own = self.owned_buf(rest.len())?;
+        let n = rest.len();
+        let (own, res) = self
+            .pool(move |fd| {
+                let r = read_full(fd, &mut own[..n], off, direct);
+                (own, r)
+            })
+            .await;
+        res?;
+        rest.copy_from_slice(&own[..n]);
+        Ok(())
+    }
+
+    pub(crate) async fn pwritev_async(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let done = match self.write_inline(offset, buf)? {
+            Inline::Done => return Ok(()),
+            Inline::Rest(n) => n,
+        };
+        let rest = &buf[done..];
+        let off = offset + done as u64;
+        let mut own = self.owned_buf(rest.len())?;
+        let n = rest.len();
+        own[..n].copy_from_slice(rest);
+        Ok(self.pool(move |fd| write_full(fd, &own[..n], off)).await?)
+    }
+
+    pub(crate) async fn flush_async(&self) -> Result<()> {
+        if !self.flush_needed()? {
+            return Ok(());
+        }
+        let res = self.pool(|fd| retry_eintr(|| sys::fdatasync(fd))).await;
+        self.flush_result(res)
+    }
+
+    async fn fallocate_async(
+        &self,
+        flag: &AtomicBool,
+        mode: FallocMode,
+        offset: u64,
+        len: u64,
+    ) -> Result<bool> {
+        if !flag.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let res = self
+            .pool(move |fd| retry_eintr(|| sys::fallocate(fd, mode, offset, len)))
+            .await;
+        self.fallocate_result(flag, mode, res)
+    }
+
+    pub(crate) async fn pwrite_zeroes_async(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        if may_unmap
+            && self
+                .fallocate_async(&self.has_punch_hole, FallocMode::PunchHole, offset, len)
+                .await?
+        {
+            return Ok(());
+        }
+        if self
+            .fallocate_async(&self.has_zero_range, FallocMode::ZeroRange, offset, len)
+            .await?
+        {
+            return Ok(());
+        }
+        const CHUNK: u64 = 1 << 20;
+        let zeros = self.owned_buf(len.min(CHUNK) as usize)?;
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK) as usize;
+            self.pwritev_async(offset + done, &zeros[..n]).await?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn pdiscard_async(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        if self
+            .fallocate_async(&self.has_punch_hole, FallocMode::PunchHole, offset, len)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(BlockError::NotSupported("discard (fallocate PUNCH_HOLE)"))
+        }
     }
 }
 

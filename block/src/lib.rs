@@ -44,6 +44,7 @@
 //! | module | QEMU | owns |
 //! |---|---|---|
 //! | [`backend`] | `block/block-backend.c`, `block/io.c` | `BlockBackend`: checks, alignment, in-flight, drain |
+//! | [`async_io`] | none (the async engine) | the natively async route to file/raw/null, and the bridge for the rest |
 //! | [`file`](mod@file) | `block/file-posix.c` | the `file` protocol driver |
 //! | [`image_lock`] | `block/file-posix.c` (lock bytes) | QEMU-compatible image locking |
 //! | [`raw`] | `block/raw-format.c` | the `raw` format, with an offset/size window |
@@ -54,6 +55,7 @@
 //! | [`probe`] | `block.c` `bdrv_probe_all()`, each driver's `bdrv_probe` | image format detection |
 //! | `sys` (private) | the syscalls of the above | every `unsafe` of the crate |
 
+pub mod async_io;
 pub mod backend;
 pub mod blkdebug;
 pub mod chain;
@@ -70,6 +72,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use async_io::{AsyncLeaf, AsyncPath};
 pub use backend::{BackendOptions, BlockBackend};
 pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Rule, RuleId};
 pub use file::{CacheMode, FileDriver, FileOptions, FileStats};
@@ -269,6 +272,12 @@ pub trait BlockDriver: Send + Sync {
     /// backing file); filters return their child's. [`chain::co_block_status_above`] walks it.
     /// QEMU: `bdrv_filter_or_cow_bs()`.
     fn backing_node(&self) -> Option<&dyn BlockDriver> {
+        None
+    }
+
+    /// The natively async route to this node's data, if it has one ([`async_io`]); `None`
+    /// (the default) sends the async engine's requests through the coroutine bridge.
+    fn async_path(&self) -> Option<AsyncPath<'_>> {
         None
     }
 }

@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::async_io::{AsyncLeaf, AsyncPath};
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
 
 /// The `null-co` driver. QEMU: `BDRVNullState`.
@@ -74,5 +75,10 @@ impl BlockDriver for NullDriver {
         self.check_writable()?;
         self.size.store(size, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Natively async: no method of this driver ever waits.
+    fn async_path(&self) -> Option<AsyncPath<'_>> {
+        Some(AsyncPath::new(AsyncLeaf::Null(self)))
     }
 }

@@ -31,6 +31,7 @@ use std::sync::Arc;
 
 use runtime::CoMutex;
 
+use crate::async_io::AsyncPath;
 use crate::backend::{BackendOptions, BlockBackend};
 use crate::{probe, BlockDriver, BlockError, BlockStatus, Result};
 
@@ -243,6 +244,19 @@ impl BlockDriver for RawDriver {
 
     fn close(&self) -> Result<()> {
         self.child.close()
+    }
+
+    /// The child's path, shifted by the window's offset. Raw adds nothing else to a request;
+    /// truncation, which it does check, goes through the coroutine bridge. A check raw makes
+    /// on some writes must be declared here with [`AsyncPath::guard_first`] (here: the
+    /// probed-image first-sector guard, in the child's coordinates, before the shift), or the
+    /// async engine would skip it.
+    fn async_path(&self) -> Option<AsyncPath<'_>> {
+        let mut path = self.child.async_path()?;
+        if self.probed {
+            path = path.guard_first(PROBE_SECTOR)?;
+        }
+        path.shifted(self.offset)
     }
 }
 

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 
 use block::{CacheMode, Format, OpenOptions};
+use fuse::queue::Engine;
 use fuse::server::{self, AllowOther, ServerConfig};
 
 /// Export a disk image through FUSE as one regular file.
@@ -86,6 +87,15 @@ struct Cli {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: Option<u16>,
 
+    /// How each FUSE request runs: `coroutine` (a stackful coroutine per request, QEMU's
+    /// model) or `async` (a Rust future per request, on the same event loops, queues and thread
+    /// pool). With `async`, the raw, file and null drivers are natively async; qcow2 and the
+    /// error-injection filter, O_DIRECT alignment padding, growth and truncation run their
+    /// coroutine code through a bridge (a future waiting for a coroutine), with a copy of the
+    /// request's data. For comparing the two models (docs/comparison.md).
+    #[arg(long, value_enum, default_value_t = EngineArg::Coroutine)]
+    engine: EngineArg,
+
     /// Test hook: fail matching requests, `OP[:START-END][:ERRNO][:once]` (blkdebug).
     #[arg(long, hide = true, value_name = "RULE", value_parser = block::Rule::parse)]
     inject_error: Vec<block::Rule>,
@@ -101,6 +111,12 @@ enum FormatArg {
     Raw,
     Qcow2,
     Null,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EngineArg {
+    Coroutine,
+    Async,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -203,6 +219,10 @@ fn main() -> ExitCode {
         max_request: cli.max_request,
         inject: cli.inject_error,
         threads: cli.threads.map(usize::from).unwrap_or_else(default_threads),
+        engine: match cli.engine {
+            EngineArg::Coroutine => Engine::Coroutine,
+            EngineArg::Async => Engine::Async,
+        },
     };
     match server::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,6 +10,10 @@
 //! [`Export::co_handle`] (which may yield in the block layer), and writes one reply with one
 //! `writev` on the same fd → `in_flight -= 1`, buffers back to the pool.
 //!
+//! With `--engine async` the same request is a task instead of a coroutine
+//! (`Queue::process_async`, spawned with `runtime::spawn_detached` and polled at once, as the
+//! coroutine is entered at once); reading, parsing and replying are shared.
+//!
 //! Because the read handler hands the buffers to the coroutine before the next read, a request
 //! that yields never sees its bytes overwritten by the next one (the bug QEMU's series fixes in
 //! "fuse: Copy write buffer content before polling").
@@ -43,9 +47,31 @@ pub enum SessionState {
     Halted = 3,
 }
 
+/// How requests are executed (`--engine`). Everything else — the loop, the queues, parsing,
+/// replies, the semantics — is the same.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// One stackful coroutine per request ([`Export::co_handle`]).
+    #[default]
+    Coroutine,
+    /// One async task (a boxed future) per request ([`Export::handle_async`]), on
+    /// `runtime::executor`.
+    Async,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Coroutine => "coroutine",
+            Engine::Async => "async",
+        }
+    }
+}
+
 /// State shared by all queues of one export.
 pub struct Session {
     pub export: Arc<Export>,
+    pub engine: Engine,
     in_flight: AtomicUsize,
     state: AtomicU8,
     /// Requests served per queue (index = queue number).
@@ -53,9 +79,10 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(export: Arc<Export>, queues: usize) -> Session {
+    pub fn new(export: Arc<Export>, queues: usize, engine: Engine) -> Session {
         Session {
             export,
+            engine,
             in_flight: AtomicUsize::new(0),
             state: AtomicU8::new(SessionState::Running as u8),
             served: (0..queues).map(|_| AtomicU64::new(0)).collect(),
@@ -212,7 +239,16 @@ impl Queue {
                 self.session.in_flight.fetch_add(1, Ordering::AcqRel);
                 self.session.served[self.index].fetch_add(1, Ordering::Relaxed);
                 let q = self.clone();
-                Coroutine::new(move || q.co_process(head, payload, n)).enter();
+                match self.session.engine {
+                    Engine::Coroutine => {
+                        Coroutine::new(move || q.co_process(head, payload, n)).enter()
+                    }
+                    Engine::Async => {
+                        let fut = q.process_async(head, payload, n);
+                        log_future_size(std::mem::size_of_val(&fut));
+                        runtime::spawn_detached(fut)
+                    }
+                }
             }
             Err(ReadError::WouldBlock | ReadError::Interrupted | ReadError::RequestGone) => {
                 // Another clone took it, a signal, or an interrupted request: poll again.
@@ -237,9 +273,51 @@ impl Queue {
     fn co_process(self: Rc<Queue>, head: [u8; WRITE_HEADER_SIZE], payload: PayloadBuf, n: usize) {
         // Counts the request out even if something below panics, so drain never waits forever.
         let _in_flight = InFlight(&self.session);
-        let export = &self.session.export;
+        let mut contiguous = Vec::new();
+        if let Some(req) = self.parse(&head, &payload, n, &mut contiguous) {
+            let export = &self.session.export;
+            let resp = catch_unwind(AssertUnwindSafe(|| export.co_handle(&req)))
+                .unwrap_or_else(|_| panicked(&req));
+            self.send(req.unique(), resp);
+        }
+        self.give_back_payload(payload);
+    }
+
+    /// The request task of the async engine: [`Queue::co_process`] as a future. The executor
+    /// owns it and polls it to completion (never cancelled), so the reply is always sent.
+    async fn process_async(
+        self: Rc<Queue>,
+        head: [u8; WRITE_HEADER_SIZE],
+        payload: PayloadBuf,
+        n: usize,
+    ) {
+        let _in_flight = InFlight(&self.session);
+        let mut contiguous = Vec::new();
+        if let Some(req) = self.parse(&head, &payload, n, &mut contiguous) {
+            let export = &self.session.export;
+            let resp = runtime::executor::catch_unwind(export.handle_async(&req))
+                .await
+                .unwrap_or_else(|_| panicked(&req));
+            self.send(req.unique(), resp);
+        }
+        self.give_back_payload(payload);
+    }
+
+    /// Parses a request (shared by both engines). A request the export cannot use is answered
+    /// (EINVAL) or halts the session here; `None` then.
+    fn parse<'a>(
+        &self,
+        head: &'a [u8; WRITE_HEADER_SIZE],
+        payload: &'a PayloadBuf,
+        n: usize,
+        contiguous: &'a mut Vec<u8>,
+    ) -> Option<request::Request<'a>> {
         // Before INIT the minor is unknown; INIT is parsed by its own announced minor.
-        let minor = export.minor().max(crate::reply::MIN_SUPPORTED_MINOR);
+        let minor = self
+            .session
+            .export
+            .minor()
+            .max(crate::reply::MIN_SUPPORTED_MINOR);
         let (head_len, spill) = if n <= WRITE_HEADER_SIZE {
             (n, 0)
         } else {
@@ -248,46 +326,34 @@ impl Queue {
         let opcode = fuse_in_header::read_from_prefix(&head[..head_len])
             .map(|(h, _)| h.opcode)
             .ok();
-        let contiguous;
         let parsed = if spill > 0 && opcode != Some(crate::abi::FUSE_WRITE) {
             // A non-WRITE request longer than the first iovec: make it one buffer (rare: LOOKUP,
             // SETATTR, INIT, BATCH_FORGET).
-            let mut v = Vec::with_capacity(n);
-            v.extend_from_slice(&head);
-            v.extend_from_slice(&payload[..spill]);
-            contiguous = v;
-            request::parse(&contiguous, &[], minor)
+            contiguous.reserve(n);
+            contiguous.extend_from_slice(head);
+            contiguous.extend_from_slice(&payload[..spill]);
+            request::parse(contiguous, &[], minor)
         } else {
             request::parse(&head[..head_len], &payload[..spill], minor)
         };
         match parsed {
-            Ok(req) => {
-                let unique = req.unique();
-                let resp = catch_unwind(AssertUnwindSafe(|| export.co_handle(&req)))
-                    .unwrap_or_else(|_| {
-                        log::error!(
-                            "request {unique} ({}) panicked; replying EIO",
-                            crate::abi::opcode_name(req.header.opcode).unwrap_or("?")
-                        );
-                        Response::Err(libc::EIO)
-                    });
-                self.send(unique, resp);
-            }
+            Ok(req) => Some(req),
             Err(e) if e.is_framing() => {
                 log::error!(
                     "queue {}: malformed request from the kernel ({e}); halting the export",
                     self.index
                 );
                 self.session.stop(SessionState::Halted);
+                None
             }
             Err(e) => {
                 log::warn!("queue {}: bad request: {e}", self.index);
                 if let Ok((h, _)) = fuse_in_header::read_from_prefix(&head[..head_len]) {
                     self.send(h.unique, Response::Err(libc::EINVAL));
                 }
+                None
             }
         }
-        self.give_back_payload(payload);
     }
 
     /// Writes one reply. QEMU: `fuse_write_response()`.
@@ -313,6 +379,25 @@ impl Queue {
             log::warn!("queue {}: writing a reply: {e}", self.index);
         }
     }
+}
+
+/// Says once how big a request's future is: the async engine's one allocation per request.
+fn log_future_size(bytes: usize) {
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    // Relaxed: a statistic; after the first request this is a load of a line nobody writes.
+    if !LOGGED.load(Ordering::Relaxed) && !LOGGED.swap(true, Ordering::Relaxed) {
+        log::info!("async engine: a request future is {bytes} bytes (one allocation per request)");
+    }
+}
+
+/// The reply of a request whose handler panicked: EIO, and the export keeps serving.
+fn panicked(req: &request::Request<'_>) -> Response {
+    log::error!(
+        "request {} ({}) panicked; replying EIO",
+        req.unique(),
+        crate::abi::opcode_name(req.header.opcode).unwrap_or("?")
+    );
+    Response::Err(libc::EIO)
 }
 
 /// One request in flight; dropping it counts the request out and wakes a drain waiting for

@@ -22,7 +22,7 @@ use runtime::{wait_while, AioContext, IoThread};
 
 use crate::export::{Export, ExportConfig};
 use crate::mount::{self, Mount, MountOptions};
-use crate::queue::{Queue, Session, SessionState};
+use crate::queue::{Engine, Queue, Session, SessionState};
 use crate::reply::InitConfig;
 use crate::sys;
 
@@ -50,6 +50,8 @@ pub struct ServerConfig {
     pub inject: Vec<block::Rule>,
     /// Queue threads: queue 0 on the main thread, the others on iothreads with cloned fds.
     pub threads: usize,
+    /// Coroutines or async tasks per request.
+    pub engine: Engine,
 }
 
 /// Why the export could not start or did not end cleanly.
@@ -190,7 +192,16 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
     let mount = Mount::new(&cfg.mountpoint, &mount_opts).map_err(start_err)?;
     let ctx = AioContext::current();
     let threads = cfg.threads.max(1);
-    let session = Arc::new(Session::new(export.clone(), threads));
+    let session = Arc::new(Session::new(export.clone(), threads, cfg.engine));
+    log::info!(
+        "engine: {}{}",
+        cfg.engine.name(),
+        match (cfg.engine, blk.is_natively_async()) {
+            (Engine::Coroutine, _) => "",
+            (Engine::Async, true) => " (block layer: native async)",
+            (Engine::Async, false) => " (block layer: through the coroutine bridge)",
+        }
+    );
     let fd = mount.fd().try_clone_to_owned().map_err(start_err)?;
     let queue = Queue::new(0, fd, session.clone(), init.max_write as usize);
     queue.attach(&ctx).map_err(start_err)?;
@@ -243,7 +254,10 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
     wait_while(&ctx, || session.in_flight() > 0);
     let flushed = flush(&blk);
     let served = session.served();
-    log::info!("requests served per queue: {served:?}");
+    log::info!(
+        "requests served per queue (engine: {}): {served:?}",
+        cfg.engine.name()
+    );
     drop(queue);
     // After an external umount this finds the session over and leaves the path alone.
     if let Err(e) = mount.unmount() {

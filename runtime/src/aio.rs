@@ -64,6 +64,8 @@ pub(crate) enum Remote {
     Bh(Box<dyn FnOnce() + Send>),
     /// A coroutine to enter (`aio_co_schedule`).
     Wake(CoWaker),
+    /// An async task to poll (its waker was woken on another thread).
+    Task(Arc<crate::executor::TaskShared>),
     /// Nothing to run, but counts as progress so that `AIO_WAIT_WHILE` loops re-check their
     /// condition (`aio_wait_kick`'s dummy BH).
     Kick,
@@ -432,6 +434,7 @@ impl AioContext {
             match work {
                 Remote::Bh(f) => f(),
                 Remote::Wake(co) => coroutine::enter_scheduled(co),
+                Remote::Task(t) => crate::executor::run_scheduled(t),
                 Remote::Kick => {}
             }
         }

@@ -22,13 +22,18 @@ fn waiters() -> std::sync::MutexGuard<'static, Vec<RemoteContext>> {
     WAITERS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Polls `ctx` (blocking) while `cond()` holds. Must not be called inside a coroutine.
+/// Polls `ctx` (blocking) while `cond()` holds. Must not be called inside a coroutine or an
+/// async task.
 ///
 /// QEMU: `AIO_WAIT_WHILE(ctx, cond)`.
 pub fn wait_while(ctx: &AioContext, mut cond: impl FnMut() -> bool) {
     assert!(
         !crate::in_coroutine(),
         "wait_while() would block a coroutine's thread; yield instead"
+    );
+    assert!(
+        !crate::executor::in_task(),
+        "wait_while() inside an async task would poll its own loop from inside a poll; await instead"
     );
     waiters().push(ctx.remote());
     // Pairs with the SeqCst load in `kick()`: either the kicker sees us counted (and kicks), or

@@ -19,6 +19,25 @@
 //! instead, and whatever completes the wait wakes it ([`CoWaker`]), through the event loop of the
 //! thread the coroutine lives on. Coroutines never move between threads.
 //!
+//! An **async task** ([`spawn_local`], [`executor`]) is the same idea written as a Rust future:
+//! instead of a stack that yields, a boxed state machine that returns `Pending`; its
+//! `std::task::Waker` schedules it on the same context, through the same bottom halves and
+//! remote queue. The coroutine locks, the thread pool and timers have async forms
+//! ([`CoMutex::lock_async`], [`ThreadPool::submit_async`], [`executor::sleep`]), and
+//! [`block_on`] waits for a future from the main loop:
+//!
+//! ```
+//! use runtime::{block_on, executor, spawn_local, ThreadPool};
+//! use std::time::Duration;
+//!
+//! let answer = block_on(async {
+//!     executor::sleep(Duration::from_millis(1)).await; // a timer of this thread's context
+//!     let task = spawn_local(async { ThreadPool::global().submit_async(|| 6 * 7).await });
+//!     task.await.expect("the task panicked")
+//! });
+//! assert_eq!(answer, 42);
+//! ```
+//!
 //! An [`IoThread`] is a thread whose only job is to poll its context; [`wait_while`] blocks the
 //! main loop on a condition such as "requests still in flight" (QEMU: `AIO_WAIT_WHILE`).
 //!
@@ -55,6 +74,7 @@
 //! | [`bh`] | `util/async.c` | bottom halves |
 //! | [`timer`] | `util/qemu-timer.c` | timers |
 //! | [`coroutine`] | `util/qemu-coroutine.c` | coroutines, wakes, the stack pool |
+//! | [`executor`] | none (the async/await counterpart of `util/qemu-coroutine.c`) | async tasks, wakers, `block_on`, the coroutine bridge, `sleep` |
 //! | [`lock`] | `util/qemu-coroutine-lock.c` | `CoMutex`, `CoQueue`, `CoRwLock`, `co_sleep` |
 //! | [`thread_pool`] | `util/thread-pool.c` | `ThreadPool` |
 //! | [`iothread`] | `iothread.c` | `IoThread` |
@@ -68,6 +88,7 @@ pub mod aio;
 pub mod aio_wait;
 pub mod bh;
 pub mod coroutine;
+pub mod executor;
 pub mod iothread;
 pub mod lock;
 mod sys;
@@ -80,11 +101,13 @@ pub use bh::Bh;
 pub use coroutine::{
     co_yield, in_coroutine, spawn, CoPanic, CoWaker, Coroutine, JoinHandle, PoolConfig,
 };
+pub use executor::{block_on, co_bridge, spawn_detached, spawn_local, TaskHandle};
 pub use iothread::IoThread;
 pub use lock::{
-    co_sleep, co_sleep_until, CoMutex, CoMutexGuard, CoQueue, CoReadGuard, CoRwLock, CoWriteGuard,
+    co_sleep, co_sleep_until, CoMutex, CoMutexGuard, CoMutexLock, CoQueue, CoQueueWait,
+    CoReadGuard, CoRwLock, CoWriteGuard,
 };
-pub use thread_pool::ThreadPool;
+pub use thread_pool::{PoolFuture, ThreadPool};
 pub use timer::Timer;
 
 #[doc(hidden)]

@@ -16,11 +16,26 @@
 //! Differences from QEMU: `CoMutex` does not spin or use a lock-free wait list (QEMU's
 //! `handoff` protocol); the data sits inside the lock, as in `std::sync::Mutex`, and is reached
 //! through a guard that unlocks when dropped.
+//!
+//! ## Async waiters
+//!
+//! [`CoMutex::lock_async`] and [`CoQueue::wait_async`] are the same locks for async tasks (see
+//! [`crate::executor`]): one wait queue holds both kinds of waiter (`Waiter`: a `CoWaker` or a
+//! `std::task::Waker`), so a coroutine and a future contending for one mutex are served in
+//! one FIFO order and hand the lock to each other. Each waiter carries a ticket, increasing in
+//! queue order; since waiters leave the queue only from the front (or by cancellation), a
+//! waiting future knows it was picked when the front ticket is past its own (or the queue is
+//! empty) — no extra allocation per wait. A future can be dropped while it waits (coroutines
+//! cannot): it then leaves the queue, or, if it was already picked, passes the lock (or the
+//! wake-up) on to the next waiter.
 
 use std::cell::UnsafeCell;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::ops::{Deref, DerefMut};
+use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::aio::AioContext;
@@ -43,7 +58,82 @@ pub struct CoMutex<T: ?Sized> {
 #[derive(Default)]
 struct MutexState {
     locked: bool,
-    waiters: VecDeque<CoWaker>,
+    waiters: WaitList,
+}
+
+/// Who waits: a coroutine or an async task.
+enum WaiterKind {
+    Co(CoWaker),
+    Task(Waker),
+}
+
+/// One entry of a wait queue; tickets increase from front to back.
+struct Waiter {
+    ticket: u64,
+    kind: WaiterKind,
+}
+
+impl Waiter {
+    fn wake(self) {
+        match self.kind {
+            WaiterKind::Co(w) => w.wake(),
+            WaiterKind::Task(w) => w.wake(),
+        }
+    }
+}
+
+/// A FIFO of coroutine and task waiters (see "Async waiters" in the module doc).
+#[derive(Default)]
+struct WaitList {
+    queue: VecDeque<Waiter>,
+    next_ticket: u64,
+}
+
+impl WaitList {
+    fn push(&mut self, kind: WaiterKind) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.queue.push_back(Waiter { ticket, kind });
+        ticket
+    }
+
+    fn push_current_co(&mut self) {
+        self.push(WaiterKind::Co(CoWaker::current()));
+    }
+
+    fn pop_front(&mut self) -> Option<Waiter> {
+        self.queue.pop_front()
+    }
+
+    /// Whether the waiter with `ticket` has left the queue from the front (was picked).
+    fn was_picked(&self, ticket: u64) -> bool {
+        self.queue.front().map_or(true, |w| w.ticket > ticket)
+    }
+
+    /// Keeps the newest waker of a task that is polled again while it waits.
+    fn update_waker(&mut self, ticket: u64, waker: &Waker) {
+        if let Some(w) = self.queue.iter_mut().find(|w| w.ticket == ticket) {
+            match &mut w.kind {
+                WaiterKind::Task(old) if old.will_wake(waker) => {}
+                kind => *kind = WaiterKind::Task(waker.clone()),
+            }
+        }
+    }
+
+    /// Removes a waiter that gave up (a dropped future).
+    fn remove(&mut self, ticket: u64) {
+        if let Some(i) = self.queue.iter().position(|w| w.ticket == ticket) {
+            self.queue.remove(i);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
 }
 
 // SAFETY: the data is only reached through a `CoMutexGuard`, and the hand-off protocol lets at
@@ -76,11 +166,22 @@ impl<T: ?Sized> CoMutex<T> {
                 st.locked = true;
                 return CoMutexGuard { mutex: self };
             }
-            st.waiters.push_back(CoWaker::current());
+            st.waiters.push_current_co();
         }
         // The unlocker made us the owner before waking us (hand-off).
         co_yield();
         CoMutexGuard { mutex: self }
+    }
+
+    /// Takes the lock from an async task; the future completes when the lock is ours. Shares
+    /// the FIFO of [`CoMutex::co_lock`]. Dropping the future while it waits gives up the place
+    /// (or passes on the lock, if it had just been handed over).
+    pub fn lock_async(&self) -> CoMutexLock<'_, T> {
+        CoMutexLock {
+            mutex: self,
+            ticket: None,
+            acquired: false,
+        }
     }
 
     /// Takes the lock if it is free.
@@ -119,6 +220,63 @@ impl<T: ?Sized> CoMutex<T> {
     /// Mutable access without locking, through exclusive ownership.
     pub fn get_mut(&mut self) -> &mut T {
         self.data.get_mut()
+    }
+}
+
+/// The future of [`CoMutex::lock_async`].
+pub struct CoMutexLock<'a, T: ?Sized> {
+    mutex: &'a CoMutex<T>,
+    /// Our place in the queue, once we had to wait.
+    ticket: Option<u64>,
+    /// The guard was handed out.
+    acquired: bool,
+}
+
+impl<'a, T: ?Sized> Future for CoMutexLock<'a, T> {
+    type Output = CoMutexGuard<'a, T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CoMutexGuard<'a, T>> {
+        let this = self.get_mut();
+        let mut st = lock_state(&this.mutex.state);
+        let got = match this.ticket {
+            None if !st.locked => {
+                st.locked = true;
+                true
+            }
+            None => {
+                this.ticket = Some(st.waiters.push(WaiterKind::Task(cx.waker().clone())));
+                false
+            }
+            // Picked by `unlock`, which handed the lock over (`locked` stayed true).
+            Some(t) if st.waiters.was_picked(t) => true,
+            Some(t) => {
+                st.waiters.update_waker(t, cx.waker());
+                false
+            }
+        };
+        if got {
+            this.acquired = true;
+            Poll::Ready(CoMutexGuard { mutex: this.mutex })
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl<T: ?Sized> Drop for CoMutexLock<'_, T> {
+    fn drop(&mut self) {
+        let Some(t) = self.ticket else { return };
+        if self.acquired {
+            return;
+        }
+        let mut st = lock_state(&self.mutex.state);
+        if st.waiters.was_picked(t) {
+            // The lock was handed to us but never taken: pass it on.
+            drop(st);
+            self.mutex.unlock();
+        } else {
+            st.waiters.remove(t);
+        }
     }
 }
 
@@ -161,7 +319,7 @@ impl<'a, T: ?Sized> CoMutexGuard<'a, T> {
 /// `qemu_co_queue_restart_all()`.
 #[derive(Default)]
 pub struct CoQueue {
-    waiters: Mutex<VecDeque<CoWaker>>,
+    waiters: Mutex<WaitList>,
 }
 
 impl CoQueue {
@@ -171,8 +329,19 @@ impl CoQueue {
 
     /// Waits until `next()` or `restart_all()` picks this coroutine.
     pub fn co_wait(&self) {
-        lock_state(&self.waiters).push_back(CoWaker::current());
+        lock_state(&self.waiters).push_current_co();
         co_yield();
+    }
+
+    /// Waits, from an async task, until `next()` or `restart_all()` picks it; shares the FIFO
+    /// of [`CoQueue::co_wait`]. Dropping the future while it waits leaves the queue; dropping
+    /// it after it was picked passes the wake-up on to the next waiter.
+    pub fn wait_async(&self) -> CoQueueWait<'_> {
+        CoQueueWait {
+            queue: self,
+            ticket: None,
+            done: false,
+        }
     }
 
     /// Releases `guard` while waiting and takes the mutex again before returning, so the
@@ -181,7 +350,7 @@ impl CoQueue {
         let mutex = guard.mutex();
         // Queue first, then unlock: a `next()` issued by whoever takes the mutex after us
         // already finds us in the queue.
-        lock_state(&self.waiters).push_back(CoWaker::current());
+        lock_state(&self.waiters).push_current_co();
         drop(guard);
         co_yield();
         mutex.co_lock()
@@ -201,7 +370,7 @@ impl CoQueue {
 
     /// Wakes every waiter, in queue order.
     pub fn restart_all(&self) {
-        let all = std::mem::take(&mut *lock_state(&self.waiters));
+        let all = std::mem::take(&mut lock_state(&self.waiters).queue);
         for w in all {
             w.wake();
         }
@@ -214,6 +383,52 @@ impl CoQueue {
     /// How many coroutines wait (for statistics and tests).
     pub fn len(&self) -> usize {
         lock_state(&self.waiters).len()
+    }
+}
+
+/// The future of [`CoQueue::wait_async`].
+pub struct CoQueueWait<'a> {
+    queue: &'a CoQueue,
+    ticket: Option<u64>,
+    done: bool,
+}
+
+impl Future for CoQueueWait<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let mut st = lock_state(&this.queue.waiters);
+        match this.ticket {
+            None => {
+                this.ticket = Some(st.push(WaiterKind::Task(cx.waker().clone())));
+                Poll::Pending
+            }
+            Some(t) if st.was_picked(t) => {
+                this.done = true;
+                Poll::Ready(())
+            }
+            Some(t) => {
+                st.update_waker(t, cx.waker());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for CoQueueWait<'_> {
+    fn drop(&mut self) {
+        let Some(t) = self.ticket else { return };
+        if self.done {
+            return;
+        }
+        let mut st = lock_state(&self.queue.waiters);
+        if st.was_picked(t) {
+            drop(st);
+            self.queue.next();
+        } else {
+            st.remove(t);
+        }
     }
 }
 

@@ -17,17 +17,27 @@
 //! cancellation: a submitted job always runs.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, Waker};
 use std::thread;
 use std::time::Duration;
 
 use crate::coroutine::{co_yield, CoWaker, Coroutine};
 
-/// A job returns the coroutine to wake, if any, so that the worker can count itself idle
-/// *before* the wake: otherwise the woken submitter's next job would find no idle worker and
-/// start a needless new one.
-type Job = Box<dyn FnOnce() -> Option<CoWaker> + Send>;
+/// Whom a finished job wakes: a coroutine ([`ThreadPool::submit_co`]) or an async task
+/// ([`ThreadPool::submit_async`]).
+enum Wakeup {
+    Co(CoWaker),
+    Task(Waker),
+}
+
+/// A job returns whom to wake, if anyone, so that the worker can count itself idle *before*
+/// the wake: otherwise the woken submitter's next job would find no idle worker and start a
+/// needless new one.
+type Job = Box<dyn FnOnce() -> Option<Wakeup> + Send>;
 
 struct State {
     queue: VecDeque<Job>,
@@ -137,7 +147,7 @@ impl ThreadPool {
         self.push(Box::new(move || {
             let r = catch_unwind(AssertUnwindSafe(f));
             *result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-            Some(waker)
+            Some(Wakeup::Co(waker))
         }));
         loop {
             co_yield();
@@ -162,6 +172,31 @@ impl ThreadPool {
         // job is complete. So `f` never outlives what it borrows.
         let job: Box<dyn FnOnce() -> R + Send + 'static> = unsafe { std::mem::transmute(job) };
         self.submit_co(job)
+    }
+
+    /// Runs `f` on a worker; the returned future completes with `f`'s result. The async
+    /// counterpart of [`ThreadPool::submit_co`]; a panic in `f` resumes in the awaiting task.
+    ///
+    /// The job is queued at once, not at the first poll. `f` is `'static`: a future may be
+    /// dropped or leaked at any `.await`, so it cannot lend a borrowed buffer to the worker the
+    /// way [`ThreadPool::submit_co_scoped`] does (see `executor`, "Borrowing across threads").
+    /// Dropping the future early discards the result; the job still runs.
+    pub fn submit_async<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> PoolFuture<R> {
+        let slot = Arc::new(Mutex::new(PoolSlot {
+            result: None,
+            waiter: None,
+        }));
+        let done = slot.clone();
+        self.push(Box::new(move || {
+            let r = catch_unwind(AssertUnwindSafe(f));
+            let mut st = done.lock().unwrap_or_else(|e| e.into_inner());
+            st.result = Some(r);
+            st.waiter.take().map(Wakeup::Task)
+        }));
+        PoolFuture { slot }
     }
 
     /// Runs `f` on a worker, then `cb(result)` on the calling thread's event loop. The callback
@@ -192,6 +227,41 @@ impl ThreadPool {
     }
 }
 
+struct PoolSlot<R> {
+    result: Option<thread::Result<R>>,
+    /// The task to wake when the result arrives (set by a `Pending` poll).
+    waiter: Option<Waker>,
+}
+
+/// The completion of a [`ThreadPool::submit_async`] job.
+pub struct PoolFuture<R> {
+    slot: Arc<Mutex<PoolSlot<R>>>,
+}
+
+impl<R> Future for PoolFuture<R> {
+    type Output = R;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<R> {
+        // The worker stores the result and takes the waker under this same lock, so a result
+        // is never missed and a waker never left behind.
+        let mut st = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        match st.result.take() {
+            Some(Ok(r)) => Poll::Ready(r),
+            Some(Err(p)) => {
+                drop(st);
+                resume_unwind(p)
+            }
+            None => {
+                match &mut st.waiter {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    w => *w = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
 fn worker(inner: Arc<Inner>) {
     let mut st = inner.lock();
     loop {
@@ -207,7 +277,10 @@ fn worker(inner: Arc<Inner>) {
                 // Idle from the submitter's point of view while we deliver the completion.
                 st.idle += 1;
                 drop(st);
-                w.wake();
+                match w {
+                    Wakeup::Co(co) => co.wake(),
+                    Wakeup::Task(task) => task.wake(),
+                }
                 st = inner.lock();
                 st.idle -= 1;
             }

@@ -610,13 +610,29 @@ pub struct Export {
     cmdline: String,
 }
 
-/// Arguments every export gets from the environment: `CORO_FUSE_THREADS=N` runs the whole suite
-/// with `--threads N` (test.sh runs it with 1, 2 and 4), unless a test sets `--threads` itself.
+/// Arguments every export gets from the environment, unless a test sets them itself:
+/// `CORO_FUSE_THREADS=N` runs the whole suite with `--threads N` (test.sh runs it with 1 and
+/// 4), `CORO_FUSE_ENGINE=E` with `--engine E` (test.sh runs it with `async`).
 fn extra_args<S: AsRef<OsStr>>(args: &[S]) -> Vec<String> {
-    let own = args.iter().any(|a| a.as_ref() == "--threads");
-    match std::env::var("CORO_FUSE_THREADS") {
-        Ok(n) if !own && !n.is_empty() => vec!["--threads".into(), n],
-        _ => Vec::new(),
+    let mut extra = Vec::new();
+    for (var, flag) in [
+        ("CORO_FUSE_THREADS", "--threads"),
+        ("CORO_FUSE_ENGINE", "--engine"),
+    ] {
+        let own = args.iter().any(|a| a.as_ref() == flag);
+        match std::env::var(var) {
+            Ok(v) if !own && !v.is_empty() => extra.extend([flag.to_owned(), v]),
+            _ => {}
+        }
+    }
+    extra
+}
+
+/// The engine the suite runs exports with (`CORO_FUSE_ENGINE`, default `coroutine`).
+pub fn engine_under_test() -> String {
+    match std::env::var("CORO_FUSE_ENGINE") {
+        Ok(e) if !e.is_empty() => e,
+        _ => "coroutine".to_owned(),
     }
 }
 
