@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use block::{open_image, BlockBackend, BlockError, OpenOptions};
+use block::{open_image, BlockBackend, BlockError, Format, OpenOptions};
 use common::{co, disk_dir, skip};
 
 const MIB: u64 = 1 << 20;
@@ -192,7 +192,7 @@ fn random_writes(blk: &Arc<BlockBackend>, oracle: &mut [u8], seed: u64, count: u
 fn concurrent_stripes(blk: &Arc<BlockBackend>, oracle: &mut [u8], seed: u64, threads: usize) {
     let size = oracle.len() as u64;
     let mut rng = XorShift(seed);
-    let stripe = 20_000 + rng.below(50_000) | 1;
+    let stripe = (20_000 + rng.below(50_000)) | 1;
     let workers = threads * 2;
     let mut jobs: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); workers];
     let mut off = rng.below(stripe);
@@ -268,7 +268,11 @@ fn zeroes_and_discards(blk: &Arc<BlockBackend>, oracle: &mut [u8], cs: u64, seed
         let discard = i % 3 == 2;
         if discard {
             let start = off.div_ceil(cs) * cs;
-            let end = if off + len == size { size } else { (off + len) / cs * cs };
+            let end = if off + len == size {
+                size
+            } else {
+                (off + len) / cs * cs
+            };
             if start < end {
                 oracle[start as usize..end as usize].fill(0);
             }
@@ -306,9 +310,13 @@ fn write_roundtrip(cluster_size: u64, compat: &str, size: u64) {
     // Some clusters written by QEMU first: we overwrite them in place.
     qemu_io(
         &path,
-        &["write -P 0xab 1M 300k", &format!("write -P 0xcd {} 4k", size - 4096)],
+        &[
+            "write -P 0xab 1M 300k",
+            &format!("write -P 0xcd {} 4k", size - 4096),
+        ],
     );
     let mut oracle = raw_bytes(&path);
+    let reftable = be64_at(&path, 48);
     let blk = open_rw(&path);
     random_writes(&blk, &mut oracle, cluster_size ^ 0x5eed, 60);
     concurrent_stripes(&blk, &mut oracle, cluster_size + 1, 3);
@@ -318,6 +326,15 @@ fn write_roundtrip(cluster_size: u64, compat: &str, size: u64) {
     close(blk);
     check_clean(&path);
     compare(&path, &oracle);
+    if cluster_size == 512 {
+        // 512-byte clusters: one refcount table cluster covers 8 MiB of file, so this image
+        // outgrew it and the table was moved.
+        assert_ne!(
+            be64_at(&path, 48),
+            reftable,
+            "the refcount table was not moved"
+        );
+    }
 }
 
 #[test]
@@ -347,5 +364,303 @@ fn write_version_2() {
 
 #[test]
 fn write_version_2_small_clusters() {
-    write_roundtrip(512, "0.10", 6 * MIB);
+    write_roundtrip(512, "0.10", 12 * MIB);
+}
+
+fn be64_at(path: &Path, offset: u64) -> u64 {
+    let bytes = std::fs::read(path).expect("read the image");
+    let at = offset as usize;
+    u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open to patch");
+    f.write_all_at(bytes, offset).expect("patch");
+}
+
+/// Writes after `qemu-img snapshot -c`: shared clusters and L2 tables are copied, the snapshot
+/// keeps the old contents.
+#[test]
+fn internal_snapshot_is_preserved() {
+    if !have_qemu("internal_snapshot_is_preserved") {
+        return;
+    }
+    let dir = disk_dir();
+    for (cs, compat) in [(65536u64, "1.1"), (4096, "1.1"), (65536, "0.10")] {
+        let size = 8 * MIB;
+        let path = create(
+            dir.path(),
+            &format!("snap-{cs}-{compat}.qcow2"),
+            &format!("cluster_size={cs},compat={compat}"),
+            size,
+        );
+        qemu_io(
+            &path,
+            &[
+                "write -P 0x11 0 3M",
+                "write -P 0x22 5M 1M",
+                "write -P 0x33 7M 100k",
+            ],
+        );
+        let before = raw_bytes(&path);
+        run(Command::new("qemu-img")
+            .args(["snapshot", "-c", "s1"])
+            .arg(&path));
+        let mut oracle = before.clone();
+        let blk = open_rw(&path);
+        random_writes(&blk, &mut oracle, cs + 7, 40);
+        zeroes_and_discards(&blk, &mut oracle, cs, cs + 8);
+        concurrent_stripes(&blk, &mut oracle, cs + 9, 2);
+        close(blk);
+        check_clean(&path);
+        compare(&path, &oracle);
+        run(Command::new("qemu-img")
+            .args(["snapshot", "-a", "s1"])
+            .arg(&path));
+        check_clean(&path);
+        compare(&path, &before);
+        // And once more on top of the reverted image, then without the snapshot.
+        let mut oracle = before.clone();
+        let blk = open_rw(&path);
+        random_writes(&blk, &mut oracle, cs + 10, 20);
+        close(blk);
+        run(Command::new("qemu-img")
+            .args(["snapshot", "-d", "s1"])
+            .arg(&path));
+        check_clean(&path);
+        compare(&path, &oracle);
+    }
+}
+
+/// Partial overwrites of compressed clusters: copy-on-write from the inflated cluster, the
+/// compressed cluster's host clusters released.
+#[test]
+fn compressed_clusters_overwritten() {
+    if !have_qemu("compressed_clusters_overwritten") {
+        return;
+    }
+    let dir = disk_dir();
+    for cs in [4096u64, 65536] {
+        let size = 8 * MIB;
+        let src = create(dir.path(), "src.qcow2", &format!("cluster_size={cs}"), size);
+        qemu_io(
+            &src,
+            &[
+                "write -P 0x41 0 2M",
+                "write -P 0x42 3M 1M",
+                "write -P 0x43 6M 3k",
+            ],
+        );
+        let packed = dir.path().join(format!("packed-{cs}.qcow2"));
+        run(Command::new("qemu-img")
+            .args(["convert", "-c", "-f", "qcow2", "-O", "qcow2", "-o"])
+            .arg(format!("cluster_size={cs}"))
+            .arg(&src)
+            .arg(&packed));
+        std::fs::remove_file(&src).expect("remove the source");
+        let mut oracle = raw_bytes(&packed);
+        let blk = open_rw(&packed);
+        random_writes(&blk, &mut oracle, cs + 20, 30);
+        zeroes_and_discards(&blk, &mut oracle, cs, cs + 21);
+        assert!(
+            read_back(&blk) == oracle,
+            "compressed {cs}: bytes read back differ"
+        );
+        close(blk);
+        check_clean(&packed);
+        compare(&packed, &oracle);
+    }
+}
+
+/// Truncate: grow past the L1 table (which moves), shrink refused while data would be lost,
+/// allowed once it is discarded; the tail of the last cluster reads zeros after growing.
+#[test]
+fn truncate_grow_and_shrink() {
+    if !have_qemu("truncate_grow_and_shrink") {
+        return;
+    }
+    let dir = disk_dir();
+    for (cs, compat) in [(512u64, "1.1"), (65536, "1.1"), (4096, "0.10")] {
+        let size = MIB + 1536;
+        let path = create(
+            dir.path(),
+            &format!("t-{cs}.qcow2"),
+            &format!("cluster_size={cs},compat={compat}"),
+            size,
+        );
+        let l1_before = be64_at(&path, 40);
+        let blk = open_rw(&path);
+        let mut oracle = vec![0u8; size as usize];
+        random_writes(&blk, &mut oracle, cs + 30, 10);
+        let grown = 40 * MIB + 512;
+        let b = blk.clone();
+        co(move || {
+            // Shrink below written data: refused.
+            let e = b.co_truncate(4096).expect_err("data would be lost");
+            assert!(matches!(e, BlockError::Invalid(_)), "{e}");
+            assert_eq!(e.errno(), libc::EINVAL);
+            b.co_truncate(grown).expect("grow");
+        });
+        assert_eq!(blk.size(), grown);
+        oracle.resize(grown as usize, 0);
+        random_writes(&blk, &mut oracle, cs + 31, 20);
+        let b = blk.clone();
+        let small = 2 * MIB + 1024;
+        co(move || {
+            b.co_pdiscard(small, grown - small)
+                .expect("discard the tail");
+        });
+        // Discard is per whole cluster: bytes of a partial cluster stay. Write zeros there.
+        let b = blk.clone();
+        co(move || {
+            b.co_pwrite_zeroes(small, grown - small, true)
+                .expect("zero the tail");
+            b.co_truncate(small).expect("shrink");
+        });
+        oracle.truncate(small as usize);
+        assert_eq!(blk.size(), small);
+        assert!(read_back(&blk) == oracle, "bytes after truncate");
+        close(blk);
+        check_clean(&path);
+        compare(&path, &oracle);
+        let info = run(Command::new("qemu-img").arg("info").arg(&path));
+        let info = String::from_utf8_lossy(&info.stdout);
+        assert!(info.contains(&format!("{small} bytes")), "{info}");
+        if cs == 512 {
+            assert_ne!(be64_at(&path, 40), l1_before, "the L1 table was moved");
+        }
+    }
+}
+
+/// Growing from a size that is not a multiple of the cluster size: the rest of the old last
+/// cluster (written before, then cut off by a shrink) reads zeros again.
+#[test]
+fn grow_zeroes_the_old_tail() {
+    if !have_qemu("grow_zeroes_the_old_tail") {
+        return;
+    }
+    let dir = disk_dir();
+    let path = create(dir.path(), "tail.qcow2", "cluster_size=65536", MIB);
+    qemu_io(&path, &["write -P 0x77 0 1M"]);
+    let blk = open_rw(&path);
+    let b = blk.clone();
+    co(move || {
+        b.co_pdiscard(65536, MIB - 65536).expect("discard");
+        b.co_truncate(1000).expect("shrink into the first cluster");
+        b.co_truncate(MIB).expect("grow again");
+    });
+    let mut oracle = vec![0u8; MIB as usize];
+    oracle[..1000].fill(0x77);
+    assert!(read_back(&blk) == oracle);
+    close(blk);
+    check_clean(&path);
+    compare(&path, &oracle);
+}
+
+/// A dirty image (lazy refcounts after a crash) and 8-bit refcounts are refused for writing
+/// with a message saying what to do, and still open read-only.
+#[test]
+fn writable_open_refusals() {
+    if !have_qemu("writable_open_refusals") {
+        return;
+    }
+    let dir = disk_dir();
+    let dirty = create(dir.path(), "dirty.qcow2", "cluster_size=65536", MIB);
+    patch(&dirty, 79, &[1]); // incompatible bit 0: dirty
+    let narrow = create(dir.path(), "rc8.qcow2", "refcount_bits=8", MIB);
+    for (path, want) in [
+        (&dirty, "qemu-img check -r all"),
+        (&narrow, "refcount_bits=8"),
+    ] {
+        for format in [Format::Auto, Format::Qcow2] {
+            let opts = OpenOptions {
+                format,
+                ..OpenOptions::default()
+            };
+            let e = open_image(path, &opts).expect_err("writable open refused");
+            assert!(matches!(e, BlockError::Invalid(_)), "{e}");
+            assert!(e.to_string().contains(want), "{e}");
+            assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+        }
+        let ro = OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        let blk = open_image(path, &ro).expect("read-only open still works");
+        assert_eq!(read_back(&blk), vec![0u8; MIB as usize]);
+    }
+}
+
+/// An L2 entry pointing past the end of the file: the write fails with EIO, the image is
+/// marked corrupt (header bit) and later writes are refused; reads of other clusters work.
+#[test]
+fn corrupt_entry_stops_writes() {
+    if !have_qemu("corrupt_entry_stops_writes") {
+        return;
+    }
+    let dir = disk_dir();
+    let path = create(dir.path(), "bad.qcow2", "cluster_size=65536", 4 * MIB);
+    qemu_io(&path, &["write -P 0xab 1M 64k", "write -P 0xcd 2M 64k"]);
+    let l1 = be64_at(&path, 40);
+    let l2 = be64_at(&path, l1) & 0x00ff_ffff_ffff_fe00;
+    patch(
+        &path,
+        l2 + 16 * 8,
+        &((1u64 << 63) | (1u64 << 40)).to_be_bytes(),
+    );
+    let len_before = std::fs::metadata(&path).expect("stat").len();
+    let blk = open_rw(&path);
+    let b = blk.clone();
+    co(move || {
+        let e = b.co_pwrite(MIB + 100, &[1u8; 100]).expect_err("bad entry");
+        assert!(matches!(e, BlockError::Corrupt(_)), "{e}");
+        assert_eq!(e.errno(), libc::EIO);
+        let e = b
+            .co_pwrite(3 * MIB, &[1u8; 100])
+            .expect_err("image is corrupt now");
+        assert!(matches!(e, BlockError::Corrupt(_)), "{e}");
+        let mut buf = vec![0u8; 4096];
+        b.co_pread(2 * MIB, &mut buf)
+            .expect("other clusters still read");
+        assert!(buf.iter().all(|&x| x == 0xcd));
+    });
+    close(blk);
+    assert!(std::fs::metadata(&path).expect("stat").len() <= len_before + 65536);
+    assert_ne!(be64_at(&path, 72) & 2, 0, "the corrupt bit is set");
+    let e = open_image(&path, &OpenOptions::default()).expect_err("corrupt bit");
+    assert!(e.to_string().contains("qemu-img check -r all"), "{e}");
+}
+
+/// An image written by QEMU with several L2 tables, then opened with tiny caches: every
+/// table and refcount block is evicted and re-read many times.
+#[test]
+fn tiny_caches() {
+    if !have_qemu("tiny_caches") {
+        return;
+    }
+    let dir = disk_dir();
+    let size = 8 * MIB;
+    let path = create(dir.path(), "tiny.qcow2", "cluster_size=4096", size);
+    let child: Arc<dyn block::BlockDriver> = Arc::new(
+        block::FileDriver::open(&path, &block::FileOptions::default()).expect("open the file"),
+    );
+    let opts = block::Qcow2Options {
+        l2_cache_bytes: 1,
+        refcount_cache_bytes: 1,
+    };
+    let q = block::Qcow2Driver::open_with(child, &opts).expect("open qcow2");
+    let blk = Arc::new(
+        BlockBackend::new(Arc::new(q), block::BackendOptions::default()).expect("backend"),
+    );
+    let mut oracle = vec![0u8; size as usize];
+    random_writes(&blk, &mut oracle, 99, 50);
+    concurrent_stripes(&blk, &mut oracle, 98, 2);
+    assert!(read_back(&blk) == oracle);
+    close(blk);
+    check_clean(&path);
+    compare(&path, &oracle);
 }

@@ -70,7 +70,10 @@ impl Qcow2Driver {
     pub(super) fn l1_l2_index(&self, offset: u64) -> (usize, usize) {
         let cluster = offset >> self.header.cluster_bits;
         let l2_entries = self.header.l2_entries();
-        ((cluster / l2_entries) as usize, (cluster % l2_entries) as usize)
+        (
+            (cluster / l2_entries) as usize,
+            (cluster % l2_entries) as usize,
+        )
     }
 
     /// The L2 table at host offset `l2_offset`, from the cache or the file.
@@ -338,7 +341,13 @@ impl Qcow2Driver {
     /// entries (only correct without a backing file; the caller makes sure). Dropped
     /// references are released after the L2 write. QEMU: `zero_in_l2_slice()`,
     /// `discard_in_l2_slice()`.
-    pub(super) fn co_zero_clusters(&self, m: &mut Meta, offset: u64, n: usize, unmap: bool) -> Result<()> {
+    pub(super) fn co_zero_clusters(
+        &self,
+        m: &mut Meta,
+        offset: u64,
+        n: usize,
+        unmap: bool,
+    ) -> Result<()> {
         let (l1_index, l2_index) = self.l1_l2_index(offset);
         let v3 = self.header.version >= 3;
         if !v3 && self.l2_offset(m, l1_index)? == 0 {

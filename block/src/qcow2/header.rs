@@ -46,7 +46,8 @@ pub const FIELD_INCOMPATIBLE: u64 = offset_of!(RawHeader, incompatible_features)
 pub const FIELD_AUTOCLEAR: u64 = offset_of!(RawHeader, autoclear_features) as u64;
 const _: () = assert!(offset_of!(RawHeader, l1_table_offset) == offset_of!(RawHeader, l1_size) + 4);
 const _: () = assert!(
-    offset_of!(RawHeader, refcount_table_clusters) == offset_of!(RawHeader, refcount_table_offset) + 8
+    offset_of!(RawHeader, refcount_table_clusters)
+        == offset_of!(RawHeader, refcount_table_offset) + 8
 );
 
 /// Incompatible feature bits. QEMU: `QCOW2_INCOMPAT_*`.

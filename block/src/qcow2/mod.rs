@@ -289,7 +289,8 @@ impl Qcow2Driver {
     /// (a subset: refcount blocks and snapshot tables are not checked).
     fn check_no_overlap(&self, m: &Meta, host: u64, len: u64, what: &str) -> Result<()> {
         let cs = self.cluster_size();
-        let overlaps = |start: u64, bytes: u64| bytes > 0 && host < start + bytes && start < host + len;
+        let overlaps =
+            |start: u64, bytes: u64| bytes > 0 && host < start + bytes && start < host + len;
         let mut hit = overlaps(0, cs).then_some("the header");
         if overlaps(m.l1_offset, m.l1.len() as u64 * 8) {
             hit = Some("the L1 table");
@@ -301,9 +302,9 @@ impl Qcow2Driver {
         }
         match hit {
             None => Ok(()),
-            Some(t) => Err(self.signal_corruption(format!(
-                "{what} at {host:#x} would overwrite {t}"
-            ))),
+            Some(t) => {
+                Err(self.signal_corruption(format!("{what} at {host:#x} would overwrite {t}")))
+            }
         }
     }
 
@@ -499,7 +500,8 @@ impl BlockDriver for Qcow2Driver {
         let len = len.min(per_l2 - offset % per_l2);
         let mut n = (cs - offset % cs).min(len);
         // A bad entry further on ends the extent; the caller's next call reports it.
-        while n < len && matches!(self.co_lookup_locked(&mut m, offset + n), Ok(s) if status(s) == first)
+        while n < len
+            && matches!(self.co_lookup_locked(&mut m, offset + n), Ok(s) if status(s) == first)
         {
             n = (n + cs).min(len);
         }

@@ -25,7 +25,7 @@
 use std::sync::atomic::Ordering;
 
 use super::cache::{get_u16, set_u16, TableCache};
-use super::{header, Meta, Qcow2Driver, OFLAG_COMPRESSED, OFFSET_MASK};
+use super::{header, Meta, Qcow2Driver, OFFSET_MASK, OFLAG_COMPRESSED};
 use crate::{BlockError, Result};
 
 /// Refcount table entry: bits 9..=63 are the block's host offset. QEMU: `REFT_OFFSET_MASK`.
@@ -70,7 +70,9 @@ impl Qcow2Driver {
                 "refcount table of {clusters} clusters (at most {MAX_REFTABLE_BYTES} bytes)"
             )));
         }
-        if offset == 0 || offset % cs != 0 || !matches!(offset.checked_add(bytes), Some(e) if e <= file_len)
+        if offset == 0
+            || offset % cs != 0
+            || !matches!(offset.checked_add(bytes), Some(e) if e <= file_len)
         {
             return Err(corrupt(format!(
                 "refcount table ({bytes} bytes at {offset:#x}) is misaligned or not inside the file"
@@ -207,9 +209,7 @@ impl Qcow2Driver {
         fields[..8].copy_from_slice(&table_offset.to_be_bytes());
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         self.co_write_meta(header::FIELD_REFCOUNT_TABLE, &fields)?;
-        log::debug!(
-            "qcow2: refcount table moved to {table_offset:#x} ({table_clusters} clusters)"
-        );
+        log::debug!("qcow2: refcount table moved to {table_offset:#x} ({table_clusters} clusters)");
         {
             let rc = rc(m)?;
             rc.table = table;

@@ -17,9 +17,9 @@
 
 use std::sync::atomic::Ordering;
 
+use super::cluster::Mapping;
 use super::header::{FIELD_L1_SIZE, FIELD_SIZE, MAX_L1_BYTES};
 use super::{Meta, Qcow2Driver};
-use super::cluster::Mapping;
 use crate::{BlockError, Result};
 
 impl Qcow2Driver {
@@ -85,12 +85,18 @@ impl Qcow2Driver {
         let mut pos = size.div_ceil(cs) * cs;
         while pos < old {
             let (l1_index, _) = self.l1_l2_index(pos);
-            if m.l1.get(l1_index).is_some_and(|e| e & super::OFFSET_MASK == 0) {
+            if m.l1
+                .get(l1_index)
+                .is_some_and(|e| e & super::OFFSET_MASK == 0)
+            {
                 pos = (pos / per_l2 + 1) * per_l2; // a whole unallocated L2 range
                 continue;
             }
             let entry = self.co_l2_entry(m, pos)?;
-            if matches!(self.decode_l2_entry(entry)?, Mapping::Data(_) | Mapping::Compressed(..)) {
+            if matches!(
+                self.decode_l2_entry(entry)?,
+                Mapping::Data(_) | Mapping::Compressed(..)
+            ) {
                 return Err(BlockError::Invalid(format!(
                     "qcow2: cannot shrink to {size} bytes: guest offset {pos} still holds data \
                      (discard it first)"

@@ -46,11 +46,7 @@ impl Qcow2Driver {
         let cs = self.cluster_size();
         let range = (start - start % cs, end.saturating_add(cs - 1) / cs * cs);
         let mut m = self.meta.co_lock();
-        while m
-            .claims
-            .iter()
-            .any(|&(s, e)| s < range.1 && range.0 < e)
-        {
+        while m.claims.iter().any(|&(s, e)| s < range.1 && range.0 < e) {
             m = self.claim_waiters.co_wait_locked(m);
         }
         m.claims.push(range);
@@ -231,7 +227,11 @@ impl Qcow2Driver {
         let cs = self.cluster_size();
         let size = self.size.load(Ordering::Acquire);
         let start = offset.div_ceil(cs) * cs;
-        let stop = if end == size { end.div_ceil(cs) * cs } else { end - end % cs };
+        let stop = if end == size {
+            end.div_ceil(cs) * cs
+        } else {
+            end - end % cs
+        };
         (start, stop.max(start))
     }
 }
