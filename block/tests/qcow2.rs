@@ -1,4 +1,4 @@
-//! The read-only qcow2 driver against images made by the real `qemu-img`/`qemu-io`, with
+//! The qcow2 driver's read side against images made by the real `qemu-img`/`qemu-io`, with
 //! `qemu-img convert -O raw` and `qemu-img map --output=json` as independent oracles, and
 //! corrupt images that must fail cleanly.
 //!

@@ -664,3 +664,44 @@ fn tiny_caches() {
     check_clean(&path);
     compare(&path, &oracle);
 }
+
+/// With `cache=none` (O_DIRECT) the driver's small metadata writes and unaligned data writes go
+/// through the padding (read-modify-write) of its private backend over the file.
+#[test]
+fn cache_none_small_clusters() {
+    if !have_qemu("cache_none_small_clusters") {
+        return;
+    }
+    let dir = disk_dir();
+    for cs in [512u64, 65536] {
+        let size = 6 * MIB;
+        let path = create(
+            dir.path(),
+            &format!("direct-{cs}.qcow2"),
+            &format!("cluster_size={cs}"),
+            size,
+        );
+        let opts = OpenOptions {
+            cache: block::CacheMode::None,
+            ..OpenOptions::default()
+        };
+        let blk = match open_image(&path, &opts) {
+            Ok(b) => b,
+            Err(e) => {
+                skip(
+                    "cache_none_small_clusters",
+                    &format!("no O_DIRECT here: {e}"),
+                );
+                return;
+            }
+        };
+        let mut oracle = vec![0u8; size as usize];
+        random_writes(&blk, &mut oracle, cs + 40, 40);
+        concurrent_stripes(&blk, &mut oracle, cs + 41, 2);
+        zeroes_and_discards(&blk, &mut oracle, cs, cs + 42);
+        assert!(read_back(&blk) == oracle);
+        close(blk);
+        check_clean(&path);
+        compare(&path, &oracle);
+    }
+}

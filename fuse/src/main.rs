@@ -33,7 +33,7 @@ struct Cli {
     mountpoint: PathBuf,
 
     /// Image format; `auto` is raw unless the image starts with the magic of a known format.
-    /// qcow2 is read-only for now (no backing files yet); other formats are refused by name.
+    /// qcow2 is read-write (no backing files yet); other formats are refused by name.
     #[arg(short = 'f', long, value_enum, default_value_t = FormatArg::Auto)]
     format: FormatArg,
 
