@@ -230,6 +230,7 @@ impl Qcow2Driver {
         let old = self.l2_offset(m, l1_index)?;
         let entry = m.l1[l1_index];
         if old != 0 && entry & OFLAG_COPIED != 0 {
+            self.check_no_overlap(m, old, self.cluster_size(), "an L2 table")?;
             return Ok(old);
         }
         let cs = self.cluster_size();

@@ -105,6 +105,7 @@ impl Qcow2Driver {
             return Ok(None);
         }
         self.check_host_cluster(off, "refcount block")?;
+        self.check_no_overlap(m, off, self.cluster_size(), "a refcount block")?;
         Ok(Some(off))
     }
 
