@@ -705,3 +705,40 @@ fn cache_none_small_clusters() {
         compare(&path, &oracle);
     }
 }
+
+/// Dropped without a flush (as if the process died): the reserved clusters and the deferred
+/// frees show up as leaks (`qemu-img check` exit 3, never 2), every write is there, and
+/// `qemu-img check -r leaks` makes the image clean.
+#[test]
+fn unflushed_image_leaks_at_worst() {
+    if !have_qemu("unflushed_image_leaks_at_worst") {
+        return;
+    }
+    let dir = disk_dir();
+    let size = 8 * MIB;
+    let path = create(dir.path(), "unflushed.qcow2", "cluster_size=4096", size);
+    qemu_io(&path, &["write -P 0x61 0 2M"]);
+    let mut oracle = raw_bytes(&path);
+    let blk = open_rw(&path);
+    random_writes(&blk, &mut oracle, 123, 30);
+    zeroes_and_discards(&blk, &mut oracle, 4096, 124);
+    drop(blk); // no close, no flush
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&path)
+        .output()
+        .expect("run qemu-img check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "leaks expected, not errors: {text}"
+    );
+    assert!(text.contains("leaked clusters"), "{text}");
+    compare(&path, &oracle);
+    run(Command::new("qemu-img")
+        .args(["check", "-q", "-r", "leaks", "-f", "qcow2"])
+        .arg(&path));
+    check_clean(&path);
+    compare(&path, &oracle);
+}

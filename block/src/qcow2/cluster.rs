@@ -242,7 +242,8 @@ impl Qcow2Driver {
         let new = self.co_alloc_clusters(m, 1)?;
         let res = self
             .check_no_overlap(m, new, cs, "a new L2 table")
-            .and_then(|()| self.co_write_meta(new, &contents));
+            .and_then(|()| self.co_write_meta(new, &contents))
+            .and_then(|()| self.co_flush_host()); // contents durable before the L1 entry
         if let Err(e) = res {
             self.co_free_quietly(m, new, 1);
             return Err(e);
@@ -254,7 +255,7 @@ impl Qcow2Driver {
             return Err(e);
         }
         if old != 0 {
-            self.co_free_quietly(m, old, 1);
+            self.defer_free(m, old, 1);
         }
         Ok(new)
     }
@@ -332,7 +333,7 @@ impl Qcow2Driver {
             .collect();
         self.co_set_l2_entries(m, l2, l2_index, &entries)?;
         for &e in &a.old {
-            self.co_free_entry_quietly(m, e);
+            self.defer_free_entry(m, e);
         }
         Ok(())
     }
@@ -377,7 +378,7 @@ impl Qcow2Driver {
             self.co_set_l2_entries(m, l2, l2_index, &new)?;
         }
         for e in release {
-            self.co_free_entry_quietly(m, e);
+            self.defer_free_entry(m, e);
         }
         Ok(())
     }

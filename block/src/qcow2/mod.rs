@@ -40,26 +40,32 @@
 //!
 //! # Crash safety: the order of metadata writes
 //!
-//! Caches are write-through ([`cache`]), and every metadata write completes before the next
-//! dependent one starts, in this order:
+//! Caches are write-through ([`cache`]): every metadata write completes before the next
+//! dependent one starts. The order, and the `fdatasync` barriers that make it hold against
+//! power failure too (a disk may reorder writes between flushes):
 //!
-//! 1. **refcounts first**: a cluster's refcount is incremented (and a new refcount block, or a
-//!    grown refcount table, written and linked) before anything references the cluster;
-//! 2. **then contents**: guest data, or a new L2 table, is written into the new cluster;
-//! 3. **then the reference**: the L2 entry (or L1 entry for a new L2 table, or header field for
-//!    a moved L1 or refcount table) is written;
-//! 4. **then the release**: the old cluster's refcount is decremented, after nothing points at
-//!    it any more.
+//! 1. **refcounts first**: clusters are *reserved* ahead in batches of about 16 MiB — their
+//!    refcounts written as 1, then one `fdatasync` — and handed out from the reserve, so a
+//!    cluster's refcount is durable before anything references it. A new refcount block is
+//!    written and flushed before the refcount table points to it; a grown refcount table is
+//!    written and flushed before the header does.
+//! 2. **then contents**: guest data, or a new L2 table, is written into the new cluster. A new
+//!    L2 table is flushed before the L1 entry points to it; a moved L1 table before the header
+//!    does, and the header's L1 fields before a bigger size.
+//! 3. **then the reference**: the L2 entry (or L1 entry, or header field) is written. Guest data
+//!    is *not* flushed before its L2 entry (QEMU does not either): after a power failure an
+//!    unflushed write may show a cluster's old bytes, but never breaks the metadata.
+//! 4. **then the release**: a reference removed from a table (copy-on-write, zeroing,
+//!    discard, a moved table) is decremented only after the next flush made the removal
+//!    durable: frees are deferred to [`BlockDriver::co_flush`] (or to a flush of their own
+//!    once 1024 have piled up).
 //!
-//! Killing the process (SIGKILL) at any point leaves completed writes in the host page cache,
-//! so the image is consistent: at worst clusters with a refcount but no reference, which
-//! `qemu-img check` reports as leaks (exit status 3, `-r leaks` repairs them). Against power
-//! failure the kernel may reorder writes that were not flushed: only what precedes a
-//! [`BlockDriver::co_flush`] (an `fdatasync` of the file; guests flush as they see fit) is
-//! guaranteed, except that relocating the L1 or refcount table flushes before the header points
-//! at the new table. QEMU orders its write-back caches with flushes between dependent tables
-//! (`qcow2_cache_set_dependency()`); doing the same here is future work, and until then a power
-//! failure between flushes may leave a cluster referenced before its refcount is durable.
+//! So a crash — SIGKILL, or power failure on a disk that honours `fdatasync` — at any moment
+//! leaves an image whose only defects are leaks: reserved clusters not used yet, deferred frees
+//! not applied, data clusters written but not linked. `qemu-img check` reports them (exit 3)
+//! and `-r leaks` repairs them. `co_flush` (a guest's fsync, the export's final flush)
+//! additionally applies the deferred frees and returns the reserve, so an image that was
+//! flushed and closed checks clean. Writes completed before a flush are durable after it.
 //!
 //! We never set the dirty bit (no lazy refcounts); an image that has it set is refused for
 //! writing (run `qemu-img check -r all`), and read-only opens still work. A writable open clears
@@ -467,13 +473,16 @@ impl BlockDriver for Qcow2Driver {
         self.co_write(offset, buf)
     }
 
-    /// Caches are write-through: only the file needs an `fdatasync`. QEMU: `qcow2_co_flush()`
-    /// (`qcow2_write_caches()` + `bdrv_co_flush(bs->file)`).
+    /// Caches are write-through: the file gets an `fdatasync`; then the deferred frees are
+    /// applied and the reserved clusters returned (and flushed), so that a flushed image that
+    /// is not written again checks clean. QEMU: `qcow2_co_flush_to_os()` +
+    /// `bdrv_co_flush(bs->file)`.
     fn co_flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        self.co_flush_host()
+        let mut m = self.meta.co_lock();
+        self.co_release_locked(&mut m, true)
     }
 
     fn co_pwrite_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
@@ -513,6 +522,7 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn close(&self) -> Result<()> {
-        self.child.close()
+        let flushed = self.co_flush();
+        self.child.close().and(flushed)
     }
 }

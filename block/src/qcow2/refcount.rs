@@ -8,9 +8,12 @@
 //! one cluster of 16-bit big-endian counts (`refcount_order` 4, the only width we write), so it
 //! covers `cluster_size / 2` clusters. A zero table entry means "all those clusters are free".
 //!
-//! * **Allocation** scans for `n` contiguous free clusters from a hint (the first cluster that
-//!   may be free; QEMU's `free_cluster_index`), then writes their refcounts (1) before
-//!   returning: the caller may reference them only after that.
+//! * **Allocation** hands out clusters from a *reserve*: a run of free clusters found by a scan
+//!   from a hint (the first cluster that may be free; QEMU's `free_cluster_index`), whose
+//!   refcounts were written as 1 and flushed — about 16 MiB at a time, one `fdatasync` per
+//!   batch — so a caller may reference what it gets at once. A request that does not fit in
+//!   the rest of the reserve returns the rest and reserves anew (at least what it needs, in
+//!   one run: one request's clusters are contiguous).
 //! * **A missing refcount block** for a range is created *inside* that range, at its first
 //!   cluster, counting itself (QEMU places self-describing blocks the same way). It is written
 //!   before the table entry that points to it.
@@ -18,7 +21,9 @@
 //!   old one covers, together with the refcount blocks describing that area: blocks, then table,
 //!   then `fdatasync`, then the header's two fields in one write, then the old table's clusters
 //!   are freed. A crash before the header write leaves only unreferenced bytes past the end.
-//! * **Freeing** decrements; a cluster whose count reaches zero is forgotten by the caches (it
+//! * **Freeing** a cluster that something referenced is *deferred* until after the next flush
+//!   (see the crash-safety section in `mod.rs`); freeing an allocation nobody referenced (an
+//!   error path) is immediate. A cluster whose count reaches zero is forgotten by the caches (it
 //!   may come back as anything) and becomes the hint if it is below it. Freed clusters are not
 //!   discarded in the file (QEMU's `pass-discard-*` options default to off for most cases).
 
@@ -45,7 +50,14 @@ pub(crate) struct Refcounts {
     cache: TableCache,
     /// Every cluster below this index is in use. QEMU: `free_cluster_index`.
     free_hint: u64,
+    /// Reserved clusters: (first index, count), refcount 1 and durable, not yet referenced.
+    pool: (u64, u64),
+    /// Dropped references (host offset, clusters), released after the next flush.
+    pending: Vec<(u64, u64)>,
 }
+
+/// Release deferred frees (with a flush) once this many have piled up between flushes.
+const MAX_PENDING_FREES: usize = 1024;
 
 fn rc(m: &mut Meta) -> Result<&mut Refcounts> {
     m.rc.as_mut().ok_or(BlockError::ReadOnly)
@@ -94,6 +106,8 @@ impl Qcow2Driver {
             table_clusters: clusters,
             cache: TableCache::new(cache_tables),
             free_hint: 0,
+            pool: (0, 0),
+            pending: Vec::new(),
         })
     }
 
@@ -140,6 +154,7 @@ impl Qcow2Driver {
         let mut block = vec![0u8; cs as usize];
         set_u16(&mut block, 0, 1);
         self.co_write_meta(off, &block)?;
+        self.co_flush_host()?; // the block is durable before the table points to it
         let table_offset = rc(m)?.table_offset;
         self.co_write_meta(table_offset + index * 8, &off.to_be_bytes())?;
         m.l2_cache.forget(off);
@@ -220,7 +235,7 @@ impl Qcow2Driver {
                 rc.cache.insert(off, block);
             }
         }
-        self.co_free_quietly(m, old_offset, old_clusters);
+        self.defer_free(m, old_offset, old_clusters);
         Ok(())
     }
 
@@ -293,15 +308,18 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// Allocates `n` (≥ 1) contiguous clusters with refcount 1, on disk before returning; the
-    /// host offset of the first. QEMU: `qcow2_alloc_clusters()`.
-    pub(super) fn co_alloc_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
+    /// Clusters reserved at a time (at least what is asked for): about 16 MiB.
+    fn reserve_batch(&self) -> u64 {
+        ((16 << 20) / self.cluster_size()).clamp(16, 4096)
+    }
+
+    /// The next run of free clusters at or after index `from`: its start and length (at most
+    /// `max`, ending before the first used cluster). Creates missing refcount blocks on the way.
+    fn co_next_free_run(&self, m: &mut Meta, from: u64, max: u64) -> Result<(u64, u64)> {
         let epb = self.refblock_entries();
         let cs = self.cluster_size();
-        let mut start = rc(m)?.free_hint;
-        let mut len = 0;
-        let mut first_free = None;
-        while len < n {
+        let (mut start, mut len) = (from, 0);
+        loop {
             let i = start + len;
             if (i + 1) * cs >= MAX_HOST_OFFSET {
                 return Err(BlockError::Invalid("qcow2: the image file is full".into()));
@@ -309,23 +327,61 @@ impl Qcow2Driver {
             let index = i / epb;
             let off = self.co_ensure_refblock(m, index)?;
             let block = self.co_refblock(m, off)?;
-            let mut j = i;
-            while j < (index + 1) * epb && len < n {
+            for j in i..(index + 1) * epb {
                 if get_u16(block, (j % epb) as usize) == 0 {
-                    first_free.get_or_insert(j);
                     len += 1;
+                    if len == max {
+                        return Ok((start, len));
+                    }
+                } else if len > 0 {
+                    return Ok((start, len));
                 } else {
                     start = j + 1;
-                    len = 0;
                 }
-                j += 1;
             }
         }
-        self.co_update_refcounts(m, start, n, 1)?;
+    }
+
+    /// Allocates `n` (≥ 1) contiguous clusters with refcount 1; the host offset of the first.
+    /// The refcounts are durable before this returns: they come from a reserve that was
+    /// written and flushed ahead (one `fdatasync` per batch of about 16 MiB), so a caller may
+    /// reference the clusters at once. QEMU: `qcow2_alloc_clusters()`.
+    pub(super) fn co_alloc_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        let cs = self.cluster_size();
+        {
+            let rc = rc(m)?;
+            let (first, count) = rc.pool;
+            if count >= n {
+                rc.pool = (first + n, count - n);
+                return Ok(first * cs);
+            }
+        }
+        // Too few left: give them back (nothing references them) and reserve a new batch.
+        let (first, count) = std::mem::take(&mut rc(m)?.pool);
+        if count > 0 {
+            self.co_free_quietly(m, first * cs, count);
+        }
+        let want = n.max(self.reserve_batch());
+        let mut from = rc(m)?.free_hint;
+        let mut first_free = None;
+        let (start, len) = loop {
+            let (s, l) = self.co_next_free_run(m, from, want)?;
+            first_free.get_or_insert(s);
+            if l >= n {
+                break (s, l);
+            }
+            from = s + l;
+        };
+        self.co_update_refcounts(m, start, len, 1)?;
+        if let Err(e) = self.co_flush_host() {
+            self.co_free_quietly(m, start * cs, len);
+            return Err(e);
+        }
         let rc = rc(m)?;
+        rc.pool = (start + n, len - n);
         rc.free_hint = match first_free {
             Some(f) if f < start => f,
-            _ => start + n,
+            _ => start + len,
         };
         Ok(start * cs)
     }
@@ -337,16 +393,33 @@ impl Qcow2Driver {
         self.co_update_refcounts(m, host / cs, n, -1)
     }
 
-    /// [`Self::co_free_clusters`] where a failure can only leak: logged, not returned.
+    /// Frees clusters that nothing references (an allocation that was not used after all),
+    /// at once. A failure can only leak: logged, not returned.
     pub(super) fn co_free_quietly(&self, m: &mut Meta, host: u64, n: u64) {
         if let Err(e) = self.co_free_clusters(m, host, n) {
             log::warn!("qcow2: cannot free {n} cluster(s) at {host:#x} (leaked): {e}");
         }
     }
 
-    /// Drops the reference an L2 entry held: its data cluster, or every cluster a compressed
-    /// cluster's bytes touch. Failures leak (logged). QEMU: `qcow2_free_any_cluster()`.
-    pub(super) fn co_free_entry_quietly(&self, m: &mut Meta, entry: u64) {
+    /// Drops a reference that was just removed from the L1/L2 tables or the header: the
+    /// decrement waits for the next flush, so that the unlinking write is durable before the
+    /// count drops (else a power failure could leave a referenced cluster free).
+    pub(super) fn defer_free(&self, m: &mut Meta, host: u64, n: u64) {
+        let Some(rc) = m.rc.as_mut() else {
+            return;
+        };
+        rc.pending.push((host, n));
+        if rc.pending.len() >= MAX_PENDING_FREES {
+            if let Err(e) = self.co_release_locked(m, false) {
+                log::warn!("qcow2: cannot release freed clusters yet: {e}");
+            }
+        }
+    }
+
+    /// Drops the reference an L2 entry held (deferred, see [`Self::defer_free`]): its data
+    /// cluster, or every cluster a compressed cluster's bytes touch.
+    /// QEMU: `qcow2_free_any_cluster()`.
+    pub(super) fn defer_free_entry(&self, m: &mut Meta, entry: u64) {
         let cs = self.cluster_size();
         if entry & OFLAG_COMPRESSED != 0 {
             let (host, len) = self.compressed_extent(entry);
@@ -354,9 +427,38 @@ impl Qcow2Driver {
             let end = host + len;
             let first = start / cs;
             let n = (end - 1) / cs - first + 1;
-            self.co_free_quietly(m, first * cs, n);
+            self.defer_free(m, first * cs, n);
         } else if entry & OFFSET_MASK != 0 {
-            self.co_free_quietly(m, entry & OFFSET_MASK, 1);
+            self.defer_free(m, entry & OFFSET_MASK, 1);
         }
+    }
+
+    /// Flushes the file, then applies the deferred frees and (with `pool`) returns the
+    /// reserved clusters; flushes again if anything changed. Nothing is released once the image
+    /// is known to be corrupt (leaks are safer). Called by `co_flush` with `pool`.
+    pub(super) fn co_release_locked(&self, m: &mut Meta, pool: bool) -> Result<()> {
+        self.co_flush_host()?;
+        if self.is_corrupt() {
+            return Ok(());
+        }
+        let Some(rc) = m.rc.as_mut() else {
+            return Ok(());
+        };
+        let pending = std::mem::take(&mut rc.pending);
+        let (first, count) = if pool {
+            std::mem::take(&mut rc.pool)
+        } else {
+            (0, 0)
+        };
+        if pending.is_empty() && count == 0 {
+            return Ok(());
+        }
+        for (host, n) in pending {
+            self.co_free_quietly(m, host, n);
+        }
+        if count > 0 {
+            self.co_free_quietly(m, first * self.cluster_size(), count);
+        }
+        self.co_flush_host()
     }
 }

@@ -126,7 +126,8 @@ impl Qcow2Driver {
                 fields[..4].copy_from_slice(&(entries as u32).to_be_bytes());
                 fields[4..].copy_from_slice(&new.to_be_bytes());
                 self.co_write_meta(FIELD_L1_SIZE, &fields)
-            });
+            })
+            .and_then(|()| self.co_flush_host()); // the new L1 is in place before the size grows
         if let Err(e) = res {
             self.co_free_quietly(m, new, clusters);
             return Err(e);
@@ -135,7 +136,7 @@ impl Qcow2Driver {
         m.l1.resize(entries as usize, 0);
         m.l1_offset = new;
         if old_len > 0 && old_offset != 0 {
-            self.co_free_quietly(m, old_offset, (old_len * 8).div_ceil(cs));
+            self.defer_free(m, old_offset, (old_len * 8).div_ceil(cs));
         }
         Ok(())
     }
