@@ -253,6 +253,8 @@ fn qcow2_sigkill_mid_write_leaves_no_corruption() {
                 }
             }));
         }
+        // Kill while the writers are busy: once they have allocated something, a bit later.
+        let started = wait_until(Duration::from_secs(20), || file_size(&q) > len_before + MIB);
         thread::sleep(Duration::from_millis(kill_after_ms));
         e.signal(libc::SIGKILL);
         let x = e.wait_exit(Duration::from_secs(10));
@@ -263,8 +265,8 @@ fn qcow2_sigkill_mid_write_leaves_no_corruption() {
             w.join().expect("a writer thread panicked");
         }
         assert!(
-            file_size(&q) > len_before + MIB,
-            "round {round}: the writers allocated nothing before the kill"
+            started,
+            "round {round}: the writers allocated nothing in 20 s"
         );
         let (code, out) = qemu_img_check(&q);
         eprintln!("round {round}: qemu-img check exit {code:?}");
