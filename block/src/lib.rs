@@ -275,6 +275,8 @@ pub struct OpenOptions {
     /// Raw window: length of the exported range (default: to the end of the file). For
     /// [`Format::Null`], the size of the null device.
     pub size: Option<u64>,
+    /// qcow2 cache sizes.
+    pub qcow2: Qcow2Options,
 }
 
 /// QEMU's `null-co` default size.
@@ -382,7 +384,7 @@ fn open_qcow2(
             "the offset and size options apply to raw images only".into(),
         )));
     }
-    Qcow2Driver::open(file).map_err(|e| match e {
+    Qcow2Driver::open_with(file, &opts.qcow2).map_err(|e| match e {
         BlockError::Invalid(why) => BlockError::Invalid(name(why)),
         BlockError::Corrupt(why) => BlockError::Corrupt(name(why)),
         e => e,
