@@ -44,8 +44,9 @@
 //! dependent one starts. The order, and the `fdatasync` barriers that make it hold against
 //! power failure too (a disk may reorder writes between flushes):
 //!
-//! 1. **refcounts first**: clusters are *reserved* ahead in batches of about 16 MiB — their
-//!    refcounts written as 1, then one `fdatasync` — and handed out from the reserve, so a
+//! 1. **refcounts first**: clusters are *reserved* ahead in batches (16 MiB worth, doubling
+//!    up to 1 GiB while no flush comes; see [`refcount`]) — their refcounts written as 1, then
+//!    one `fdatasync` — and handed out from the reserve, so a
 //!    cluster's refcount is durable before anything references it. A new refcount block is
 //!    written and flushed before the refcount table points to it; a grown refcount table is
 //!    written and flushed before the header does.

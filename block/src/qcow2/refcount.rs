@@ -10,10 +10,15 @@
 //!
 //! * **Allocation** hands out clusters from a *reserve*: a run of free clusters found by a scan
 //!   from a hint (the first cluster that may be free; QEMU's `free_cluster_index`), whose
-//!   refcounts were written as 1 and flushed — about 16 MiB at a time, one `fdatasync` per
-//!   batch — so a caller may reference what it gets at once. A request that does not fit in
-//!   the rest of the reserve returns the rest and reserves anew (at least what it needs, in
-//!   one run: one request's clusters are contiguous).
+//!   refcounts were written as 1 and flushed — one `fdatasync` per batch — so a caller may
+//!   reference what it gets at once. Batches start at 16 MiB worth of clusters and double, up
+//!   to 1 GiB worth (at most 32768 clusters, at most an eighth of the virtual size), while no
+//!   flush comes: a long sequential copy
+//!   pays few `fdatasync`s (each one writes back the data written so far). A flush returns the
+//!   reserve, so a crash leaks at most one batch (mostly past the end of the file, where the
+//!   clusters were never written). A request that does not fit in the rest of the reserve
+//!   returns the rest and reserves anew (at least what it needs, in one run: one request's
+//!   clusters are contiguous).
 //! * **A missing refcount block** for a range is created *inside* that range, at its first
 //!   cluster, counting itself (QEMU places self-describing blocks the same way). It is written
 //!   before the table entry that points to it.
@@ -52,6 +57,8 @@ pub(crate) struct Refcounts {
     free_hint: u64,
     /// Reserved clusters: (first index, count), refcount 1 and durable, not yet referenced.
     pool: (u64, u64),
+    /// Clusters the next reservation asks for (doubles up to a cap; reset by a flush).
+    batch: u64,
     /// Dropped references (host offset, clusters), released after the next flush.
     pending: Vec<(u64, u64)>,
 }
@@ -107,6 +114,7 @@ impl Qcow2Driver {
             cache: TableCache::new(cache_tables),
             free_hint: 0,
             pool: (0, 0),
+            batch: 0,
             pending: Vec::new(),
         })
     }
@@ -308,9 +316,15 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// Clusters reserved at a time (at least what is asked for): about 16 MiB.
-    fn reserve_batch(&self) -> u64 {
-        ((16 << 20) / self.cluster_size()).clamp(16, 4096)
+    /// The first and the largest reservation, in clusters: 16 MiB and 1 GiB worth, bounded so
+    /// that tiny clusters do not mean huge refcount updates, and to an eighth of the virtual
+    /// size so that a small image is not stretched by refcount blocks placed far out.
+    fn reserve_limits(&self) -> (u64, u64) {
+        let cs = self.cluster_size();
+        let guest = (self.size.load(Ordering::Acquire) / cs / 8).max(16);
+        let first = ((16 << 20) / cs).clamp(16, 4096).min(guest);
+        let max = ((1 << 30) / cs).clamp(16, 32768).min(guest).max(first);
+        (first, max)
     }
 
     /// The next run of free clusters at or after index `from`: its start and length (at most
@@ -361,7 +375,9 @@ impl Qcow2Driver {
         if count > 0 {
             self.co_free_quietly(m, first * cs, count);
         }
-        let want = n.max(self.reserve_batch());
+        let (first_batch, max_batch) = self.reserve_limits();
+        let batch = rc(m)?.batch.clamp(first_batch, max_batch);
+        let want = n.max(batch);
         let mut from = rc(m)?.free_hint;
         let mut first_free = None;
         let (start, len) = loop {
@@ -379,6 +395,8 @@ impl Qcow2Driver {
         }
         let rc = rc(m)?;
         rc.pool = (start + n, len - n);
+        // Writing without flushes (a long sequential copy): reserve more, flush less often.
+        rc.batch = (batch * 2).min(max_batch);
         rc.free_hint = match first_free {
             Some(f) if f < start => f,
             _ => start + len,
@@ -446,6 +464,7 @@ impl Qcow2Driver {
         };
         let pending = std::mem::take(&mut rc.pending);
         let (first, count) = if pool {
+            rc.batch = 0;
             std::mem::take(&mut rc.pool)
         } else {
             (0, 0)
