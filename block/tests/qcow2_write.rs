@@ -412,6 +412,13 @@ fn internal_snapshot_is_preserved() {
             .arg(&path));
         let mut oracle = before.clone();
         let blk = open_rw(&path);
+        let b = blk.clone();
+        co(move || {
+            let e = b
+                .co_truncate(size - MIB)
+                .expect_err("shrinking with snapshots");
+            assert!(e.to_string().contains("internal snapshots"), "{e}");
+        });
         random_writes(&blk, &mut oracle, cs + 7, 40);
         zeroes_and_discards(&blk, &mut oracle, cs, cs + 8);
         concurrent_stripes(&blk, &mut oracle, cs + 9, 2);

@@ -10,7 +10,8 @@
 //! more than the size. Growing also zeroes the bytes between the old size and the end of its
 //! last cluster if that cluster is allocated, so the new range reads as zeros.
 //!
-//! Shrinking keeps the L1 table (it may cover more than the size) and refuses, with
+//! Shrinking is refused when the image has internal snapshots (as QEMU does). Otherwise it
+//! keeps the L1 table (it may cover more than the size) and refuses, with
 //! [`BlockError::Invalid`] (EINVAL), when a cluster wholly past the new end still holds data.
 //! QEMU discards such clusters instead; refusing is the safer choice for an export, where a
 //! stray `truncate -s` would otherwise destroy data.
@@ -40,6 +41,11 @@ impl Qcow2Driver {
             return Ok(());
         }
         if size < old {
+            if self.header.nb_snapshots > 0 {
+                return Err(BlockError::Invalid(
+                    "qcow2: cannot shrink an image that has internal snapshots".into(),
+                ));
+            }
             let mut m = self.meta.co_lock();
             self.co_check_shrink(&mut m, size, old)?;
             self.co_write_meta(FIELD_SIZE, &size.to_be_bytes())?;
