@@ -16,7 +16,7 @@
 //! exactly 1: nothing else (no internal snapshot) uses it, so it may be changed in place. A data
 //! cluster without it is shared, or compressed, or a zero cluster: a write gets a new cluster
 //! (copy-on-write) and the old one loses a reference. An L2 table without it is copied to a new
-//! cluster before its first change ([`Qcow2Driver::co_l2_for_write`]). Everything we allocate
+//! cluster before its first change (`Qcow2Driver::co_l2_for_write`). Everything we allocate
 //! has refcount 1 and gets COPIED.
 
 use super::cache::{get_u64, set_u64};

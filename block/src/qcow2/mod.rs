@@ -14,7 +14,7 @@
 //! | [`header`] | the on-disk header, its validation, the offsets of the fields we rewrite |
 //! | [`cluster`] | guest offset → L1 → L2 → [`Mapping`]; L2 allocation and copy-on-write; linking |
 //! | [`refcount`] | refcount table and blocks, cluster allocation and freeing |
-//! | [`write`] | write requests: serialising overlapping ones, copy-on-write, zeroing, discard |
+//! | [`write`](mod@write) | write requests: serialising overlapping ones, copy-on-write, zeroing, discard |
 //! | [`resize`] | truncate: growing (and relocating) the L1 table, shrinking when nothing is lost |
 //! | [`cache`] | the write-through LRU of L2 tables and refcount blocks |
 //! | `inflate` | decompressing deflate clusters |
@@ -34,9 +34,11 @@
 //! [`runtime::CoQueue`] while it overlaps a claimed one (QEMU: `s->cluster_allocs` and
 //! `handle_dependencies()`; we serialise all overlapping writes, not only allocating ones,
 //! which is simpler and costs only writes to the same clusters). Reads never wait: a read that
-//! races with a write of the same bytes may see old or new data, as on any disk. A read racing
-//! with a discard or a copy-on-write of its cluster may read a cluster that was just freed and
-//! reused — the same window QEMU has; the guest asked for both at once.
+//! races with a write of the same bytes may see old or new data, as on any disk. A read that
+//! mapped a cluster just before a copy-on-write or discard released it still reads the old
+//! bytes: released clusters are only freed after the next flush (see below), so the cluster is
+//! reused only if a flush *and* a new allocation complete before the read is issued — a window
+//! QEMU has too; the guest asked for both at once.
 //!
 //! # Crash safety: the order of metadata writes
 //!
@@ -85,7 +87,9 @@
 //!
 //! Backing files (see [`Qcow2Driver::co_read_below`], the one place that will read them),
 //! zstd, subclusters, bitmaps, encryption, external data files, refcount widths other than 16
-//! bits for writing, snapshot creation or deletion.
+//! bits for writing, snapshot creation or deletion, shrinking the L1 table, discarding freed
+//! clusters in the host file. On v2 images, discard and zeroing with unmap leave clusters
+//! unallocated, which reads as zeros only as long as there is no backing file.
 
 pub mod cache;
 pub mod cluster;
