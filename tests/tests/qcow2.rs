@@ -278,3 +278,33 @@ fn qcow2_sigkill_mid_write_leaves_no_corruption() {
         fs::remove_file(&q).unwrap();
     }
 }
+
+/// A growable qcow2 export: writes past the end grow the image (moving the L1 table of a
+/// small-cluster image), `truncate` through the mount shrinks it back where nothing is lost
+/// and is refused where data would be; `qemu-img` agrees afterwards.
+#[test]
+fn qcow2_growable_export() {
+    require!(fuse_available(), have_tools(&["qemu-img"]));
+    let dir = disk_workdir();
+    let q = dir.path().join("grow.qcow2");
+    create_qcow2(&q, "cluster_size=512", MIB);
+    let mnt = dir.path().join("mnt");
+    fs::write(&mnt, b"").unwrap();
+    let mut e = Export::start(&q, &mnt, &["--growable"]);
+    let f = open_rw(e.path());
+    let data = random_bytes(9, 100 * KIB as usize);
+    let at = 5 * MIB + 77;
+    f.write_all_at(&data, at).unwrap();
+    let grown = at + data.len() as u64;
+    assert_eq!(file_size(e.path()), grown);
+    let err = f.set_len(MIB).expect_err("shrinking over data is refused");
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+    f.set_len(grown + MIB).unwrap();
+    drop(f);
+    e.stop_ok();
+    let mut oracle = vec![0u8; (grown + MIB) as usize];
+    oracle[at as usize..grown as usize].copy_from_slice(&data);
+    let (code, out) = qemu_img_check(&q);
+    assert_eq!(code, Some(0), "qemu-img check: {out}");
+    compare_with_oracle(&q, &oracle);
+}
