@@ -48,7 +48,7 @@
 //! | [`file`](mod@file) | `block/file-posix.c` | the `file` protocol driver |
 //! | [`image_lock`] | `block/file-posix.c` (lock bytes) | QEMU-compatible image locking |
 //! | [`raw`] | `block/raw-format.c` | the `raw` format, with an offset/size window |
-//! | [`qcow2`] | `block/qcow2*.c` | the `qcow2` format (read-only for now), backing chains |
+//! | [`qcow2`] | `block/qcow2*.c` | the `qcow2` format: reads, writes, backing chains, internal snapshots kept intact |
 //! | [`chain`] | `block/io.c` `bdrv_co_common_block_status_above()` | block status through a backing chain |
 //! | [`null`] | `block/null.c` | `null-co`: zeros in, nothing out |
 //! | [`blkdebug`] | `block/blkdebug.c` | error injection for tests |
@@ -78,7 +78,7 @@ pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Rule, RuleId};
 pub use file::{CacheMode, FileDriver, FileOptions, FileStats};
 pub use image_lock::Perm;
 pub use null::NullDriver;
-pub use qcow2::Qcow2Driver;
+pub use qcow2::{Qcow2Driver, Qcow2Options};
 pub use raw::{RawDriver, RawOptions};
 pub use sys::AlignedBuf;
 
@@ -289,7 +289,7 @@ pub enum Format {
     Raw,
     /// `null-co` (no file; `OpenOptions::size` bytes of zeros, 1 GiB by default).
     Null,
-    /// `qcow2` over `file`, read-only for now ([`Qcow2Driver`]).
+    /// `qcow2` over `file` ([`Qcow2Driver`]).
     Qcow2,
     /// Look at the first bytes ([`probe`]): qcow2 by its magic, raw unless they are another
     /// format's magic, which is refused with [`BlockError::UnsupportedFormat`]. A raw image
@@ -314,6 +314,8 @@ pub struct OpenOptions {
     /// Raw window: length of the exported range (default: to the end of the file). For
     /// [`Format::Null`], the size of the null device.
     pub size: Option<u64>,
+    /// qcow2 cache sizes.
+    pub qcow2: Qcow2Options,
 }
 
 /// QEMU's `null-co` default size.
@@ -368,10 +370,6 @@ pub fn open_image_with(
         cache: opts.cache,
         force_share: opts.force_share,
     };
-    if opts.format == Format::Qcow2 && !read_only {
-        // Refuse before opening the file for writing (and taking write locks).
-        return Err(qcow2_needs_read_only(path));
-    }
     let file: Arc<dyn BlockDriver> = Arc::new(FileDriver::open(path, &file_opts)?);
     let mut format = opts.format;
     let mut probed_raw = false;
@@ -424,9 +422,9 @@ pub fn open_image_with(
     )?))
 }
 
-/// The qcow2 part of [`open_image_with`]: refuses what the read-only driver cannot do, opens
-/// the backing chain (read-only, with the image's cache mode and force-share), and names the
-/// file in errors.
+/// The qcow2 part of [`open_image_with`]: refuses the raw-only options, opens the backing chain
+/// (read-only, with the image's cache mode and force-share), and names the file in errors. The
+/// driver is writable when the file is.
 fn open_qcow2(
     path: &Path,
     file: Arc<dyn BlockDriver>,
@@ -434,9 +432,7 @@ fn open_qcow2(
     read_only: bool,
 ) -> Result<Qcow2Driver> {
     let name = |why: String| format!("'{}': {why}", path.display());
-    if !read_only {
-        return Err(qcow2_needs_read_only(path));
-    }
+    debug_assert_eq!(read_only, file.is_read_only());
     if opts.offset != 0 || opts.size.is_some() {
         return Err(BlockError::Invalid(name(
             "the offset and size options apply to raw images only".into(),
@@ -445,17 +441,11 @@ fn open_qcow2(
     let chain = qcow2::ChainOptions {
         cache: opts.cache,
         force_share: opts.force_share,
+        qcow2: opts.qcow2,
     };
     Qcow2Driver::open_chain(file, path, &chain).map_err(|e| match e {
         BlockError::Invalid(why) => BlockError::Invalid(name(why)),
         BlockError::Corrupt(why) => BlockError::Corrupt(name(why)),
         e => e,
     })
-}
-
-fn qcow2_needs_read_only(path: &Path) -> BlockError {
-    BlockError::Invalid(format!(
-        "'{}': qcow2 images are read-only for now: pass -r/--read-only",
-        path.display()
-    ))
 }

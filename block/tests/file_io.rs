@@ -323,12 +323,12 @@ fn errors_name_the_file_and_the_cause() {
     let mut qcow2 = b"QFI\xfb\x00\x00\x00\x03".to_vec();
     qcow2.resize(65_536, 0);
     let q = image(dir.path(), "disk.qcow2", &qcow2);
-    // Probed as qcow2, which is read-only for now: a writable open is refused by name.
-    let e = open_image(&q, &OpenOptions::default()).expect_err("writable qcow2 is refused");
+    // Probed as qcow2 (by its magic): its bad header is reported with the file's name.
+    let e = open_image(&q, &OpenOptions::default()).expect_err("a bad qcow2 header is refused");
     assert_eq!(
         e.to_string(),
         format!(
-            "invalid request: '{}': qcow2 images are read-only for now: pass -r/--read-only",
+            "image is corrupt: '{}': qcow2 header: cluster_bits 0 out of range 9..=21",
             q.display()
         )
     );

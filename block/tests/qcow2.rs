@@ -1,4 +1,4 @@
-//! The read-only qcow2 driver against images made by the real `qemu-img`/`qemu-io`, with
+//! The qcow2 driver's read side against images made by the real `qemu-img`/`qemu-io`, with
 //! `qemu-img convert -O raw` and `qemu-img map --output=json` as independent oracles, and
 //! corrupt images that must fail cleanly.
 //!
@@ -272,9 +272,11 @@ fn odd_virtual_size_and_explicit_format() {
     });
 }
 
+/// A writable open works (auto-detected or explicit) and holds QEMU's write lock: `qemu-io`
+/// cannot write the image meanwhile, and can after close.
 #[test]
-fn writable_open_is_refused() {
-    if !have_qemu("writable_open_is_refused") {
+fn writable_open_takes_the_write_lock() {
+    if !have_qemu("writable_open_takes_the_write_lock") {
         return;
     }
     let dir = disk_dir();
@@ -284,9 +286,20 @@ fn writable_open_is_refused() {
             format,
             ..OpenOptions::default()
         };
-        let e = open_image(&path, &opts).expect_err("writable qcow2");
-        assert!(matches!(e, BlockError::Invalid(_)), "{e}");
-        assert!(e.to_string().contains("pass -r/--read-only"), "{e}");
+        let blk = open_image(&path, &opts).expect("writable qcow2");
+        assert!(!blk.is_read_only());
+        let out = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write 0 512"])
+            .arg(&path)
+            .output()
+            .expect("run qemu-io");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("lock"),
+            "qemu-io must see our lock: {out:?}"
+        );
+        blk.close().expect("close");
+        drop(blk);
+        qemu_io(&path, &["write -P 1 0 512"]);
     }
 }
 

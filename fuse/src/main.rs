@@ -35,8 +35,8 @@ struct Cli {
 
     /// Image format; `auto` is raw unless the image starts with the magic of a known format
     /// (a raw image found so refuses writes that would make its first sector look like another
-    /// format: pass `-f raw` to lift that). qcow2 is read-only for now, with backing files
-    /// opened read-only; other formats are refused by name.
+    /// format: pass `-f raw` to lift that). qcow2 is read-write, with backing files opened
+    /// read-only; other formats are refused by name.
     #[arg(short = 'f', long, value_enum, default_value_t = FormatArg::Auto)]
     format: FormatArg,
 
@@ -72,6 +72,14 @@ struct Cli {
     /// raw: the export starts at this byte offset of the image.
     #[arg(long, value_parser = parse_size)]
     offset: Option<u64>,
+
+    /// qcow2: bytes of L2 tables to cache (QEMU's `l2-cache-size`; at most 64 tables).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4M")]
+    l2_cache_size: u64,
+
+    /// qcow2: bytes of refcount blocks to cache (QEMU's `refcount-cache-size`; at most 64).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1M")]
+    refcount_cache_size: u64,
 
     /// Largest READ/WRITE request the kernel may send (4K to 1M). Bigger requests mean fewer
     /// round trips; QEMU's export uses 64K.
@@ -205,6 +213,10 @@ fn main() -> ExitCode {
         force_share: cli.force_share,
         offset: cli.offset.unwrap_or(0),
         size: cli.size,
+        qcow2: block::Qcow2Options {
+            l2_cache_bytes: cli.l2_cache_size,
+            refcount_cache_bytes: cli.refcount_cache_size,
+        },
     };
     let cfg = ServerConfig {
         image: cli.image,

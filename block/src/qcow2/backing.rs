@@ -59,6 +59,8 @@ pub struct ChainOptions {
     pub cache: CacheMode,
     /// Take no image locks (QEMU `-U`).
     pub force_share: bool,
+    /// Cache sizes, for the top image and each qcow2 image below it.
+    pub qcow2: super::Qcow2Options,
 }
 
 /// An open backing file of a qcow2 image.
@@ -99,7 +101,7 @@ impl Qcow2Driver {
         opts: &ChainOptions,
         seen: &mut Vec<FileId>,
     ) -> Result<Qcow2Driver> {
-        let mut driver = Qcow2Driver::open_node(child)?;
+        let mut driver = Qcow2Driver::open_node(child, &opts.qcow2)?;
         if let Some(name) = driver.header.backing_file.clone() {
             let format = driver.header.backing_format.clone();
             let backing =

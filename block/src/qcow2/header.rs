@@ -17,10 +17,13 @@
 //! corrupt bit; and as corrupt: tables (L1, refcount table, snapshot table) that are unaligned or
 //! not inside the file, impossible sizes (virtual size ≥ 2^63, too many snapshots, a header
 //! extension or backing file name that overflows the first cluster).
-//! Accepted on purpose: the dirty bit (refcounts may be stale; reads do not use them), any
-//! `refcount_order` up to 6 (refcounts are not read at all), snapshots (only the active L1 table
+//! Accepted here on purpose: the dirty bit and any `refcount_order` up to 6 — reads never
+//! consult refcounts; a *writable* open refuses both afterwards (`Qcow2Driver::open_with`) — snapshots (only the active L1 table
 //! is used), bitmaps and other compatible/autoclear features, a backing file (its name and
 //! format are parsed here; `super::backing` opens it).
+//!
+//! The driver rewrites only the header fields it changes, at their own offsets
+//! ([`FIELD_SIZE`] and friends); extensions and unknown fields are never touched.
 
 use std::mem::{offset_of, size_of};
 
@@ -37,6 +40,20 @@ pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const V2_HEADER_LEN: u32 = 72;
 /// Minimum header length of version 3 (up to `header_length`).
 pub const V3_MIN_HEADER_LEN: u32 = 104;
+
+/// Byte offsets of the header fields the writable driver updates in place.
+pub const FIELD_SIZE: u64 = offset_of!(RawHeader, size) as u64;
+/// `l1_size` (4 bytes) directly followed by `l1_table_offset` (8 bytes): one write moves L1.
+pub const FIELD_L1_SIZE: u64 = offset_of!(RawHeader, l1_size) as u64;
+/// `refcount_table_offset` (8 bytes) directly followed by `refcount_table_clusters` (4 bytes).
+pub const FIELD_REFCOUNT_TABLE: u64 = offset_of!(RawHeader, refcount_table_offset) as u64;
+pub const FIELD_INCOMPATIBLE: u64 = offset_of!(RawHeader, incompatible_features) as u64;
+pub const FIELD_AUTOCLEAR: u64 = offset_of!(RawHeader, autoclear_features) as u64;
+const _: () = assert!(offset_of!(RawHeader, l1_table_offset) == offset_of!(RawHeader, l1_size) + 4);
+const _: () = assert!(
+    offset_of!(RawHeader, refcount_table_clusters)
+        == offset_of!(RawHeader, refcount_table_offset) + 8
+);
 
 /// Incompatible feature bits. QEMU: `QCOW2_INCOMPAT_*`.
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
@@ -177,10 +194,16 @@ pub struct Header {
     pub l1_size: u32,
     /// Host offset of the L1 table: cluster aligned, inside the file.
     pub l1_table_offset: u64,
-    /// Accepted but unused by reads (refcounts are not consulted).
+    /// Any order up to 6 for reads (which never consult refcounts); writable opens need 4.
     pub refcount_order: u32,
+    /// Host offset of the refcount table (validated only by writable opens).
+    pub refcount_table_offset: u64,
+    /// Clusters of the refcount table.
+    pub refcount_table_clusters: u32,
     pub incompatible_features: u64,
     pub compatible_features: u64,
+    /// Autoclear feature bits (a writable open clears them: we do not maintain bitmaps).
+    pub autoclear_features: u64,
     pub nb_snapshots: u32,
     /// The length of the header proper; extensions follow.
     pub header_length: u32,
@@ -241,14 +264,15 @@ impl Header {
             )));
         }
         let cluster_size = 1u64 << cluster_bits;
-        let (header_length, refcount_order, incompat, compat) = if version == 2 {
-            (V2_HEADER_LEN, 4, 0, 0)
+        let (header_length, refcount_order, incompat, compat, autoclear) = if version == 2 {
+            (V2_HEADER_LEN, 4, 0, 0, 0)
         } else {
             (
                 raw.header_length.get(),
                 raw.refcount_order.get(),
                 raw.incompatible_features.get(),
                 raw.compatible_features.get(),
+                raw.autoclear_features.get(),
             )
         };
         if version == 3 {
@@ -280,8 +304,11 @@ impl Header {
             l1_size: raw.l1_size.get(),
             l1_table_offset: raw.l1_table_offset.get(),
             refcount_order,
+            refcount_table_offset: raw.refcount_table_offset.get(),
+            refcount_table_clusters: raw.refcount_table_clusters.get(),
             incompatible_features: incompat,
             compatible_features: compat,
+            autoclear_features: autoclear,
             nb_snapshots: raw.nb_snapshots.get(),
             header_length,
             backing_file: None,

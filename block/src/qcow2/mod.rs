@@ -1,139 +1,225 @@
-//! The `qcow2` format driver, read-only (first step: reads, block status; no writes yet).
+//! The `qcow2` format driver: reads and writes (v2/v3), internal snapshots left intact.
 //!
-//! QEMU: `block/qcow2.c` (`qcow2_open()`, `qcow2_co_preadv_part()`, `qcow2_co_block_status()`),
-//! `block/qcow2-cluster.c` (`qcow2_get_host_offset()`), `block/qcow2-cache.c`;
-//! the format is `docs/interop/qcow2.txt`.
+//! QEMU: `block/qcow2.c` (`qcow2_open()`, `qcow2_co_preadv_part()`, `qcow2_co_pwritev_part()`,
+//! `qcow2_co_pwrite_zeroes()`, `qcow2_co_pdiscard()`, `qcow2_co_truncate()`,
+//! `qcow2_signal_corruption()`), `block/qcow2-cluster.c` (lookup, allocation, linking:
+//! [`cluster`]), `block/qcow2-refcount.c` (refcounts: [`refcount`]), `block/qcow2-cache.c`
+//! ([`cache`]); the format is `docs/interop/qcow2.txt`.
 //!
-//! A guest offset maps to its data in two steps: the L1 table (loaded whole at open, it is at
-//! most 32 MiB) gives the host offset of an L2 table; the L2 entry gives the cluster's state.
-//! [`Qcow2Driver::co_lookup`] turns that into a [`Mapping`] plan, and the caller does the data
-//! I/O without holding any lock (STYLE item 10, as QEMU drops `s->lock` around data I/O). The
-//! L2 cache is a small LRU behind a `std::sync::Mutex` that is never held across a yield: on a
-//! miss the table is read without the lock and inserted afterwards (two coroutines may both
-//! read it; harmless for a read-only image).
+//! # Where things live
 //!
-//! Metadata and data I/O go through a private read-only [`BlockBackend`] over the child, so a
-//! child that needs alignment (O_DIRECT) is padded for us, as QEMU's `bdrv_pread()` does.
+//! | module | owns |
+//! |---|---|
+//! | `mod.rs` (here) | the driver: open, host I/O, the read path, corruption, the `BlockDriver` glue |
+//! | [`header`] | the on-disk header, its validation, the offsets of the fields we rewrite |
+//! | [`cluster`] | guest offset → L1 → L2 → [`Mapping`]; L2 allocation and copy-on-write; linking |
+//! | [`refcount`] | refcount table and blocks, cluster allocation and freeing |
+//! | [`write`](mod@write) | write requests: serialising overlapping ones, copy-on-write, zeroing, discard |
+//! | [`resize`] | truncate: growing (and relocating) the L1 table, shrinking when nothing is lost |
+//! | [`cache`] | the write-through LRU of L2 tables and refcount blocks |
+//! | `inflate` | decompressing deflate clusters |
 //!
 //! Compressed clusters (deflate via `miniz_oxide`, zstd via `ruzstd`; see `decompress`) are
 //! decompressed one whole cluster per request that touches it.
 //!
 //! Unallocated clusters read from below through one method, `co_read_below` (the backing
-//! chain, zeros past its end or without one); `backing` opens the chain and explains the rules.
+//! chain, zeros past its end or without one); it is also the copy-on-write source of partial
+//! cluster writes. `backing` opens the chain and explains the rules.
 //!
-//! Not yet: writes, snapshots other than the active L1 table, refcounts (a read-only driver
-//! needs none, so any `refcount_order` is accepted), bitmaps.
+//! # Locking: plan under the lock, data I/O without it
 //!
-//! A metadata entry that points outside the file or is misaligned fails the request with
-//! [`BlockError::Corrupt`] (EIO) and marks the image corrupt in memory (logged once, see
-//! [`Qcow2Driver::is_corrupt`]); other requests keep being served. QEMU:
-//! `qcow2_signal_corruption()`, which on a read-only image also only reports.
+//! All metadata (the L1 table, the L2 and refcount caches, the refcount table, the list of
+//! writes in flight) sits in one [`runtime::CoMutex`], `meta`, as QEMU's `s->lock`. It may be
+//! held across *metadata* I/O (an L2 table read on a cache miss, a refcount update), never across
+//! guest data I/O: a request takes the lock, turns its range into a plan ([`Mapping`] for reads,
+//! `WritePlan` for writes — which may allocate clusters), drops the lock, does the data I/O,
+//! and (for an allocating write) takes the lock again to link the new clusters into the L2 table.
+//!
+//! Two writes whose clusters overlap must not both allocate the same guest cluster, and a write
+//! must not overwrite a cluster that a concurrent discard frees: every write, write-zeroes,
+//! discard and truncate first *claims* its cluster-aligned guest range in `meta` and waits on a
+//! [`runtime::CoQueue`] while it overlaps a claimed one (QEMU: `s->cluster_allocs` and
+//! `handle_dependencies()`; we serialise all overlapping writes, not only allocating ones,
+//! which is simpler and costs only writes to the same clusters). Reads never wait: a read that
+//! races with a write of the same bytes may see old or new data, as on any disk. A read that
+//! mapped a cluster just before a copy-on-write or discard released it still reads the old
+//! bytes: released clusters are only freed after the next flush (see below), so the cluster is
+//! reused only if a flush *and* a new allocation complete before the read is issued — a window
+//! QEMU has too; the guest asked for both at once.
+//!
+//! # Crash safety: the order of metadata writes
+//!
+//! Caches are write-through ([`cache`]): every metadata write completes before the next
+//! dependent one starts. The order, and the `fdatasync` barriers that make it hold against
+//! power failure too (a disk may reorder writes between flushes):
+//!
+//! 1. **refcounts first**: clusters are *reserved* ahead in batches (16 MiB worth, doubling
+//!    up to 1 GiB while no flush comes; see [`refcount`]) — their refcounts written as 1, then
+//!    one `fdatasync` — and handed out from the reserve, so a
+//!    cluster's refcount is durable before anything references it. A new refcount block is
+//!    written and flushed before the refcount table points to it; a grown refcount table is
+//!    written and flushed before the header does.
+//! 2. **then contents**: guest data, or a new L2 table, is written into the new cluster. A new
+//!    L2 table is flushed before the L1 entry points to it; a moved L1 table before the header
+//!    does, and the header's L1 fields before a bigger size.
+//! 3. **then the reference**: the L2 entry (or L1 entry, or header field) is written. Guest data
+//!    is *not* flushed before its L2 entry (QEMU does not either): after a power failure an
+//!    unflushed write may show a cluster's old bytes, but never breaks the metadata.
+//! 4. **then the release**: a reference removed from a table (copy-on-write, zeroing,
+//!    discard, a moved table) is decremented only after the next flush made the removal
+//!    durable: frees are deferred to [`BlockDriver::co_flush`] (or to a flush of their own
+//!    once 1024 have piled up).
+//!
+//! So a crash — SIGKILL, or power failure on a disk that honours `fdatasync` — at any moment
+//! leaves an image whose only defects are leaks: reserved clusters not used yet, deferred frees
+//! not applied, data clusters written but not linked. `qemu-img check` reports them (exit 3)
+//! and `-r leaks` repairs them. `co_flush` (a guest's fsync, the export's final flush)
+//! additionally applies the deferred frees and returns the reserve, so an image that was
+//! flushed and closed checks clean. Writes completed before a flush are durable after it.
+//!
+//! We never set the dirty bit (no lazy refcounts); an image that has it set is refused for
+//! writing (run `qemu-img check -r all`), and read-only opens still work. A writable open clears
+//! the autoclear feature bits (we do not maintain bitmaps), as QEMU does for features it does
+//! not know.
+//!
+//! # Corruption
+//!
+//! A metadata entry that points outside the file, is misaligned, or would make us write over
+//! the header, L1 table or refcount table fails the request with [`BlockError::Corrupt`] (EIO)
+//! and marks the image corrupt (logged once, [`Qcow2Driver::is_corrupt`]). A writable image
+//! also gets the header's corrupt bit (v3, as `qcow2_signal_corruption()` does), and from then
+//! on every metadata write and every write request is refused; reads keep being served.
+//!
+//! # Not yet
+//!
+//! Subclusters, bitmaps, encryption, external data files, refcount widths other than 16 bits
+//! for writing, snapshot creation or deletion, shrinking the L1 table, discarding freed clusters
+//! in the host file, backing files other than local raw/qcow2 files.
 
 mod backing;
+pub mod cache;
+pub mod cluster;
 mod decompress;
 pub mod header;
 mod inflate;
+pub mod refcount;
+pub mod resize;
+pub mod write;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use runtime::{CoMutex, CoQueue};
 
 use crate::backend::{BackendOptions, BlockBackend};
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
 pub use backing::{resolve_backing_path, ChainOptions, MAX_CHAIN_DEPTH};
+pub use cluster::Mapping;
 pub use header::Header;
+use refcount::Refcounts;
 
 /// Bits 9..=55 of an L1 or standard L2 entry: a host offset. QEMU: `L1E_OFFSET_MASK`.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// L1/L2 entry: the cluster's refcount is exactly 1, it may be written in place.
+/// QEMU: `QCOW_OFLAG_COPIED`.
+const OFLAG_COPIED: u64 = 1 << 63;
 /// L2 entry: compressed cluster. QEMU: `QCOW_OFLAG_COMPRESSED`.
 const OFLAG_COMPRESSED: u64 = 1 << 62;
 /// L2 entry (v3): reads as zeros. QEMU: `QCOW_OFLAG_ZERO`.
 const OFLAG_ZERO: u64 = 1;
-/// Cache at most this many bytes of L2 tables (and at least one table) ...
-const L2_CACHE_BYTES: u64 = 4 << 20;
-/// ... and at most this many tables: the cache is searched linearly.
-const L2_CACHE_TABLES: u64 = 64;
 
-/// What a guest cluster maps to: the plan the lookup hands to the I/O path.
-/// (cloud-hypervisor `qcow/metadata.rs` calls it a mapping; QEMU `QCow2SubclusterType`.)
+/// Cache sizes. QEMU: the `l2-cache-size` and `refcount-cache-size` options.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mapping {
-    /// Reads as zeros (v3 zero flag).
-    Zero,
-    /// Not allocated: reads from the backing file, or as zeros without one.
-    Unallocated,
-    /// Data at this host offset (of the cluster start; cluster aligned, inside the file).
-    Data(u64),
-    /// Compressed data: host offset and an upper bound of its length in bytes.
-    Compressed(u64, u64),
+pub struct Qcow2Options {
+    /// Bytes of L2 tables to cache (at least one table; at most 64 tables, searched linearly).
+    pub l2_cache_bytes: u64,
+    /// Bytes of refcount blocks to cache (at least one block, at most 64).
+    pub refcount_cache_bytes: u64,
 }
 
-/// A small LRU of decoded L2 tables, keyed by host offset. QEMU: `Qcow2Cache`.
-struct L2Cache {
-    capacity: usize,
-    /// Most recently used last.
-    tables: Vec<(u64, Arc<[u64]>)>,
+impl Default for Qcow2Options {
+    fn default() -> Self {
+        Qcow2Options {
+            l2_cache_bytes: 4 << 20,
+            refcount_cache_bytes: 1 << 20,
+        }
+    }
 }
 
-impl L2Cache {
-    fn get(&mut self, offset: u64) -> Option<Arc<[u64]>> {
-        let i = self.tables.iter().position(|(o, _)| *o == offset)?;
-        let entry = self.tables.remove(i);
-        let table = entry.1.clone();
-        self.tables.push(entry);
-        Some(table)
-    }
+/// At most this many tables per cache: the caches are searched linearly.
+const MAX_CACHED_TABLES: u64 = 64;
 
-    fn insert(&mut self, offset: u64, table: Arc<[u64]>) {
-        if self.tables.iter().any(|(o, _)| *o == offset) {
-            return;
-        }
-        if self.tables.len() >= self.capacity {
-            self.tables.remove(0);
-        }
-        self.tables.push((offset, table));
-    }
+/// Everything behind the metadata lock. QEMU: the parts of `BDRVQcow2State` under `s->lock`.
+pub(crate) struct Meta {
+    /// The active L1 table, decoded.
+    l1: Vec<u64>,
+    /// Host offset of the active L1 table.
+    l1_offset: u64,
+    l2_cache: cache::TableCache,
+    /// Refcount state; `None` for a read-only image (refcounts are never read then).
+    rc: Option<Refcounts>,
+    /// Claimed guest ranges of writes in flight, cluster aligned (see the module doc).
+    claims: Vec<(u64, u64)>,
 }
 
 /// The qcow2 format over a child (the file driver). QEMU: `BDRVQcow2State`.
 pub struct Qcow2Driver {
     child: Arc<dyn BlockDriver>,
-    /// Read-only view of the child that pads unaligned metadata reads.
+    /// View of the child that pads unaligned I/O (O_DIRECT); growable when writable.
     file: BlockBackend,
-    /// Length of the child at open (the image is read-only, so it does not change under us).
-    file_len: u64,
+    /// The child needs no alignment: talk to it directly (no padding, no growth bookkeeping).
+    direct: bool,
+    /// Host bytes that may hold data: the file length at open, raised by every write past it.
+    /// Relaxed: every reader of a cluster learned of it under `meta`, which orders the update.
+    host_len: AtomicU64,
+    /// The header as opened (size and table locations live in `size` and `meta`).
     header: Header,
-    /// The active L1 table, decoded.
-    l1: Vec<u64>,
-    l2_cache: Mutex<L2Cache>,
-    /// Set once metadata was found inconsistent. Relaxed: only a report, orders nothing.
+    read_only: bool,
+    /// The virtual size. Release/Acquire: a thread that sees a new size sees the L1 table that
+    /// covers it (written under `meta` before the store).
+    size: AtomicU64,
+    meta: CoMutex<Meta>,
+    /// Writes waiting for an overlapping claim to go away.
+    claim_waiters: CoQueue,
+    /// Set once metadata was found inconsistent. Relaxed: a flag checked before writes; the
+    /// header write it triggers is ordered by its own I/O.
     corrupt: AtomicBool,
     /// The backing file (`backing.rs`), opened by [`Qcow2Driver::open_chain`].
     backing: Option<backing::Backing>,
 }
 
 impl Qcow2Driver {
-    /// Opens a qcow2 image over `child`: reads and validates the header and loads the L1 table.
-    /// Runs its reads on the calling thread when called outside a coroutine. Errors say what is
-    /// wrong or unsupported but do not name the file (the caller does). An image with a backing
-    /// file is refused: [`Qcow2Driver::open_chain`] knows where to look for it. QEMU:
-    /// `qcow2_open()`.
+    /// Opens a qcow2 image over `child` with default cache sizes; writable when the child is.
+    /// See [`Qcow2Driver::open_with`].
     pub fn open(child: Arc<dyn BlockDriver>) -> Result<Qcow2Driver> {
-        let driver = Qcow2Driver::open_node(child)?;
+        Qcow2Driver::open_with(child, &Qcow2Options::default())
+    }
+
+    /// Opens a qcow2 image over `child`: reads and validates the header, loads the L1 table
+    /// and, when the child is writable, the refcount table (and refuses dirty images and
+    /// refcount widths other than 16 bits). Runs its I/O on the calling thread when called
+    /// outside a coroutine. Errors say what is wrong or unsupported but do not name the file
+    /// (the caller does). An image with a backing file is refused: [`Qcow2Driver::open_chain`]
+    /// knows where to look for it. QEMU: `qcow2_open()`.
+    pub fn open_with(child: Arc<dyn BlockDriver>, opts: &Qcow2Options) -> Result<Qcow2Driver> {
+        let driver = Qcow2Driver::open_node(child, opts)?;
         match &driver.header.backing_file {
             Some(name) => Err(backing::needs_chain(name)),
             None => Ok(driver),
         }
     }
 
-    /// [`Qcow2Driver::open`] without looking at the backing file (left unopened).
-    fn open_node(child: Arc<dyn BlockDriver>) -> Result<Qcow2Driver> {
+    /// [`Qcow2Driver::open_with`] without looking at the backing file (left unopened).
+    fn open_node(child: Arc<dyn BlockDriver>, opts: &Qcow2Options) -> Result<Qcow2Driver> {
+        let read_only = child.is_read_only();
         let file = BlockBackend::new(
             child.clone(),
             BackendOptions {
-                read_only: true,
-                growable: false,
+                read_only,
+                growable: !read_only,
             },
         )?;
+        let direct = child.request_alignment() <= 1 && child.min_mem_alignment() <= 1;
         let file_len = file.size();
         let mut head = vec![0u8; file_len.min(512) as usize];
         file.co_pread(0, &mut head)?;
@@ -143,29 +229,47 @@ impl Qcow2Driver {
             file.co_pread(0, &mut head)?;
         }
         let header = Header::parse(&head, file_len)?;
+        if !read_only {
+            check_writable(&header)?;
+        }
         let mut raw_l1 = vec![0u8; header.l1_size as usize * 8];
         file.co_pread(header.l1_table_offset, &mut raw_l1)?;
-        let l1 = raw_l1
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8-byte chunk")))
+        let l1 = (0..header.l1_size as usize)
+            .map(|i| cache::get_u64(&raw_l1, i))
             .collect();
-        let capacity = (L2_CACHE_BYTES / header.cluster_size()).clamp(1, L2_CACHE_TABLES) as usize;
-        Ok(Qcow2Driver {
+        let cs = header.cluster_size();
+        let tables = |bytes: u64| (bytes / cs).clamp(1, MAX_CACHED_TABLES) as usize;
+        let driver = Qcow2Driver {
             child,
             file,
-            file_len,
-            header,
-            l1,
-            l2_cache: Mutex::new(L2Cache {
-                capacity,
-                tables: Vec::new(),
+            direct,
+            host_len: AtomicU64::new(file_len),
+            size: AtomicU64::new(header.size),
+            read_only,
+            meta: CoMutex::new(Meta {
+                l1,
+                l1_offset: header.l1_table_offset,
+                l2_cache: cache::TableCache::new(tables(opts.l2_cache_bytes)),
+                rc: None,
+                claims: Vec::new(),
             }),
+            claim_waiters: CoQueue::new(),
             corrupt: AtomicBool::new(false),
+            header,
             backing: None,
-        })
+        };
+        if !read_only {
+            let rc = driver.load_refcount_table(tables(opts.refcount_cache_bytes))?;
+            driver.meta.co_lock().rc = Some(rc);
+            if driver.header.autoclear_features != 0 {
+                // Bitmaps and other autoclear features become stale as soon as we write.
+                driver.co_write_host(header::FIELD_AUTOCLEAR, &[0u8; 8])?;
+            }
+        }
+        Ok(driver)
     }
 
-    /// The validated header.
+    /// The validated header as opened (the size and table locations may have changed since).
     pub fn header(&self) -> &Header {
         &self.header
     }
@@ -175,107 +279,69 @@ impl Qcow2Driver {
         self.corrupt.load(Ordering::Relaxed)
     }
 
-    /// Reports corruption once and returns the error for the request.
+    fn cluster_size(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    /// Reports corruption once (and, on a writable v3 image, sets the header's corrupt bit) and
+    /// returns the error for the request. QEMU: `qcow2_signal_corruption()`.
     #[cold]
     fn signal_corruption(&self, why: String) -> BlockError {
         if !self.corrupt.swap(true, Ordering::Relaxed) {
             log::error!("qcow2: image is corrupt: {why}; further corruption is not reported");
+            if !self.read_only && self.header.version >= 3 {
+                let bits = self.header.incompatible_features | header::INCOMPAT_CORRUPT;
+                if let Err(e) = self.co_write_host(header::FIELD_INCOMPATIBLE, &bits.to_be_bytes())
+                {
+                    log::error!("qcow2: cannot set the corrupt bit: {e}");
+                }
+            }
         }
         BlockError::Corrupt(format!("qcow2: {why}"))
     }
 
     /// Checks that a metadata or data cluster at `offset` is aligned and starts in the file.
     fn check_host_cluster(&self, offset: u64, what: &str) -> Result<()> {
-        if offset % self.header.cluster_size() != 0 {
+        if offset % self.cluster_size() != 0 {
             return Err(
                 self.signal_corruption(format!("{what} offset {offset:#x} is not cluster aligned"))
             );
         }
-        if offset >= self.file_len {
+        let len = self.host_len.load(Ordering::Relaxed);
+        if offset >= len {
             return Err(self.signal_corruption(format!(
-                "{what} offset {offset:#x} is beyond the end of the file ({} bytes)",
-                self.file_len
+                "{what} offset {offset:#x} is beyond the end of the file ({len} bytes)"
             )));
         }
         Ok(())
     }
 
-    /// The L2 table at host offset `l2_offset`, from the cache or the file (read without the
-    /// cache lock held).
-    fn co_l2_table(&self, l2_offset: u64) -> Result<Arc<[u64]>> {
-        let lock = || self.l2_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = lock().get(l2_offset) {
-            return Ok(t);
+    /// Checks that `[host, host+len)`, about to be written as `what`, does not overlap the
+    /// header, the L1 table or the refcount table. QEMU: `qcow2_check_metadata_overlap()`
+    /// (a subset: refcount blocks and snapshot tables are not checked).
+    fn check_no_overlap(&self, m: &Meta, host: u64, len: u64, what: &str) -> Result<()> {
+        let cs = self.cluster_size();
+        let overlaps =
+            |start: u64, bytes: u64| bytes > 0 && host < start + bytes && start < host + len;
+        let mut hit = overlaps(0, cs).then_some("the header");
+        if overlaps(m.l1_offset, m.l1.len() as u64 * 8) {
+            hit = Some("the L1 table");
         }
-        let cs = self.header.cluster_size();
-        if !matches!(l2_offset.checked_add(cs), Some(end) if end <= self.file_len) {
-            return Err(self.signal_corruption(format!(
-                "L2 table at {l2_offset:#x} extends beyond the end of the file"
-            )));
-        }
-        let mut raw = vec![0u8; cs as usize];
-        self.file.co_pread(l2_offset, &mut raw)?;
-        let table: Arc<[u64]> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8-byte chunk")))
-            .collect();
-        lock().insert(l2_offset, table.clone());
-        Ok(table)
-    }
-
-    /// Maps the guest cluster containing `offset` (< size). QEMU: `qcow2_get_host_offset()`.
-    pub fn co_lookup(&self, offset: u64) -> Result<Mapping> {
-        let bits = self.header.cluster_bits;
-        let l2_entries = self.header.l2_entries();
-        let cluster = offset >> bits;
-        let l1_index = cluster / l2_entries;
-        let l2_index = (cluster % l2_entries) as usize;
-        let Some(&l1_entry) = self.l1.get(l1_index as usize) else {
-            // The header check guarantees coverage; stay safe anyway.
-            return Err(self.signal_corruption(format!("offset {offset} beyond the L1 table")));
-        };
-        let l2_offset = l1_entry & OFFSET_MASK;
-        if l2_offset == 0 {
-            return Ok(Mapping::Unallocated);
-        }
-        self.check_host_cluster(l2_offset, "L2 table")?;
-        let entry = self.co_l2_table(l2_offset)?[l2_index];
-        self.decode_l2_entry(entry)
-    }
-
-    /// QEMU: `qcow2_get_cluster_type()` (no subclusters).
-    fn decode_l2_entry(&self, entry: u64) -> Result<Mapping> {
-        let bits = self.header.cluster_bits;
-        if entry & OFLAG_COMPRESSED != 0 {
-            // qcow2.txt: x = 62 - (cluster_bits - 8); bits 0..x-1 offset, x..61 extra sectors.
-            let x = 62 - (bits - 8);
-            let host = entry & ((1u64 << x) - 1);
-            let sectors = ((entry & ((1u64 << 62) - 1)) >> x) + 1;
-            if host >= self.file_len {
-                return Err(self.signal_corruption(format!(
-                    "compressed cluster at {host:#x} is beyond the end of the file"
-                )));
+        if let Some(rc) = &m.rc {
+            if overlaps(rc.table_offset, rc.table_clusters * cs) {
+                hit = Some("the refcount table");
             }
-            return Ok(Mapping::Compressed(host, sectors * 512 - (host & 511)));
         }
-        let host = entry & OFFSET_MASK;
-        if entry & OFLAG_ZERO != 0 {
-            if self.header.version < 3 {
-                return Err(
-                    self.signal_corruption("zero cluster entry found in a version 2 image".into())
-                );
+        match hit {
+            None => Ok(()),
+            Some(t) => {
+                Err(self.signal_corruption(format!("{what} at {host:#x} would overwrite {t}")))
             }
-            return Ok(Mapping::Zero);
         }
-        if host == 0 {
-            return Ok(Mapping::Unallocated);
-        }
-        self.check_host_cluster(host, "data cluster")?;
-        Ok(Mapping::Data(host))
     }
 
     fn check_request(&self, offset: u64, len: u64) -> Result<()> {
-        let size = self.header.size;
+        let size = self.size.load(Ordering::Acquire);
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
             _ => Err(BlockError::OutOfRange { offset, len, size }),
@@ -285,11 +351,50 @@ impl Qcow2Driver {
     /// Reads `buf.len()` bytes of the host file at `host`; bytes past its end read as zeros
     /// (a data cluster whose tail was never written).
     fn co_read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
-        let avail = self.file_len.saturating_sub(host).min(buf.len() as u64) as usize;
+        let len = self.host_len.load(Ordering::Relaxed);
+        let avail = len.saturating_sub(host).min(buf.len() as u64) as usize;
         let (inside, past) = buf.split_at_mut(avail);
         past.fill(0);
-        self.file.co_pread(host, inside)
+        if inside.is_empty() {
+            return Ok(());
+        }
+        if self.direct {
+            self.child.co_preadv(host, inside)
+        } else {
+            self.file.co_pread(host, inside)
+        }
     }
+
+    /// Writes `buf` to the host file at `host` (data or metadata), growing the file as needed.
+    fn co_write_host(&self, host: u64, buf: &[u8]) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        if self.direct {
+            self.child.co_pwritev(host, buf)?;
+        } else {
+            self.file.co_pwrite(host, buf)?;
+        }
+        self.host_len
+            .fetch_max(host + buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes metadata: refused once the image is known to be corrupt.
+    fn co_write_meta(&self, host: u64, buf: &[u8]) -> Result<()> {
+        if self.is_corrupt() {
+            return Err(BlockError::Corrupt(
+                "qcow2: the image was found corrupt; no more metadata writes (run 'qemu-img check -r all')".into(),
+            ));
+        }
+        self.co_write_host(host, buf)
+    }
+
+    /// `fdatasync` of the file, as a barrier between dependent metadata updates.
+    fn co_flush_host(&self) -> Result<()> {
+        self.child.co_flush()
+    }
+
 
     /// Reads the compressed cluster at `host` (at most `len` bytes), inflates it and copies
     /// `buf.len()` bytes from `skip` into `buf`. QEMU: `qcow2_co_preadv_compressed()`.
@@ -297,7 +402,7 @@ impl Qcow2Driver {
     fn co_read_compressed(&self, host: u64, len: u64, skip: u64, buf: &mut [u8]) -> Result<()> {
         let mut input = vec![0u8; len as usize];
         self.co_read_host(host, &mut input)?;
-        let mut cluster = vec![0u8; self.header.cluster_size() as usize];
+        let mut cluster = vec![0u8; self.cluster_size() as usize];
         let ctype = self.header.compression_type;
         decompress::decompress(ctype, &input, &mut cluster).map_err(|why| {
             self.signal_corruption(format!("compressed cluster at {host:#x}: {why}"))
@@ -306,6 +411,41 @@ impl Qcow2Driver {
         buf.copy_from_slice(&cluster[skip..skip + buf.len()]);
         Ok(())
     }
+
+    /// Reads guest bytes `[guest, guest + buf.len())`, all inside one cluster mapped as `m`.
+    fn co_read_mapping(&self, m: Mapping, guest: u64, buf: &mut [u8]) -> Result<()> {
+        let in_cluster = guest % self.cluster_size();
+        match m {
+            Mapping::Zero => {
+                buf.fill(0);
+                Ok(())
+            }
+            Mapping::Unallocated => self.co_read_below(guest, buf),
+            Mapping::Data(host) => self.co_read_host(host + in_cluster, buf),
+            Mapping::Compressed(host, len) => self.co_read_compressed(host, len, in_cluster, buf),
+        }
+    }
+}
+
+/// What a writable open refuses (read-only opens accept both). QEMU refuses other refcount
+/// widths nowhere; we implement 16 bits only.
+fn check_writable(h: &Header) -> Result<()> {
+    if h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
+        return Err(BlockError::Invalid(
+            "qcow2: the image is dirty (its refcounts may be stale, e.g. lazy refcounts after a \
+             crash); repair it with 'qemu-img check -r all' before opening it for writing, or \
+             open it read-only"
+                .into(),
+        ));
+    }
+    if h.refcount_order != 4 {
+        return Err(BlockError::Invalid(format!(
+            "qcow2: refcount_bits={} is not supported for writing (only 16); open the image \
+             read-only or convert it with 'qemu-img convert -O qcow2 -o refcount_bits=16'",
+            1u32 << h.refcount_order
+        )));
+    }
+    Ok(())
 }
 
 impl BlockDriver for Qcow2Driver {
@@ -314,68 +454,61 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn getlength(&self) -> u64 {
-        self.header.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn is_read_only(&self) -> bool {
-        true
+        self.read_only
     }
 
-    /// Splits the request by clusters; contiguous data clusters become one read of the child.
+    /// Splits the request into runs of clusters with the same kind of mapping (contiguous data
+    /// clusters become one read of the child); each run is planned under the lock and read
+    /// without it.
     fn co_preadv(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_request(offset, buf.len() as u64)?;
-        let cs = self.header.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let mapping = self.co_lookup(pos)?;
-            // Extend the run while the next clusters continue it.
-            let mut run = (cs - pos % cs).min((buf.len() - done) as u64);
-            while done as u64 + run < buf.len() as u64 {
-                let next = pos + run;
-                let more = (buf.len() - done) as u64 - run;
-                let step = cs.min(more);
-                let continues = match (mapping, self.co_lookup(next)?) {
-                    (Mapping::Zero, Mapping::Zero)
-                    | (Mapping::Unallocated, Mapping::Unallocated) => true,
-                    (Mapping::Zero, Mapping::Unallocated)
-                    | (Mapping::Unallocated, Mapping::Zero) => !self.has_backing(),
-                    (Mapping::Data(h), Mapping::Data(n)) => n == h + pos % cs + run,
-                    _ => false,
-                };
-                if !continues {
-                    break;
-                }
-                run += step;
-            }
+            let (mapping, run) = {
+                let mut m = self.meta.co_lock();
+                self.co_map_run(&mut m, pos, (buf.len() - done) as u64)?
+            };
             let chunk = &mut buf[done..done + run as usize];
             match mapping {
+                Mapping::Compressed(..) => self.co_read_mapping(mapping, pos, chunk)?,
+                Mapping::Data(host) => {
+                    self.co_read_host(host + pos % self.cluster_size(), chunk)?
+                }
                 Mapping::Zero => chunk.fill(0),
                 Mapping::Unallocated => self.co_read_below(pos, chunk)?,
-                Mapping::Data(host) => self.co_read_host(host + pos % cs, chunk)?,
-                Mapping::Compressed(host, len) => {
-                    self.co_read_compressed(host, len, pos % cs, chunk)?
-                }
             }
             done += run as usize;
         }
         Ok(())
     }
 
-    fn co_pwritev(&self, _offset: u64, _buf: &[u8]) -> Result<()> {
-        Err(BlockError::ReadOnly)
+    fn co_pwritev(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.co_write(offset, buf)
     }
 
+    /// Caches are write-through: the file gets an `fdatasync`; then the deferred frees are
+    /// applied and the reserved clusters returned (and flushed), so that a flushed image that
+    /// is not written again checks clean. QEMU: `qcow2_co_flush_to_os()` +
+    /// `bdrv_co_flush(bs->file)`.
     fn co_flush(&self) -> Result<()> {
-        Ok(())
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.meta.co_lock();
+        self.co_release_locked(&mut m, true)
     }
 
-    fn co_pwrite_zeroes(&self, _offset: u64, _len: u64, _may_unmap: bool) -> Result<()> {
-        Err(BlockError::ReadOnly)
+    fn co_pwrite_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.co_zero(offset, len, may_unmap)
     }
 
-    fn co_pdiscard(&self, _offset: u64, _len: u64) -> Result<()> {
-        Err(BlockError::ReadOnly)
+    fn co_pdiscard(&self, offset: u64, len: u64) -> Result<()> {
+        self.co_discard(offset, len)
     }
 
     /// Data for allocated (and compressed) clusters; Zero for zero clusters; for unallocated
@@ -383,32 +516,36 @@ impl BlockDriver for Qcow2Driver {
     /// `qcow2_co_block_status()`.
     fn co_block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
         self.check_request(offset, len)?;
-        let cs = self.header.cluster_size();
+        let cs = self.cluster_size();
         let has_backing = self.has_backing();
         let status = |m: Mapping| match m {
             Mapping::Data(_) | Mapping::Compressed(..) => BlockStatus::Data,
             Mapping::Unallocated if has_backing => BlockStatus::Unallocated,
             Mapping::Zero | Mapping::Unallocated => BlockStatus::Zero,
         };
-        let first = status(self.co_lookup(offset)?);
+        let mut m = self.meta.co_lock();
+        let first = status(self.co_lookup_locked(&mut m, offset)?);
         // At most to the end of this L2 table's range, as QEMU does: callers loop.
         let per_l2 = cs * self.header.l2_entries();
         let len = len.min(per_l2 - offset % per_l2);
         let mut n = (cs - offset % cs).min(len);
         // A bad entry further on ends the extent; the caller's next call reports it.
-        while n < len && matches!(self.co_lookup(offset + n), Ok(m) if status(m) == first) {
+        while n < len
+            && matches!(self.co_lookup_locked(&mut m, offset + n), Ok(s) if status(s) == first)
+        {
             n = (n + cs).min(len);
         }
         Ok((first, n))
     }
 
-    fn co_truncate(&self, _size: u64) -> Result<()> {
-        Err(BlockError::ReadOnly)
+    fn co_truncate(&self, size: u64) -> Result<()> {
+        self.co_resize(size)
     }
 
     fn close(&self) -> Result<()> {
+        let flushed = self.co_flush();
         self.close_backing();
-        self.child.close()
+        self.child.close().and(flushed)
     }
 
     fn backing_node(&self) -> Option<&dyn BlockDriver> {

@@ -1,0 +1,149 @@
+//! Truncate: growing the virtual size (moving the L1 table to a bigger one when it no longer
+//! covers it) and shrinking it when nothing allocated would be lost.
+//!
+//! QEMU: `block/qcow2.c` `qcow2_co_truncate()`, `block/qcow2-cluster.c` `qcow2_grow_l1_table()`.
+//!
+//! Growing past the L1 table's coverage: allocate clusters for a bigger table, write the old
+//! entries and zeros there, `fdatasync`, then write the header's `l1_size` and
+//! `l1_table_offset` (adjacent fields, one write), then the size, then free the old table. A
+//! crash before the header write leaks the new table; after it, the bigger table simply covers
+//! more than the size. Growing also zeroes the bytes between the old size and the end of its
+//! last cluster if that cluster is allocated, so the new range reads as zeros.
+//!
+//! Shrinking is refused when the image has internal snapshots (as QEMU does). Otherwise it
+//! keeps the L1 table (it may cover more than the size) and refuses, with
+//! [`BlockError::Invalid`] (EINVAL), when a cluster wholly past the new end still holds data.
+//! QEMU discards such clusters instead; refusing is the safer choice for an export, where a
+//! stray `truncate -s` would otherwise destroy data.
+
+use std::sync::atomic::Ordering;
+
+use super::cluster::Mapping;
+use super::header::{FIELD_L1_SIZE, FIELD_SIZE, MAX_L1_BYTES};
+use super::{Meta, Qcow2Driver};
+use crate::{BlockError, Result};
+
+impl Qcow2Driver {
+    /// Changes the virtual size. QEMU: `qcow2_co_truncate()` (`PREALLOC_MODE_OFF`).
+    pub(super) fn co_resize(&self, size: u64) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        if self.is_corrupt() {
+            return Err(BlockError::Corrupt(
+                "qcow2: the image was found corrupt; resizing is refused".into(),
+            ));
+        }
+        // Waits for every write in flight, and keeps new ones out.
+        let _claim = self.co_claim(0, u64::MAX - self.cluster_size());
+        let old = self.size.load(Ordering::Acquire);
+        if size == old {
+            return Ok(());
+        }
+        if size < old {
+            if self.header.nb_snapshots > 0 {
+                return Err(BlockError::Invalid(
+                    "qcow2: cannot shrink an image that has internal snapshots".into(),
+                ));
+            }
+            let mut m = self.meta.co_lock();
+            self.co_check_shrink(&mut m, size, old)?;
+            self.co_write_meta(FIELD_SIZE, &size.to_be_bytes())?;
+            self.size.store(size, Ordering::Release);
+            return Ok(());
+        }
+        let cs = self.cluster_size();
+        let per_l2 = cs * self.header.l2_entries();
+        let entries = size.div_ceil(per_l2);
+        if entries * 8 > MAX_L1_BYTES {
+            return Err(BlockError::Invalid(format!(
+                "qcow2: {size} bytes needs an L1 table larger than {MAX_L1_BYTES} bytes"
+            )));
+        }
+        {
+            let mut m = self.meta.co_lock();
+            if entries > m.l1.len() as u64 {
+                self.co_grow_l1(&mut m, entries)?;
+            }
+        }
+        if old % cs != 0 {
+            let allocated = {
+                let mut m = self.meta.co_lock();
+                !matches!(
+                    self.co_lookup_locked(&mut m, old)?,
+                    Mapping::Zero | Mapping::Unallocated
+                )
+            };
+            if allocated {
+                let n = (cs - old % cs).min(size - old);
+                self.co_write_claimed(old, &vec![0u8; n as usize])?;
+            }
+        }
+        self.co_write_meta(FIELD_SIZE, &size.to_be_bytes())?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+
+    /// Refuses a shrink from `old` to `size` that would drop an allocated cluster.
+    fn co_check_shrink(&self, m: &mut Meta, size: u64, old: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let per_l2 = cs * self.header.l2_entries();
+        let mut pos = size.div_ceil(cs) * cs;
+        while pos < old {
+            let (l1_index, _) = self.l1_l2_index(pos);
+            if m.l1
+                .get(l1_index)
+                .is_some_and(|e| e & super::OFFSET_MASK == 0)
+            {
+                pos = (pos / per_l2 + 1) * per_l2; // a whole unallocated L2 range
+                continue;
+            }
+            let entry = self.co_l2_entry(m, pos)?;
+            if matches!(
+                self.decode_l2_entry(entry)?,
+                Mapping::Data(_) | Mapping::Compressed(..)
+            ) {
+                return Err(BlockError::Invalid(format!(
+                    "qcow2: cannot shrink to {size} bytes: guest offset {pos} still holds data \
+                     (discard it first)"
+                )));
+            }
+            pos += cs;
+        }
+        Ok(())
+    }
+
+    /// Moves the L1 table to a new one of `entries` entries. QEMU: `qcow2_grow_l1_table()`.
+    #[cold]
+    fn co_grow_l1(&self, m: &mut Meta, entries: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let bytes = (entries * 8).div_ceil(cs) * cs;
+        let clusters = bytes / cs;
+        let mut raw = vec![0u8; bytes as usize];
+        for (i, e) in m.l1.iter().enumerate() {
+            raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        let new = self.co_alloc_clusters(m, clusters)?;
+        let res = self
+            .co_write_meta(new, &raw)
+            .and_then(|()| self.co_flush_host())
+            .and_then(|()| {
+                let mut fields = [0u8; 12];
+                fields[..4].copy_from_slice(&(entries as u32).to_be_bytes());
+                fields[4..].copy_from_slice(&new.to_be_bytes());
+                self.co_write_meta(FIELD_L1_SIZE, &fields)
+            })
+            .and_then(|()| self.co_flush_host()); // the new L1 is in place before the size grows
+        if let Err(e) = res {
+            self.co_free_quietly(m, new, clusters);
+            return Err(e);
+        }
+        let (old_offset, old_len) = (m.l1_offset, m.l1.len() as u64);
+        m.l1.resize(entries as usize, 0);
+        m.l1_offset = new;
+        if old_len > 0 && old_offset != 0 {
+            self.defer_free(m, old_offset, (old_len * 8).div_ceil(cs));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,835 @@
+//! The writable qcow2 driver against the real `qemu-img`: random writes of odd sizes and
+//! offsets (some concurrent, from several threads) applied both through the driver and to an
+//! in-memory raw oracle, then `qemu-img check` must be clean and `qemu-img compare` must find
+//! the image identical to the oracle. Also zero writes, discard, truncate, internal snapshots,
+//! compressed clusters, and what a writable open refuses.
+//!
+//! Needs `qemu-img` and `qemu-io` in PATH: without them each test says SKIPPED loudly, and fails
+//! when `CI=true`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use block::{open_image, BlockBackend, BlockError, Format, OpenOptions};
+use common::{co, disk_dir, skip};
+
+const MIB: u64 = 1 << 20;
+
+/// A tiny xorshift64 generator: reproducible, no dependency.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let fill = self.next();
+        let mut x = fill | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+}
+
+fn have_qemu(test: &str) -> bool {
+    let ok = ["qemu-img", "qemu-io"].iter().all(|tool| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: qemu-img/qemu-io are required when CI=true"
+        );
+        skip(test, "qemu-img or qemu-io not found");
+    }
+    ok
+}
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().expect("run a qemu tool");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn create(dir: &Path, name: &str, opts: &str, size: u64) -> PathBuf {
+    let path = dir.join(name);
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", opts])
+        .arg(&path)
+        .arg(size.to_string()));
+    path
+}
+
+fn qemu_io(path: &Path, cmds: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "qcow2"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    run(cmd.arg(path));
+}
+
+/// `qemu-img convert -O raw`, read back.
+fn raw_bytes(path: &Path) -> Vec<u8> {
+    let raw = path.with_extension("convert.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(path)
+        .arg(&raw));
+    let bytes = std::fs::read(&raw).expect("read the converted image");
+    std::fs::remove_file(&raw).expect("remove it");
+    bytes
+}
+
+/// `qemu-img check` must report no errors and no leaks (exit 0).
+fn check_clean(path: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(path)
+        .output()
+        .expect("run qemu-img check");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "qemu-img check {}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img compare` of the image with a raw oracle must say identical (exit 0).
+fn compare(path: &Path, oracle: &[u8]) {
+    let raw = path.with_extension("oracle.raw");
+    std::fs::write(&raw, oracle).expect("write the oracle");
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(&raw)
+        .arg(path)
+        .output()
+        .expect("run qemu-img compare");
+    std::fs::remove_file(&raw).expect("remove the oracle");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "qemu-img compare oracle {}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn open_rw(path: &Path) -> Arc<BlockBackend> {
+    let blk = open_image(path, &OpenOptions::default()).expect("open the qcow2 image read-write");
+    assert_eq!(blk.format_name(), "qcow2");
+    assert!(!blk.is_read_only());
+    blk
+}
+
+/// Closes (flushes) the backend; the file and its locks go with the last reference.
+fn close(blk: Arc<BlockBackend>) {
+    blk.close().expect("close");
+    drop(blk);
+}
+
+/// A request length: tiny, sub-cluster, odd hundreds of KiB, or a whole 1 MiB + a bit.
+fn odd_len(rng: &mut XorShift) -> u64 {
+    match rng.below(4) {
+        0 => 1 + rng.below(4096),
+        1 => 1 + rng.below(70_000),
+        2 => 1 + rng.below(300_000),
+        _ => MIB + rng.below(3) * 7,
+    }
+}
+
+/// `count` writes of random bytes at random places, through the driver and into `oracle`.
+fn random_writes(blk: &Arc<BlockBackend>, oracle: &mut [u8], seed: u64, count: usize) {
+    let size = oracle.len() as u64;
+    let mut rng = XorShift(seed);
+    let mut reqs = Vec::new();
+    for _ in 0..count {
+        let off = rng.below(size);
+        let len = odd_len(&mut rng).min(size - off);
+        let data = rng.bytes(len as usize);
+        oracle[off as usize..(off + len) as usize].copy_from_slice(&data);
+        reqs.push((off, data));
+    }
+    let b = blk.clone();
+    co(move || {
+        for (off, data) in reqs {
+            b.co_pwrite(off, &data)
+                .unwrap_or_else(|e| panic!("write {off}+{}: {e}", data.len()));
+        }
+    });
+}
+
+/// Disjoint stripes of an odd size (neighbours share clusters) written concurrently by
+/// coroutines on `threads` iothreads, in a shuffled order.
+fn concurrent_stripes(blk: &Arc<BlockBackend>, oracle: &mut [u8], seed: u64, threads: usize) {
+    let size = oracle.len() as u64;
+    let mut rng = XorShift(seed);
+    let stripe = (20_000 + rng.below(50_000)) | 1;
+    let workers = threads * 2;
+    let mut jobs: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); workers];
+    let mut off = rng.below(stripe);
+    let mut i = 0;
+    while off < size {
+        let len = stripe.min(size - off);
+        if rng.below(3) > 0 {
+            let data = rng.bytes(len as usize);
+            oracle[off as usize..(off + len) as usize].copy_from_slice(&data);
+            jobs[i % workers].push((off, data));
+        }
+        off += len;
+        i += 1;
+    }
+    for j in jobs.iter_mut() {
+        for k in (1..j.len()).rev() {
+            j.swap(k, rng.below(k as u64 + 1) as usize);
+        }
+    }
+    let iothreads: Vec<runtime::IoThread> = (0..threads)
+        .map(|t| runtime::IoThread::spawn(&format!("w{t}")).expect("iothread"))
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (w, job) in jobs.into_iter().enumerate() {
+        let (b, tx) = (blk.clone(), tx.clone());
+        iothreads[w % threads].spawn_co(move || {
+            let mut res = Ok(());
+            for (off, data) in job {
+                if let Err(e) = b.co_pwrite(off, &data) {
+                    res = Err(format!("write {off}+{}: {e}", data.len()));
+                    break;
+                }
+            }
+            let _ = tx.send(res);
+        });
+    }
+    drop(tx);
+    for r in rx.iter() {
+        r.expect("a concurrent write failed");
+    }
+    for t in iothreads {
+        t.stop();
+    }
+    assert_eq!(blk.in_flight(), 0);
+}
+
+/// Reads the whole image through the driver.
+fn read_back(blk: &Arc<BlockBackend>) -> Vec<u8> {
+    let b = blk.clone();
+    co(move || {
+        let size = b.size();
+        let mut out = vec![0u8; size as usize];
+        let mut pos = 0;
+        while pos < size {
+            let n = (size - pos).min(3 * MIB + 11);
+            b.co_pread(pos, &mut out[pos as usize..(pos + n) as usize])
+                .unwrap_or_else(|e| panic!("read {pos}+{n}: {e}"));
+            pos += n;
+        }
+        out
+    })
+}
+
+/// Zero writes (with and without unmap) and discards of random ranges; the oracle follows:
+/// zeroed bytes read zero, discard zeroes whole clusters only.
+fn zeroes_and_discards(blk: &Arc<BlockBackend>, oracle: &mut [u8], cs: u64, seed: u64) {
+    let size = oracle.len() as u64;
+    let mut rng = XorShift(seed);
+    let mut ops = Vec::new();
+    for i in 0..12 {
+        let off = rng.below(size);
+        let len = (1 + rng.below(4 * cs + 300_000)).min(size - off);
+        let discard = i % 3 == 2;
+        if discard {
+            let start = off.div_ceil(cs) * cs;
+            let end = if off + len == size {
+                size
+            } else {
+                (off + len) / cs * cs
+            };
+            if start < end {
+                oracle[start as usize..end as usize].fill(0);
+            }
+        } else {
+            oracle[off as usize..(off + len) as usize].fill(0);
+        }
+        ops.push((off, len, discard, i % 2 == 0));
+    }
+    let b = blk.clone();
+    co(move || {
+        for (off, len, discard, unmap) in ops {
+            let res = if discard {
+                b.co_pdiscard(off, len)
+            } else {
+                b.co_pwrite_zeroes(off, len, unmap)
+            };
+            res.unwrap_or_else(|e| panic!("zero/discard {off}+{len}: {e}"));
+        }
+    });
+}
+
+/// The main scenario for one cluster size and compat level.
+fn write_roundtrip(cluster_size: u64, compat: &str, size: u64) {
+    let test = format!("qcow2 write cluster_size={cluster_size} compat={compat}");
+    if !have_qemu(&test) {
+        return;
+    }
+    let dir = disk_dir();
+    let path = create(
+        dir.path(),
+        "w.qcow2",
+        &format!("cluster_size={cluster_size},compat={compat}"),
+        size,
+    );
+    // Some clusters written by QEMU first: we overwrite them in place.
+    qemu_io(
+        &path,
+        &[
+            "write -P 0xab 1M 300k",
+            &format!("write -P 0xcd {} 4k", size - 4096),
+        ],
+    );
+    let mut oracle = raw_bytes(&path);
+    let reftable = be64_at(&path, 48);
+    let blk = open_rw(&path);
+    random_writes(&blk, &mut oracle, cluster_size ^ 0x5eed, 60);
+    concurrent_stripes(&blk, &mut oracle, cluster_size + 1, 3);
+    zeroes_and_discards(&blk, &mut oracle, cluster_size, cluster_size + 2);
+    random_writes(&blk, &mut oracle, cluster_size + 3, 40);
+    assert!(read_back(&blk) == oracle, "{test}: bytes read back differ");
+    close(blk);
+    check_clean(&path);
+    compare(&path, &oracle);
+    if cluster_size == 512 {
+        // 512-byte clusters: one refcount table cluster covers 8 MiB of file, so this image
+        // outgrew it and the table was moved.
+        assert_ne!(
+            be64_at(&path, 48),
+            reftable,
+            "the refcount table was not moved"
+        );
+    }
+}
+
+#[test]
+fn write_cluster_512() {
+    write_roundtrip(512, "1.1", 12 * MIB);
+}
+
+#[test]
+fn write_cluster_4k() {
+    write_roundtrip(4096, "1.1", 12 * MIB);
+}
+
+#[test]
+fn write_cluster_64k() {
+    write_roundtrip(65536, "1.1", 24 * MIB);
+}
+
+#[test]
+fn write_cluster_2m() {
+    write_roundtrip(2 << 20, "1.1", 24 * MIB);
+}
+
+#[test]
+fn write_version_2() {
+    write_roundtrip(65536, "0.10", 12 * MIB);
+}
+
+#[test]
+fn write_version_2_small_clusters() {
+    write_roundtrip(512, "0.10", 12 * MIB);
+}
+
+fn be64_at(path: &Path, offset: u64) -> u64 {
+    let bytes = std::fs::read(path).expect("read the image");
+    let at = offset as usize;
+    u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open to patch");
+    f.write_all_at(bytes, offset).expect("patch");
+}
+
+/// Writes after `qemu-img snapshot -c`: shared clusters and L2 tables are copied, the snapshot
+/// keeps the old contents.
+#[test]
+fn internal_snapshot_is_preserved() {
+    if !have_qemu("internal_snapshot_is_preserved") {
+        return;
+    }
+    let dir = disk_dir();
+    for (cs, compat) in [(65536u64, "1.1"), (4096, "1.1"), (65536, "0.10")] {
+        let size = 8 * MIB;
+        let path = create(
+            dir.path(),
+            &format!("snap-{cs}-{compat}.qcow2"),
+            &format!("cluster_size={cs},compat={compat}"),
+            size,
+        );
+        qemu_io(
+            &path,
+            &[
+                "write -P 0x11 0 3M",
+                "write -P 0x22 5M 1M",
+                "write -P 0x33 7M 100k",
+            ],
+        );
+        let before = raw_bytes(&path);
+        run(Command::new("qemu-img")
+            .args(["snapshot", "-c", "s1"])
+            .arg(&path));
+        let mut oracle = before.clone();
+        let blk = open_rw(&path);
+        let b = blk.clone();
+        co(move || {
+            let e = b
+                .co_truncate(size - MIB)
+                .expect_err("shrinking with snapshots");
+            assert!(e.to_string().contains("internal snapshots"), "{e}");
+        });
+        random_writes(&blk, &mut oracle, cs + 7, 40);
+        zeroes_and_discards(&blk, &mut oracle, cs, cs + 8);
+        concurrent_stripes(&blk, &mut oracle, cs + 9, 2);
+        close(blk);
+        check_clean(&path);
+        compare(&path, &oracle);
+        run(Command::new("qemu-img")
+            .args(["snapshot", "-a", "s1"])
+            .arg(&path));
+        check_clean(&path);
+        compare(&path, &before);
+        // And once more on top of the reverted image, then without the snapshot.
+        let mut oracle = before.clone();
+        let blk = open_rw(&path);
+        random_writes(&blk, &mut oracle, cs + 10, 20);
+        close(blk);
+        run(Command::new("qemu-img")
+            .args(["snapshot", "-d", "s1"])
+            .arg(&path));
+        check_clean(&path);
+        compare(&path, &oracle);
+    }
+}
+
+/// Partial overwrites of compressed clusters: copy-on-write from the inflated cluster, the
+/// compressed cluster's host clusters released.
+#[test]
+fn compressed_clusters_overwritten() {
+    if !have_qemu("compressed_clusters_overwritten") {
+        return;
+    }
+    let dir = disk_dir();
+    for cs in [4096u64, 65536] {
+        let size = 8 * MIB;
+        let src = create(dir.path(), "src.qcow2", &format!("cluster_size={cs}"), size);
+        qemu_io(
+            &src,
+            &[
+                "write -P 0x41 0 2M",
+                "write -P 0x42 3M 1M",
+                "write -P 0x43 6M 3k",
+            ],
+        );
+        let packed = dir.path().join(format!("packed-{cs}.qcow2"));
+        run(Command::new("qemu-img")
+            .args(["convert", "-c", "-f", "qcow2", "-O", "qcow2", "-o"])
+            .arg(format!("cluster_size={cs}"))
+            .arg(&src)
+            .arg(&packed));
+        std::fs::remove_file(&src).expect("remove the source");
+        let mut oracle = raw_bytes(&packed);
+        let blk = open_rw(&packed);
+        random_writes(&blk, &mut oracle, cs + 20, 30);
+        zeroes_and_discards(&blk, &mut oracle, cs, cs + 21);
+        assert!(
+            read_back(&blk) == oracle,
+            "compressed {cs}: bytes read back differ"
+        );
+        close(blk);
+        check_clean(&packed);
+        compare(&packed, &oracle);
+    }
+}
+
+/// Truncate: grow past the L1 table (which moves), shrink refused while data would be lost,
+/// allowed once it is discarded; the tail of the last cluster reads zeros after growing.
+#[test]
+fn truncate_grow_and_shrink() {
+    if !have_qemu("truncate_grow_and_shrink") {
+        return;
+    }
+    let dir = disk_dir();
+    for (cs, compat) in [(512u64, "1.1"), (65536, "1.1"), (4096, "0.10")] {
+        let size = MIB + 1536;
+        let path = create(
+            dir.path(),
+            &format!("t-{cs}.qcow2"),
+            &format!("cluster_size={cs},compat={compat}"),
+            size,
+        );
+        let l1_before = be64_at(&path, 40);
+        let blk = open_rw(&path);
+        let mut oracle = vec![0u8; size as usize];
+        random_writes(&blk, &mut oracle, cs + 30, 10);
+        let grown = 40 * MIB + 512;
+        let b = blk.clone();
+        co(move || {
+            // Shrink below written data: refused.
+            let e = b.co_truncate(4096).expect_err("data would be lost");
+            assert!(matches!(e, BlockError::Invalid(_)), "{e}");
+            assert_eq!(e.errno(), libc::EINVAL);
+            b.co_truncate(grown).expect("grow");
+        });
+        assert_eq!(blk.size(), grown);
+        oracle.resize(grown as usize, 0);
+        random_writes(&blk, &mut oracle, cs + 31, 20);
+        let b = blk.clone();
+        let small = 2 * MIB + 1024;
+        co(move || {
+            b.co_pdiscard(small, grown - small)
+                .expect("discard the tail");
+        });
+        // Discard is per whole cluster: bytes of a partial cluster stay. Write zeros there.
+        let b = blk.clone();
+        co(move || {
+            b.co_pwrite_zeroes(small, grown - small, true)
+                .expect("zero the tail");
+            b.co_truncate(small).expect("shrink");
+        });
+        oracle.truncate(small as usize);
+        assert_eq!(blk.size(), small);
+        assert!(read_back(&blk) == oracle, "bytes after truncate");
+        close(blk);
+        check_clean(&path);
+        compare(&path, &oracle);
+        let info = run(Command::new("qemu-img").arg("info").arg(&path));
+        let info = String::from_utf8_lossy(&info.stdout);
+        assert!(info.contains(&format!("{small} bytes")), "{info}");
+        if cs == 512 {
+            assert_ne!(be64_at(&path, 40), l1_before, "the L1 table was moved");
+        }
+    }
+}
+
+/// Growing from a size that is not a multiple of the cluster size: the rest of the old last
+/// cluster (written before, then cut off by a shrink) reads zeros again.
+#[test]
+fn grow_zeroes_the_old_tail() {
+    if !have_qemu("grow_zeroes_the_old_tail") {
+        return;
+    }
+    let dir = disk_dir();
+    let path = create(dir.path(), "tail.qcow2", "cluster_size=65536", MIB);
+    qemu_io(&path, &["write -P 0x77 0 1M"]);
+    let blk = open_rw(&path);
+    let b = blk.clone();
+    co(move || {
+        b.co_pdiscard(65536, MIB - 65536).expect("discard");
+        b.co_truncate(1000).expect("shrink into the first cluster");
+        b.co_truncate(MIB).expect("grow again");
+    });
+    let mut oracle = vec![0u8; MIB as usize];
+    oracle[..1000].fill(0x77);
+    assert!(read_back(&blk) == oracle);
+    close(blk);
+    check_clean(&path);
+    compare(&path, &oracle);
+}
+
+/// A dirty image (lazy refcounts after a crash) and 8-bit refcounts are refused for writing
+/// with a message saying what to do, and still open read-only.
+#[test]
+fn writable_open_refusals() {
+    if !have_qemu("writable_open_refusals") {
+        return;
+    }
+    let dir = disk_dir();
+    let dirty = create(dir.path(), "dirty.qcow2", "cluster_size=65536", MIB);
+    patch(&dirty, 79, &[1]); // incompatible bit 0: dirty
+    let narrow = create(dir.path(), "rc8.qcow2", "refcount_bits=8", MIB);
+    for (path, want) in [
+        (&dirty, "qemu-img check -r all"),
+        (&narrow, "refcount_bits=8"),
+    ] {
+        for format in [Format::Auto, Format::Qcow2] {
+            let opts = OpenOptions {
+                format,
+                ..OpenOptions::default()
+            };
+            let e = open_image(path, &opts).expect_err("writable open refused");
+            assert!(matches!(e, BlockError::Invalid(_)), "{e}");
+            assert!(e.to_string().contains(want), "{e}");
+            assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+        }
+        let ro = OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        let blk = open_image(path, &ro).expect("read-only open still works");
+        assert_eq!(read_back(&blk), vec![0u8; MIB as usize]);
+    }
+}
+
+/// An L2 entry pointing past the end of the file: the write fails with EIO, the image is
+/// marked corrupt (header bit) and later writes are refused; reads of other clusters work.
+#[test]
+fn corrupt_entry_stops_writes() {
+    if !have_qemu("corrupt_entry_stops_writes") {
+        return;
+    }
+    let dir = disk_dir();
+    let path = create(dir.path(), "bad.qcow2", "cluster_size=65536", 4 * MIB);
+    qemu_io(&path, &["write -P 0xab 1M 64k", "write -P 0xcd 2M 64k"]);
+    let l1 = be64_at(&path, 40);
+    let l2 = be64_at(&path, l1) & 0x00ff_ffff_ffff_fe00;
+    patch(
+        &path,
+        l2 + 16 * 8,
+        &((1u64 << 63) | (1u64 << 40)).to_be_bytes(),
+    );
+    let len_before = std::fs::metadata(&path).expect("stat").len();
+    let blk = open_rw(&path);
+    let b = blk.clone();
+    co(move || {
+        let e = b.co_pwrite(MIB + 100, &[1u8; 100]).expect_err("bad entry");
+        assert!(matches!(e, BlockError::Corrupt(_)), "{e}");
+        assert_eq!(e.errno(), libc::EIO);
+        let e = b
+            .co_pwrite(3 * MIB, &[1u8; 100])
+            .expect_err("image is corrupt now");
+        assert!(matches!(e, BlockError::Corrupt(_)), "{e}");
+        let mut buf = vec![0u8; 4096];
+        b.co_pread(2 * MIB, &mut buf)
+            .expect("other clusters still read");
+        assert!(buf.iter().all(|&x| x == 0xcd));
+    });
+    close(blk);
+    assert!(std::fs::metadata(&path).expect("stat").len() <= len_before + 65536);
+    assert_ne!(be64_at(&path, 72) & 2, 0, "the corrupt bit is set");
+    let e = open_image(&path, &OpenOptions::default()).expect_err("corrupt bit");
+    assert!(e.to_string().contains("qemu-img check -r all"), "{e}");
+}
+
+/// An image written by QEMU with several L2 tables, then opened with tiny caches: every
+/// table and refcount block is evicted and re-read many times.
+#[test]
+fn tiny_caches() {
+    if !have_qemu("tiny_caches") {
+        return;
+    }
+    let dir = disk_dir();
+    let size = 8 * MIB;
+    let path = create(dir.path(), "tiny.qcow2", "cluster_size=4096", size);
+    let child: Arc<dyn block::BlockDriver> = Arc::new(
+        block::FileDriver::open(&path, &block::FileOptions::default()).expect("open the file"),
+    );
+    let opts = block::Qcow2Options {
+        l2_cache_bytes: 1,
+        refcount_cache_bytes: 1,
+    };
+    let q = block::Qcow2Driver::open_with(child, &opts).expect("open qcow2");
+    let blk = Arc::new(
+        BlockBackend::new(Arc::new(q), block::BackendOptions::default()).expect("backend"),
+    );
+    let mut oracle = vec![0u8; size as usize];
+    random_writes(&blk, &mut oracle, 99, 50);
+    concurrent_stripes(&blk, &mut oracle, 98, 2);
+    assert!(read_back(&blk) == oracle);
+    close(blk);
+    check_clean(&path);
+    compare(&path, &oracle);
+}
+
+/// With `cache=none` (O_DIRECT) the driver's small metadata writes and unaligned data writes go
+/// through the padding (read-modify-write) of its private backend over the file.
+#[test]
+fn cache_none_small_clusters() {
+    if !have_qemu("cache_none_small_clusters") {
+        return;
+    }
+    let dir = disk_dir();
+    for cs in [512u64, 65536] {
+        let size = 6 * MIB;
+        let path = create(
+            dir.path(),
+            &format!("direct-{cs}.qcow2"),
+            &format!("cluster_size={cs}"),
+            size,
+        );
+        let opts = OpenOptions {
+            cache: block::CacheMode::None,
+            ..OpenOptions::default()
+        };
+        let blk = match open_image(&path, &opts) {
+            Ok(b) => b,
+            Err(e) => {
+                skip(
+                    "cache_none_small_clusters",
+                    &format!("no O_DIRECT here: {e}"),
+                );
+                return;
+            }
+        };
+        let mut oracle = vec![0u8; size as usize];
+        random_writes(&blk, &mut oracle, cs + 40, 40);
+        concurrent_stripes(&blk, &mut oracle, cs + 41, 2);
+        zeroes_and_discards(&blk, &mut oracle, cs, cs + 42);
+        assert!(read_back(&blk) == oracle);
+        close(blk);
+        check_clean(&path);
+        compare(&path, &oracle);
+    }
+}
+
+/// Dropped without a flush (as if the process died): the reserved clusters and the deferred
+/// frees show up as leaks (`qemu-img check` exit 3, never 2), every write is there, and
+/// `qemu-img check -r leaks` makes the image clean.
+#[test]
+fn unflushed_image_leaks_at_worst() {
+    if !have_qemu("unflushed_image_leaks_at_worst") {
+        return;
+    }
+    let dir = disk_dir();
+    let size = 8 * MIB;
+    let path = create(dir.path(), "unflushed.qcow2", "cluster_size=4096", size);
+    qemu_io(&path, &["write -P 0x61 0 2M"]);
+    let mut oracle = raw_bytes(&path);
+    let blk = open_rw(&path);
+    random_writes(&blk, &mut oracle, 123, 30);
+    zeroes_and_discards(&blk, &mut oracle, 4096, 124);
+    drop(blk); // no close, no flush
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&path)
+        .output()
+        .expect("run qemu-img check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "leaks expected, not errors: {text}"
+    );
+    assert!(text.contains("leaked clusters"), "{text}");
+    compare(&path, &oracle);
+    run(Command::new("qemu-img")
+        .args(["check", "-q", "-r", "leaks", "-f", "qcow2"])
+        .arg(&path));
+    check_clean(&path);
+    compare(&path, &oracle);
+}
+
+/// Many coroutines on several threads write the *same* bytes (a fixed pattern of the offset)
+/// over overlapping random ranges of an empty image, so the expected content is known whatever
+/// the interleaving; then everything is discarded and the next round starts on unallocated
+/// clusters again. Two writers of one unallocated cluster must not both allocate it: the
+/// loser's cluster would be leaked, or its link would drop the winner's data — `qemu-img
+/// check` and the comparisons catch either.
+#[test]
+fn overlapping_concurrent_writes_allocate_once() {
+    if !have_qemu("overlapping_concurrent_writes_allocate_once") {
+        return;
+    }
+    let dir = disk_dir();
+    for cs in [512u64, 65536] {
+        let size = 16 * cs;
+        let path = create(
+            dir.path(),
+            &format!("overlap-{cs}.qcow2"),
+            &format!("cluster_size={cs}"),
+            size,
+        );
+        let pattern: Arc<Vec<u8>> = Arc::new((0..size).map(|i| (i * 7 % 251) as u8 + 1).collect());
+        // O_DIRECT: data writes go to the thread pool, so a writer yields between planning and
+        // linking and others run in that window (page-cache writes may complete inline).
+        let direct = OpenOptions {
+            cache: block::CacheMode::None,
+            ..OpenOptions::default()
+        };
+        let blk = open_image(&path, &direct).unwrap_or_else(|_| open_rw(&path));
+        let iothreads: Vec<runtime::IoThread> = (0..3)
+            .map(|t| runtime::IoThread::spawn(&format!("o{t}")).expect("iothread"))
+            .collect();
+        let mut rng = XorShift(cs + 50);
+        let mut oracle = Vec::new();
+        for round in 0..15 {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let mut written = vec![false; size as usize];
+            for w in 0..12 {
+                let mut job = Vec::new();
+                for _ in 0..6 {
+                    let off = rng.below(size);
+                    let len = (1 + rng.below(2 * cs)).min(size - off);
+                    written[off as usize..(off + len) as usize].fill(true);
+                    job.push((off, len));
+                }
+                let (b, tx, pattern) = (blk.clone(), tx.clone(), pattern.clone());
+                iothreads[w % 3].spawn_co(move || {
+                    let mut res = Ok(());
+                    for (off, len) in job {
+                        let data = &pattern[off as usize..(off + len) as usize];
+                        if let Err(e) = b.co_pwrite(off, data) {
+                            res = Err(format!("write {off}+{len}: {e}"));
+                            break;
+                        }
+                    }
+                    let _ = tx.send(res);
+                });
+            }
+            drop(tx);
+            for r in rx.iter() {
+                r.expect("a concurrent write failed");
+            }
+            oracle = written
+                .iter()
+                .zip(pattern.iter())
+                .map(|(&w, &p)| if w { p } else { 0 })
+                .collect();
+            assert!(
+                read_back(&blk) == oracle,
+                "cluster {cs} round {round}: bytes differ"
+            );
+            if round < 14 {
+                let b = blk.clone();
+                co(move || b.co_pdiscard(0, size).expect("discard everything"));
+            }
+        }
+        for t in iothreads {
+            t.stop();
+        }
+        close(blk);
+        check_clean(&path);
+        compare(&path, &oracle);
+    }
+}
