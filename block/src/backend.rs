@@ -234,7 +234,7 @@ impl BlockBackend {
     }
 
     fn is_aligned(&self, offset: u64, len: u64) -> bool {
-        self.align == 1 || (offset % self.align == 0 && len % self.align == 0)
+        self.align == 1 || (offset.is_multiple_of(self.align) && len.is_multiple_of(self.align))
     }
 
     fn is_mem_aligned(&self, ptr: *const u8) -> bool {

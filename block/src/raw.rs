@@ -86,7 +86,7 @@ impl RawDriver {
                 )));
             }
         }
-        if opts.offset % align != 0 {
+        if !opts.offset.is_multiple_of(align) {
             return Err(BlockError::Invalid(format!(
                 "offset ({}) must be a multiple of the request alignment ({align})",
                 opts.offset

@@ -146,7 +146,7 @@ fn our_map(blk: &Arc<BlockBackend>) -> Vec<BlockStatus> {
         while pos < size {
             let (status, n) = b.co_block_status(pos, size - pos).expect("block status");
             assert!(n > 0 && n % 512 == 0 || pos + n == size, "{pos}+{n}");
-            out.extend(std::iter::repeat(status).take(n.div_ceil(512) as usize));
+            out.extend(std::iter::repeat_n(status, n.div_ceil(512) as usize));
             pos += n;
         }
         out

@@ -107,7 +107,7 @@ impl WaitList {
 
     /// Whether the waiter with `ticket` has left the queue from the front (was picked).
     fn was_picked(&self, ticket: u64) -> bool {
-        self.queue.front().map_or(true, |w| w.ticket > ticket)
+        self.queue.front().is_none_or(|w| w.ticket > ticket)
     }
 
     /// Keeps the newest waker of a task that is polled again while it waits.

@@ -530,7 +530,7 @@ impl Header {
                 "the L1 table is too large ({l1_bytes} bytes, at most {MAX_L1_BYTES})"
             )));
         }
-        if self.l1_table_offset % cs != 0 {
+        if !self.l1_table_offset.is_multiple_of(cs) {
             return Err(corrupt(format!(
                 "L1 table offset {:#x} is not cluster aligned",
                 self.l1_table_offset
@@ -553,7 +553,7 @@ impl Header {
 /// A table of `len` bytes at `offset` must be cluster aligned, not at offset 0 (the header is
 /// there), and inside the file.
 fn check_table(what: &str, offset: u64, len: u64, cluster_size: u64, file_len: u64) -> Result<()> {
-    if offset % cluster_size != 0 {
+    if !offset.is_multiple_of(cluster_size) {
         return Err(corrupt(format!(
             "{what} offset {offset:#x} is not cluster aligned"
         )));

@@ -302,7 +302,7 @@ impl Qcow2Driver {
 
     /// Checks that a metadata or data cluster at `offset` is aligned and starts in the file.
     fn check_host_cluster(&self, offset: u64, what: &str) -> Result<()> {
-        if offset % self.cluster_size() != 0 {
+        if !offset.is_multiple_of(self.cluster_size()) {
             return Err(
                 self.signal_corruption(format!("{what} offset {offset:#x} is not cluster aligned"))
             );
@@ -394,7 +394,6 @@ impl Qcow2Driver {
     fn co_flush_host(&self) -> Result<()> {
         self.child.co_flush()
     }
-
 
     /// Reads the compressed cluster at `host` (at most `len` bytes), inflates it and copies
     /// `buf.len()` bytes from `skip` into `buf`. QEMU: `qcow2_co_preadv_compressed()`.

@@ -90,7 +90,7 @@ impl Qcow2Driver {
             )));
         }
         if offset == 0
-            || offset % cs != 0
+            || !offset.is_multiple_of(cs)
             || !matches!(offset.checked_add(bytes), Some(e) if e <= file_len)
         {
             return Err(corrupt(format!(

@@ -66,7 +66,7 @@ impl Qcow2Driver {
                 self.co_grow_l1(&mut m, entries)?;
             }
         }
-        if old % cs != 0 {
+        if !old.is_multiple_of(cs) {
             let allocated = {
                 let mut m = self.meta.co_lock();
                 !matches!(

@@ -134,7 +134,7 @@ pub fn our_map(blk: &Arc<BlockBackend>) -> Vec<BlockStatus> {
         while pos < size {
             let (status, n) = b.co_block_status(pos, size - pos).expect("block status");
             assert_ne!(status, BlockStatus::Unallocated, "the backend looks below");
-            out.extend(std::iter::repeat(status).take(n.div_ceil(512) as usize));
+            out.extend(std::iter::repeat_n(status, n.div_ceil(512) as usize));
             pos += n;
         }
         out
