@@ -833,3 +833,64 @@ fn overlapping_concurrent_writes_allocate_once() {
         compare(&path, &oracle);
     }
 }
+
+/// Writes over a backing file: partial clusters are copied from the backing data (not zeros),
+/// zero writes (with and without unmap) read as zeros even where the backing file has data, and
+/// the backing file is never written. Both v3 (zero clusters) and v2 (zero data).
+fn writes_over_backing(compat: &str) {
+    let test = format!("qcow2 writes over a raw backing file, compat={compat}");
+    if !have_qemu(&test) {
+        return;
+    }
+    let dir = disk_dir();
+    // Not a whole number of clusters (qemu-img rounds sizes to 512 bytes).
+    let size = 24 * MIB + 77 * 512;
+    let base = dir.path().join("base.raw");
+    let mut rng = XorShift(0xbac1);
+    let base_bytes = rng.bytes(size as usize);
+    std::fs::write(&base, &base_bytes).expect("write the backing file");
+    let path = dir.path().join("top.qcow2");
+    run(Command::new("qemu-img")
+        .args([
+            "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw", "-o",
+        ])
+        .arg(format!("cluster_size=64k,compat={compat}"))
+        .arg(&path)
+        .arg(size.to_string()));
+    let mut oracle = base_bytes.clone();
+    let blk = open_rw(&path);
+    random_writes(&blk, &mut oracle, 0x70b, 50);
+    let mut ops = Vec::new();
+    for i in 0..10u64 {
+        let off = rng.below(size);
+        let len = (1 + rng.below(300_000)).min(size - off);
+        oracle[off as usize..(off + len) as usize].fill(0);
+        ops.push((off, len, i % 2 == 0));
+    }
+    let b = blk.clone();
+    co(move || {
+        for (off, len, unmap) in ops {
+            b.co_pwrite_zeroes(off, len, unmap)
+                .unwrap_or_else(|e| panic!("write zeroes {off}+{len}: {e}"));
+        }
+    });
+    random_writes(&blk, &mut oracle, 0x70c, 20);
+    assert!(read_back(&blk) == oracle, "{test}: bytes read back differ");
+    close(blk);
+    check_clean(&path);
+    compare(&path, &oracle);
+    assert!(
+        std::fs::read(&base).expect("read the backing file") == base_bytes,
+        "{test}: the backing file changed"
+    );
+}
+
+#[test]
+fn writes_over_a_backing_file_v3() {
+    writes_over_backing("1.1");
+}
+
+#[test]
+fn writes_over_a_backing_file_v2() {
+    writes_over_backing("0.10");
+}

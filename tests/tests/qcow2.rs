@@ -308,3 +308,65 @@ fn qcow2_growable_export() {
     assert_eq!(code, Some(0), "qemu-img check: {out}");
     compare_with_oracle(&q, &oracle);
 }
+
+/// A writable overlay over a raw backing file, through the export: odd-sized writes copy the
+/// rest of their clusters from the backing file, a punched hole reads as zeros over backing
+/// data, the backing file is never written, and `qemu-img check`/`compare` agree afterwards.
+#[test]
+fn qcow2_overlay_writes_through_the_export() {
+    require!(fuse_available(), have_tools(&["qemu-img"]));
+    let dir = disk_workdir();
+    let size = 8 * MIB;
+    let base = dir.path().join("base.raw");
+    let base_bytes = random_bytes(9, size as usize);
+    fs::write(&base, &base_bytes).unwrap();
+    let q = dir.path().join("top.qcow2");
+    sh!(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        "base.raw",
+        "-o",
+        "cluster_size=65536",
+        &q,
+        size.to_string()
+    )
+    .ok();
+    let mnt = dir.path().join("mnt");
+    fs::write(&mnt, b"").unwrap();
+    let mut e = Export::start(&q, &mnt, NO_ARGS);
+    let mut oracle = base_bytes.clone();
+    let f = open_rw(e.path());
+    for (i, off) in [1u64, 70_000, 3 * MIB - 5, 5 * MIB + 4097]
+        .into_iter()
+        .enumerate()
+    {
+        let data = random_bytes(100 + i as u64, 10_007 * (i + 1));
+        f.write_all_at(&data, off).unwrap();
+        oracle[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    }
+    fallocate(
+        &f,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        6 * MIB + 3,
+        300 * KIB,
+    )
+    .unwrap();
+    oracle[(6 * MIB + 3) as usize..(6 * MIB + 3 + 300 * KIB) as usize].fill(0);
+    f.sync_all().unwrap();
+    assert_same_bytes(&read_all(e.path()), &oracle, "overlay through the export");
+    drop(f);
+    e.stop_ok();
+    let (code, out) = qemu_img_check(&q);
+    assert_eq!(code, Some(0), "qemu-img check after a clean stop: {out}");
+    compare_with_oracle(&q, &oracle);
+    assert!(
+        fs::read(&base).unwrap() == base_bytes,
+        "the backing file was written"
+    );
+}
