@@ -137,6 +137,12 @@ impl Qcow2Driver {
         backing.blk.co_pread(guest_offset, inside)
     }
 
+    /// The length of the backing file (0 without one): unallocated clusters past it read as
+    /// zeros.
+    pub(super) fn backing_len(&self) -> u64 {
+        self.backing.as_ref().map_or(0, |b| b.len)
+    }
+
     /// Whether the image has a backing file (then unallocated clusters are not zeros).
     pub fn has_backing(&self) -> bool {
         self.backing.is_some()

@@ -8,7 +8,11 @@
 //! `l1_table_offset` (adjacent fields, one write), then the size, then free the old table. A
 //! crash before the header write leaks the new table; after it, the bigger table simply covers
 //! more than the size. Growing also zeroes the bytes between the old size and the end of its
-//! last cluster if that cluster is allocated, so the new range reads as zeros.
+//! last cluster if that cluster is allocated, so the new range reads as zeros. With a backing
+//! file longer than the old size, the new range (up to the backing file's end, from the old
+//! size) is zeroed before the new size is published — zero clusters on v3, zero data on v2 —
+//! or it would show the backing file's data (after a shrink, too: a shrink keeps unallocated
+//! and zero clusters).
 //!
 //! Shrinking is refused when the image has internal snapshots (as QEMU does). Otherwise it
 //! keeps the L1 table (it may cover more than the size) and refuses, with
@@ -66,7 +70,14 @@ impl Qcow2Driver {
                 self.co_grow_l1(&mut m, entries)?;
             }
         }
-        if !old.is_multiple_of(cs) {
+        // Unallocated clusters read from the backing file: where it is longer than the old
+        // size, the new range (and the old last cluster's tail) would show its data. Zero
+        // clusters (v3) or zero data (v2) hide it. QEMU: `BDRV_REQ_ZERO_WRITE` from
+        // `bdrv_co_truncate()` when the backing file is longer than the old size.
+        let zero_end = self.backing_len().div_ceil(cs).saturating_mul(cs).min(size);
+        if zero_end > old {
+            self.co_zero_claimed(old, zero_end - old, false, size)?;
+        } else if !old.is_multiple_of(cs) {
             let allocated = {
                 let mut m = self.meta.co_lock();
                 !matches!(

@@ -185,9 +185,23 @@ impl Qcow2Driver {
         if len == 0 {
             return Ok(());
         }
+        let _claim = self.co_claim(offset, offset + len);
+        let size = self.size.load(Ordering::Acquire);
+        self.co_zero_claimed(offset, len, may_unmap, size)
+    }
+
+    /// The body of [`Self::co_zero`], with the range claimed by the caller; `size` is the
+    /// image size the range is judged against (a cluster that ends at `size` counts as whole).
+    /// Truncate calls it with the new size before publishing it.
+    pub(super) fn co_zero_claimed(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        size: u64,
+    ) -> Result<()> {
         let end = offset + len;
-        let _claim = self.co_claim(offset, end);
-        let (start, stop) = self.whole_clusters(offset, end);
+        let (start, stop) = self.whole_clusters(offset, end, size);
         if start >= stop {
             return self.co_write_zero_data(offset, len);
         }
@@ -213,7 +227,8 @@ impl Qcow2Driver {
     /// QEMU: `qcow2_co_pdiscard()`.
     pub(super) fn co_discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_write(offset, len)?;
-        let (start, stop) = self.whole_clusters(offset, offset + len);
+        let size = self.size.load(Ordering::Acquire);
+        let (start, stop) = self.whole_clusters(offset, offset + len, size);
         if start >= stop {
             return Ok(());
         }
@@ -224,10 +239,9 @@ impl Qcow2Driver {
     }
 
     /// The whole clusters inside `[offset, end)`: a cluster that ends at the image's end
-    /// counts as whole even when the size is not a multiple of the cluster size.
-    fn whole_clusters(&self, offset: u64, end: u64) -> (u64, u64) {
+    /// (`size`) counts as whole even when the size is not a multiple of the cluster size.
+    fn whole_clusters(&self, offset: u64, end: u64, size: u64) -> (u64, u64) {
         let cs = self.cluster_size();
-        let size = self.size.load(Ordering::Acquire);
         let start = offset.div_ceil(cs) * cs;
         let stop = if end == size {
             end.div_ceil(cs) * cs
