@@ -42,6 +42,9 @@ impl Drop for Claim<'_> {
 impl Qcow2Driver {
     /// Claims the clusters of guest bytes `[start, end)`, waiting while any of them is claimed
     /// by another request. QEMU: `handle_dependencies()` waiting on `dependent_requests`.
+    ///
+    /// Truncate claims every cluster, so the size does not change while a claim is held — but
+    /// it may have changed while waiting: requests check their range again once claimed.
     pub(super) fn co_claim(&self, start: u64, end: u64) -> Claim<'_> {
         let cs = self.cluster_size();
         let range = (start - start % cs, end.saturating_add(cs - 1) / cs * cs);
@@ -77,6 +80,7 @@ impl Qcow2Driver {
             return Ok(());
         }
         let _claim = self.co_claim(offset, offset + buf.len() as u64);
+        self.check_request(offset, buf.len() as u64)?; // a shrink may have run while we waited
         self.co_write_claimed(offset, buf)
     }
 
@@ -186,6 +190,7 @@ impl Qcow2Driver {
             return Ok(());
         }
         let _claim = self.co_claim(offset, offset + len);
+        self.check_request(offset, len)?; // a shrink may have run while we waited
         let size = self.size.load(Ordering::Acquire);
         self.co_zero_claimed(offset, len, may_unmap, size)
     }
@@ -227,12 +232,18 @@ impl Qcow2Driver {
     /// QEMU: `qcow2_co_pdiscard()`.
     pub(super) fn co_discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let _claim = self.co_claim(offset, offset + len);
+        // The size is stable while we hold a claim (truncate claims everything); a shrink may
+        // have run while we waited.
+        self.check_request(offset, len)?;
         let size = self.size.load(Ordering::Acquire);
         let (start, stop) = self.whole_clusters(offset, offset + len, size);
         if start >= stop {
             return Ok(());
         }
-        let _claim = self.co_claim(start, stop);
         self.co_for_each_l2_run(start, stop, |m, pos, n| {
             self.co_zero_clusters(m, pos, n, true)
         })
@@ -321,6 +332,43 @@ mod tests {
         let log = log.lock().expect("log").clone();
         assert_eq!(log, ["1 claimed", "3 claimed", "1 releases", "2 claimed"]);
         assert!(d.meta.co_lock().claims.is_empty());
+    }
+
+    /// A write that waited for a claim while a shrink took it first fails with OutOfRange
+    /// instead of allocating past the new end.
+    #[test]
+    fn write_after_a_concurrent_shrink_is_out_of_range() {
+        use crate::{BlockDriver, BlockError};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tiny.qcow2");
+        tiny_image(&path);
+        let file = FileDriver::open(&path, &FileOptions::default()).expect("open");
+        let d = Arc::new(Qcow2Driver::open(Arc::new(file)).expect("qcow2"));
+        const AT: u64 = 100 << 20;
+        let d1 = d.clone();
+        let holder = runtime::spawn(move || {
+            let _c = d1.co_claim(AT, AT + 1);
+            runtime::co_sleep(Duration::from_millis(30));
+        });
+        let d2 = d.clone();
+        let shrink = runtime::spawn(move || d2.co_truncate(50 << 20)); // queued first
+        let (d3, d4) = (d.clone(), d.clone());
+        let write = runtime::spawn(move || d3.co_pwritev(AT, &[7u8; 4096]));
+        let zero = runtime::spawn(move || d4.co_pwrite_zeroes(AT, 65536, false));
+        let d5 = d.clone();
+        let discard = runtime::spawn(move || d5.co_pdiscard(AT, 65536));
+        assert!(holder.join().is_ok());
+        assert!(matches!(shrink.join(), Ok(Ok(()))));
+        for (what, h) in [("write", write), ("zero", zero), ("discard", discard)] {
+            match h.join() {
+                Ok(Err(BlockError::OutOfRange { .. })) => {}
+                Ok(r) => panic!("{what} after the shrink: {r:?}"),
+                Err(_) => panic!("{what}: the coroutine panicked"),
+            }
+        }
+        assert_eq!(d.getlength(), 50 << 20);
+        let m = d.meta.co_lock();
+        assert!(m.l1.iter().all(|&e| e == 0), "nothing was allocated");
     }
 
     /// The hand-made image is valid for the driver: a write allocates, reads back, and the
