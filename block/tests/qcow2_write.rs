@@ -953,3 +953,30 @@ fn grow_over_a_longer_backing_file_v3() {
 fn grow_over_a_longer_backing_file_v2() {
     grow_over_longer_backing("0.10");
 }
+
+/// A refcount table whose first entry is zero (the block counting the header is missing): the
+/// first allocation would create that block at offset 0, over the header. The write fails with
+/// EIO instead, the image is marked corrupt, and the header is untouched but for that bit.
+#[test]
+fn missing_first_refcount_block_spares_the_header() {
+    if !have_qemu("missing_first_refcount_block_spares_the_header") {
+        return;
+    }
+    let dir = disk_dir();
+    let path = create(dir.path(), "noref.qcow2", "cluster_size=65536", 4 * MIB);
+    patch(&path, be64_at(&path, 48), &[0u8; 8]);
+    let head = |path: &Path| std::fs::read(path).expect("read the image")[..512].to_vec();
+    let mut before = head(&path);
+    let blk = open_rw(&path);
+    let b = blk.clone();
+    co(move || {
+        let e = b
+            .co_pwrite(MIB, &[1u8; 4096])
+            .expect_err("no place for the block");
+        assert!(matches!(e, BlockError::Corrupt(_)), "{e}");
+        assert_eq!(e.errno(), libc::EIO);
+    });
+    drop(blk);
+    before[79] |= 2; // the corrupt bit
+    assert!(head(&path) == before, "the header changed");
+}

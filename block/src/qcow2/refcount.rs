@@ -159,6 +159,8 @@ impl Qcow2Driver {
         if off >= MAX_HOST_OFFSET {
             return Err(BlockError::Invalid("qcow2: the image file is full".into()));
         }
+        // A range without a block cannot hold metadata: if it does, the table is corrupt.
+        self.check_no_overlap(m, off, cs, "a new refcount block")?;
         let mut block = vec![0u8; cs as usize];
         set_u16(&mut block, 0, 1);
         self.co_write_meta(off, &block)?;
