@@ -104,6 +104,8 @@ pub mod header;
 mod inflate;
 pub mod refcount;
 pub mod resize;
+#[cfg(test)]
+mod test_image;
 pub mod write;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

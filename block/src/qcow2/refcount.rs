@@ -380,30 +380,53 @@ impl Qcow2Driver {
         let (first_batch, max_batch) = self.reserve_limits();
         let batch = rc(m)?.batch.clamp(first_batch, max_batch);
         let want = n.max(batch);
-        let mut from = rc(m)?.free_hint;
+        // The scan may free clusters (a grown refcount table releases the deferred frees once
+        // enough piled up), lowering the hint: start it at "nothing freed" and keep the lowest.
+        let from = std::mem::replace(&mut rc(m)?.free_hint, u64::MAX);
+        let found = self.co_reserve_run(m, from, n, want);
+        let rc = rc(m)?;
+        let freed = rc.free_hint;
+        rc.free_hint = from.min(freed); // what holds if the reservation failed
+        let (start, len, first_free) = found?;
+        rc.pool = (start + n, len - n);
+        // Writing without flushes (a long sequential copy): reserve more, flush less often.
+        rc.batch = (batch * 2).min(max_batch);
+        // Clusters from `from` to the first free one, and the reserved run, are in use.
+        let past = if first_free < start {
+            first_free
+        } else {
+            start + len
+        };
+        rc.free_hint = freed.min(past);
+        Ok(start * cs)
+    }
+
+    /// Finds a run of at least `n` (up to `want`) free clusters from index `from`, sets their
+    /// refcounts to 1 and flushes. Returns its start and length, and the first free cluster
+    /// seen (which may start a shorter run before it).
+    fn co_reserve_run(
+        &self,
+        m: &mut Meta,
+        from: u64,
+        n: u64,
+        want: u64,
+    ) -> Result<(u64, u64, u64)> {
+        let mut pos = from;
         let mut first_free = None;
         let (start, len) = loop {
-            let (s, l) = self.co_next_free_run(m, from, want)?;
+            let (s, l) = self.co_next_free_run(m, pos, want)?;
             first_free.get_or_insert(s);
             if l >= n {
                 break (s, l);
             }
-            from = s + l;
+            pos = s + l;
         };
         self.co_update_refcounts(m, start, len, 1)?;
         if let Err(e) = self.co_flush_host() {
-            self.co_free_quietly(m, start * cs, len);
+            self.co_free_quietly(m, start * self.cluster_size(), len);
             return Err(e);
         }
-        let rc = rc(m)?;
-        rc.pool = (start + n, len - n);
-        // Writing without flushes (a long sequential copy): reserve more, flush less often.
-        rc.batch = (batch * 2).min(max_batch);
-        rc.free_hint = match first_free {
-            Some(f) if f < start => f,
-            _ => start + len,
-        };
-        Ok(start * cs)
+        Ok((start, len, first_free.unwrap_or(start)))
     }
 
     /// Drops one reference of each of the `n` clusters at host offset `host`.
@@ -481,5 +504,51 @@ impl Qcow2Driver {
             self.co_free_quietly(m, first * self.cluster_size(), count);
         }
         self.co_flush_host()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::{test_image::tiny_image, Qcow2Driver};
+    use super::MAX_PENDING_FREES;
+    use crate::{FileDriver, FileOptions};
+
+    /// A refcount table growth inside an allocation releases the deferred frees once 1024
+    /// piled up; the allocation must not then raise the hint above the clusters they freed
+    /// (every cluster below the hint is in use).
+    #[test]
+    fn frees_during_an_allocation_keep_the_hint_low() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tiny.qcow2");
+        // 512-byte clusters: the one-cluster refcount table covers 8 MiB of file.
+        tiny_image(&path, 9, 1 << 20);
+        let file = FileDriver::open(&path, &FileOptions::default()).expect("open");
+        let d = Qcow2Driver::open(Arc::new(file)).expect("qcow2");
+        let res = runtime::spawn(move || {
+            let cs = d.cluster_size();
+            let mut m = d.meta.co_lock();
+            let freed: Vec<u64> = (0..MAX_PENDING_FREES - 1)
+                .map(|_| d.co_alloc_clusters(&mut m, 1).expect("alloc"))
+                .collect();
+            for &host in &freed {
+                d.defer_free(&mut m, host, 1);
+            }
+            let lowest = freed.iter().min().copied().unwrap_or(0) / cs;
+            let table_len = |m: &super::Meta| m.rc.as_ref().map_or(0, |rc| rc.table.len());
+            let before = table_len(&m);
+            while table_len(&m) == before {
+                d.co_alloc_clusters(&mut m, 1).expect("alloc");
+            }
+            let rc = m.rc.as_ref().expect("writable");
+            assert!(rc.pending.is_empty(), "the growth released the frees");
+            (rc.free_hint, lowest)
+        })
+        .join();
+        match res {
+            Ok((hint, lowest)) => assert!(hint <= lowest, "hint {hint} above freed {lowest}"),
+            Err(_) => panic!("the coroutine panicked"),
+        }
     }
 }

@@ -271,30 +271,9 @@ mod tests {
     use super::super::Qcow2Driver;
     use crate::{FileDriver, FileOptions};
 
-    /// A minimal empty v3 image, laid out as `qemu-img create` does: header, refcount table,
-    /// one refcount block (counting these four clusters), L1 table; 64 KiB clusters, 1 GiB.
+    /// 64 KiB clusters, 1 GiB.
     fn tiny_image(path: &std::path::Path) {
-        const C: usize = 65536;
-        let mut b = vec![0u8; 4 * C];
-        let put32 =
-            |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-        let put64 =
-            |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
-        put32(&mut b, 0, 0x5146_49fb);
-        put32(&mut b, 4, 3);
-        put32(&mut b, 20, 16);
-        put64(&mut b, 24, 1 << 30);
-        put32(&mut b, 36, 2); // l1_size: 2 entries of 512 MiB
-        put64(&mut b, 40, 3 * C as u64); // l1_table_offset
-        put64(&mut b, 48, C as u64); // refcount_table_offset
-        put32(&mut b, 56, 1); // refcount_table_clusters
-        put32(&mut b, 96, 4); // refcount_order
-        put32(&mut b, 100, 112); // header_length
-        put64(&mut b, C, 2 * C as u64); // refcount table[0] -> block at cluster 2
-        for i in 0..4 {
-            b[2 * C + i * 2 + 1] = 1;
-        }
-        std::fs::write(path, b).expect("write the image");
+        super::super::test_image::tiny_image(path, 16, 1 << 30);
     }
 
     /// An overlapping claim waits for the first one to go; a disjoint one does not.
