@@ -251,7 +251,7 @@ impl Qcow2Driver {
         m.l2_cache.insert(new, contents);
         if let Err(e) = self.co_set_l1_entry(m, l1_index, new | OFLAG_COPIED) {
             m.l2_cache.forget(new);
-            self.co_free_quietly(m, new, 1);
+            self.leak_after_failed_link(new, 1, &e);
             return Err(e);
         }
         if old != 0 {

@@ -28,9 +28,10 @@
 //!   are freed. A crash before the header write leaves only unreferenced bytes past the end.
 //! * **Freeing** a cluster that something referenced is *deferred* until after the next flush
 //!   (see the crash-safety section in `mod.rs`); freeing an allocation nobody referenced (an
-//!   error path) is immediate. A cluster whose count reaches zero is forgotten by the caches (it
-//!   may come back as anything) and becomes the hint if it is below it. Freed clusters are not
-//!   discarded in the file (QEMU's `pass-discard-*` options default to off for most cases).
+//!   error path) is immediate — unless the failed write was the one to reference it (it may
+//!   have reached the file): then the allocation is leaked. A cluster whose count reaches zero
+//!   is forgotten by the caches (it may come back as anything) and becomes the hint if it is
+//!   below it. Freed clusters are not discarded in the file (QEMU's `pass-discard-*` options default to off for most cases).
 
 use std::sync::atomic::Ordering;
 
@@ -442,6 +443,16 @@ impl Qcow2Driver {
         if let Err(e) = self.co_free_clusters(m, host, n) {
             log::warn!("qcow2: cannot free {n} cluster(s) at {host:#x} (leaked): {e}");
         }
+    }
+
+    /// Gives up on `n` new clusters at `host` after the write that was to reference them
+    /// failed: it may have reached the file (a failed `pwrite` can be partial, or complete and
+    /// still report an error), so they may be referenced now — freeing them, at once or after
+    /// a flush, could leave a referenced cluster free. They stay allocated: a leak at worst,
+    /// which `qemu-img check -r leaks` repairs.
+    #[cold]
+    pub(super) fn leak_after_failed_link(&self, host: u64, n: u64, e: &BlockError) {
+        log::warn!("qcow2: {n} cluster(s) at {host:#x} leaked: linking them failed: {e}");
     }
 
     /// Drops a reference that was just removed from the L1/L2 tables or the header: the

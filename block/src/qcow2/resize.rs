@@ -137,16 +137,19 @@ impl Qcow2Driver {
         let new = self.co_alloc_clusters(m, clusters)?;
         let res = self
             .co_write_meta(new, &raw)
-            .and_then(|()| self.co_flush_host())
-            .and_then(|()| {
-                let mut fields = [0u8; 12];
-                fields[..4].copy_from_slice(&(entries as u32).to_be_bytes());
-                fields[4..].copy_from_slice(&new.to_be_bytes());
-                self.co_write_meta(FIELD_L1_SIZE, &fields)
-            })
-            .and_then(|()| self.co_flush_host()); // the new L1 is in place before the size grows
+            .and_then(|()| self.co_flush_host());
         if let Err(e) = res {
             self.co_free_quietly(m, new, clusters);
+            return Err(e);
+        }
+        let mut fields = [0u8; 12];
+        fields[..4].copy_from_slice(&(entries as u32).to_be_bytes());
+        fields[4..].copy_from_slice(&new.to_be_bytes());
+        let res = self
+            .co_write_meta(FIELD_L1_SIZE, &fields)
+            .and_then(|()| self.co_flush_host()); // the new L1 is in place before the size grows
+        if let Err(e) = res {
+            self.leak_after_failed_link(new, clusters, &e);
             return Err(e);
         }
         let (old_offset, old_len) = (m.l1_offset, m.l1.len() as u64);

@@ -107,7 +107,8 @@ impl Qcow2Driver {
 
     /// Writes the part of `buf` (at guest `pos`) that falls in the new clusters of `a`, with
     /// the partial clusters' other bytes copied from the old ones, then links them. Returns the
-    /// bytes of `buf` consumed. On failure the new clusters are freed. QEMU:
+    /// bytes of `buf` consumed. If the data write fails the new clusters are freed; if linking
+    /// fails they are leaked (the L2 entries may have reached the file). QEMU:
     /// `qcow2_co_pwritev_task()` + `perform_cow()` + `qcow2_alloc_cluster_link_l2()`.
     fn co_write_alloc(&self, a: &Alloc, pos: u64, buf: &[u8]) -> Result<usize> {
         let cs = self.cluster_size();
@@ -122,8 +123,12 @@ impl Qcow2Driver {
                 .and_then(|data| self.co_write_host(a.host, &data))
         };
         let mut m = self.meta.co_lock();
-        if let Err(e) = res.and_then(|()| self.co_link(&mut m, a)) {
-            self.co_free_quietly(&mut m, a.host, n);
+        if let Err(e) = res {
+            self.co_free_quietly(&mut m, a.host, n); // nothing references them
+            return Err(e);
+        }
+        if let Err(e) = self.co_link(&mut m, a) {
+            self.leak_after_failed_link(a.host, n, &e);
             return Err(e);
         }
         Ok(len)
