@@ -1087,3 +1087,77 @@ fn failed_link_write_never_frees() {
         );
     }
 }
+
+/// A qcow2 driver over blkdebug over the file, with the blkdebug node to add rules to.
+fn open_over_blkdebug(path: &Path) -> (Arc<BlockBackend>, Arc<block::BlkdebugDriver>) {
+    let file = block::FileDriver::open(path, &block::FileOptions::default()).expect("open");
+    let dbg = Arc::new(block::BlkdebugDriver::new(Arc::new(file)));
+    let q = block::Qcow2Driver::open(dbg.clone()).expect("open qcow2");
+    let blk = BlockBackend::new(Arc::new(q), block::BackendOptions::default()).expect("backend");
+    (Arc::new(blk), dbg)
+}
+
+/// A flush does not hold the metadata lock across its `fdatasync` (a read that needs the lock
+/// completes while the flush waits), and keeps the reserve: the next allocating write needs no
+/// new reservation, hence no `fdatasync` (they all fail now). Closing returns the reserve: the
+/// image checks clean.
+#[test]
+fn flush_keeps_the_reserve_and_the_lock_free() {
+    if !have_qemu("flush_keeps_the_reserve_and_the_lock_free") {
+        return;
+    }
+    let dir = disk_dir();
+    let path = create(dir.path(), "flush.qcow2", "cluster_size=65536", 8 * MIB);
+    let (blk, dbg) = open_over_blkdebug(&path);
+    let (b, d) = (blk.clone(), dbg.clone());
+    co(move || {
+        b.co_pwrite(0, &[0x33; 65536]).expect("allocating write");
+        b.co_pdiscard(0, 65536).expect("a deferred free");
+        let slow = block::Rule::new(block::BlkdebugOp::Flush)
+            .errno(0)
+            .delay(std::time::Duration::from_millis(300));
+        let slow = d.add_rule(slow);
+        let b2 = b.clone();
+        let flush = runtime::spawn(move || b2.co_flush());
+        let b3 = b.clone();
+        // An unallocated cluster: no I/O, only the metadata lock.
+        let read = runtime::spawn(move || {
+            let mut buf = [1u8; 512];
+            b3.co_pread(4 * MIB, &mut buf).map(|()| buf)
+        });
+        assert!(read.is_finished(), "the read waited for the flush");
+        assert!(matches!(read.join(), Ok(Ok(buf)) if buf == [0u8; 512]));
+        assert!(matches!(flush.join(), Ok(Ok(()))));
+        d.remove_rule(slow);
+        d.add_rule(block::Rule::new(block::BlkdebugOp::Flush));
+        b.co_pwrite(MIB, &[0x44; 65536])
+            .expect("an allocating write after a flush needs no fdatasync");
+        d.clear_rules();
+    });
+    close(blk);
+    drop(dbg);
+    check_clean(&path);
+    let mut oracle = vec![0u8; 8 * MIB as usize];
+    oracle[MIB as usize..(MIB + 65536) as usize].fill(0x44);
+    compare(&path, &oracle);
+}
+
+/// The export flushes and then drops the driver without `close`: dropped right after a flush,
+/// the driver returns its reserve, and the image checks clean.
+#[test]
+fn flushed_then_dropped_checks_clean() {
+    if !have_qemu("flushed_then_dropped_checks_clean") {
+        return;
+    }
+    let dir = disk_dir();
+    let path = create(dir.path(), "dropped.qcow2", "cluster_size=4096", 8 * MIB);
+    let blk = open_rw(&path);
+    let mut oracle = vec![0u8; 8 * MIB as usize];
+    random_writes(&blk, &mut oracle, 77, 20);
+    zeroes_and_discards(&blk, &mut oracle, 4096, 78);
+    let b = blk.clone();
+    co(move || b.co_flush().expect("flush"));
+    drop(blk);
+    check_clean(&path);
+    compare(&path, &oracle);
+}

@@ -74,8 +74,12 @@
 //! leaves an image whose only defects are leaks: reserved clusters not used yet, deferred frees
 //! not applied, data clusters written but not linked. `qemu-img check` reports them (exit 3)
 //! and `-r leaks` repairs them. `co_flush` (a guest's fsync, the export's final flush)
-//! additionally applies the deferred frees and returns the reserve, so an image that was
-//! flushed and closed checks clean. Writes completed before a flush are durable after it.
+//! additionally applies the frees deferred before it started; it keeps the reserve for the
+//! next writes, so a crash after a flush still leaks it. `close` (or dropping the driver right
+//! after a flush) returns the reserve, so an image that was flushed and closed checks clean.
+//! Writes completed before a flush are durable after it. The `fdatasync` of `co_flush` runs
+//! without the metadata lock: requests go on meanwhile, and what they free waits for the next
+//! flush.
 //!
 //! We never set the dirty bit (no lazy refcounts); an image that has it set is refused for
 //! writing (run `qemu-img check -r all`), and read-only opens still work. A writable open clears
@@ -428,6 +432,36 @@ impl Qcow2Driver {
     }
 }
 
+impl Qcow2Driver {
+    /// Returns the reserve and flushes; with `if_idle`, only when nothing was allocated or
+    /// freed since the last flush.
+    fn co_close_reserve(&self, if_idle: bool) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let returned = {
+            let mut m = self.meta.co_lock();
+            (!if_idle || self.idle_since_flush(&m)) && self.co_return_reserve(&mut m)
+        };
+        if returned {
+            self.co_flush_host()?;
+        }
+        Ok(())
+    }
+}
+
+/// A driver dropped right after a flush, with nothing written since, was closed without
+/// `close` (the export flushes and drops it): its reserve is returned too, so the image checks
+/// clean. One dropped with writes since the last flush is left as a crash would leave it
+/// (leaks at worst). Runs the I/O on the dropping thread (or coroutine).
+impl Drop for Qcow2Driver {
+    fn drop(&mut self) {
+        if let Err(e) = self.co_close_reserve(true) {
+            log::warn!("qcow2: cannot return the reserved clusters (leaked): {e}");
+        }
+    }
+}
+
 /// What a writable open refuses (read-only opens accept both). QEMU refuses other refcount
 /// widths nowhere; we implement 16 bits only.
 fn check_writable(h: &Header) -> Result<()> {
@@ -492,16 +526,23 @@ impl BlockDriver for Qcow2Driver {
         self.co_write(offset, buf)
     }
 
-    /// Caches are write-through: the file gets an `fdatasync`; then the deferred frees are
-    /// applied and the reserved clusters returned (and flushed), so that a flushed image that
-    /// is not written again checks clean. QEMU: `qcow2_co_flush_to_os()` +
-    /// `bdrv_co_flush(bs->file)`.
+    /// Caches are write-through: the file gets an `fdatasync`, without the metadata lock
+    /// (requests go on meanwhile); then the frees deferred before it started are applied (and
+    /// flushed). The reserve is kept for the next writes; `close` returns it. QEMU:
+    /// `qcow2_co_flush_to_os()` + `bdrv_co_flush(bs->file)`.
     fn co_flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        let mut m = self.meta.co_lock();
-        self.co_release_locked(&mut m, true)
+        let pending = self.take_pending(&mut self.meta.co_lock());
+        if let Err(e) = self.co_flush_host() {
+            self.untake_pending(&mut self.meta.co_lock(), pending);
+            return Err(e);
+        }
+        if self.co_apply_frees(&mut self.meta.co_lock(), pending) {
+            self.co_flush_host()?;
+        }
+        Ok(())
     }
 
     fn co_pwrite_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
@@ -543,8 +584,10 @@ impl BlockDriver for Qcow2Driver {
         self.co_resize(size)
     }
 
+    /// Flushes, returns the reserved clusters (and flushes again), so that a closed image
+    /// checks clean; then closes the chain and the file.
     fn close(&self) -> Result<()> {
-        let flushed = self.co_flush();
+        let flushed = self.co_flush().and_then(|()| self.co_close_reserve(false));
         self.close_backing();
         self.child.close().and(flushed)
     }

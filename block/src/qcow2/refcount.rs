@@ -13,10 +13,12 @@
 //!   refcounts were written as 1 and flushed — one `fdatasync` per batch — so a caller may
 //!   reference what it gets at once. Batches start at 16 MiB worth of clusters and double, up
 //!   to 1 GiB worth (at most 32768 clusters, at most an eighth of the virtual size), while no
-//!   flush comes: a long sequential copy
-//!   pays few `fdatasync`s (each one writes back the data written so far). A flush returns the
-//!   reserve, so a crash leaks at most one batch (mostly past the end of the file, where the
-//!   clusters were never written). A request that does not fit in the rest of the reserve
+//!   flush comes: a long sequential copy pays few `fdatasync`s (each one writes back the data
+//!   written so far); a flush starts them small again. The reserve survives flushes (the next
+//!   allocating write would otherwise pay a reservation and its `fdatasync` after every guest
+//!   fsync) and is returned by `close`, so a crash — even right after a flush — leaks at most
+//!   one batch (mostly past the end of the file, where the clusters were never written). A
+//!   request that does not fit in the rest of the reserve
 //!   returns the rest and reserves anew (at least what it needs, in one run: one request's
 //!   clusters are contiguous).
 //! * **A missing refcount block** for a range is created *inside* that range, at its first
@@ -62,6 +64,9 @@ pub(crate) struct Refcounts {
     batch: u64,
     /// Dropped references (host offset, clusters), released after the next flush.
     pending: Vec<(u64, u64)>,
+    /// Nothing was allocated or freed since the last successful flush began: dropping the
+    /// driver then returns the reserve, as `close` does (see `Qcow2Driver`'s `Drop`).
+    idle_since_flush: bool,
 }
 
 /// Release deferred frees (with a flush) once this many have piled up between flushes.
@@ -117,6 +122,7 @@ impl Qcow2Driver {
             pool: (0, 0),
             batch: 0,
             pending: Vec::new(),
+            idle_since_flush: false,
         })
     }
 
@@ -367,6 +373,7 @@ impl Qcow2Driver {
         let cs = self.cluster_size();
         {
             let rc = rc(m)?;
+            rc.idle_since_flush = false;
             let (first, count) = rc.pool;
             if count >= n {
                 rc.pool = (first + n, count - n);
@@ -463,8 +470,9 @@ impl Qcow2Driver {
             return;
         };
         rc.pending.push((host, n));
+        rc.idle_since_flush = false;
         if rc.pending.len() >= MAX_PENDING_FREES {
-            if let Err(e) = self.co_release_locked(m, false) {
+            if let Err(e) = self.co_release_locked(m) {
                 log::warn!("qcow2: cannot release freed clusters yet: {e}");
             }
         }
@@ -487,34 +495,70 @@ impl Qcow2Driver {
         }
     }
 
-    /// Flushes the file, then applies the deferred frees and (with `pool`) returns the
-    /// reserved clusters; flushes again if anything changed. Nothing is released once the image
-    /// is known to be corrupt (leaks are safer). Called by `co_flush` with `pool`.
-    pub(super) fn co_release_locked(&self, m: &mut Meta, pool: bool) -> Result<()> {
+    /// Flushes the file with the lock held, then applies the deferred frees and flushes again.
+    /// For a pile of deferred frees in the middle of a request; `co_flush` does the same
+    /// without holding the lock across the `fdatasync`s.
+    pub(super) fn co_release_locked(&self, m: &mut Meta) -> Result<()> {
         self.co_flush_host()?;
-        if self.is_corrupt() {
-            return Ok(());
+        let pending = self.take_pending(m);
+        if self.co_apply_frees(m, pending) {
+            self.co_flush_host()?;
         }
-        let Some(rc) = m.rc.as_mut() else {
-            return Ok(());
-        };
-        let pending = std::mem::take(&mut rc.pending);
-        let (first, count) = if pool {
+        Ok(())
+    }
+
+    /// Takes the deferred frees, to be applied after a flush that *starts* after this (the
+    /// writes that dropped their references have completed). Nothing is released once the
+    /// image is known to be corrupt (leaks are safer). Marks the refcounts idle: any
+    /// allocation or deferred free before the flush completes clears it.
+    pub(super) fn take_pending(&self, m: &mut Meta) -> Vec<(u64, u64)> {
+        match m.rc.as_mut() {
+            Some(rc) if !self.is_corrupt() => {
+                rc.idle_since_flush = true;
+                std::mem::take(&mut rc.pending)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Puts back frees taken by [`Self::take_pending`] when the flush failed.
+    pub(super) fn untake_pending(&self, m: &mut Meta, mut pending: Vec<(u64, u64)>) {
+        if let Some(rc) = m.rc.as_mut() {
+            rc.idle_since_flush = false;
+            rc.pending.append(&mut pending);
+        }
+    }
+
+    /// Applies frees taken by [`Self::take_pending`], once the flush that followed completed.
+    /// Resets the reservation size (a flush came). Returns whether anything was freed.
+    pub(super) fn co_apply_frees(&self, m: &mut Meta, pending: Vec<(u64, u64)>) -> bool {
+        if let Some(rc) = m.rc.as_mut() {
             rc.batch = 0;
-            std::mem::take(&mut rc.pool)
-        } else {
-            (0, 0)
-        };
-        if pending.is_empty() && count == 0 {
-            return Ok(());
         }
+        let freed = !pending.is_empty();
         for (host, n) in pending {
             self.co_free_quietly(m, host, n);
         }
-        if count > 0 {
-            self.co_free_quietly(m, first * self.cluster_size(), count);
+        freed
+    }
+
+    /// Returns the reserved clusters (nothing references them); `close` calls it after the
+    /// final flush. Returns whether there were any (then the caller flushes).
+    pub(super) fn co_return_reserve(&self, m: &mut Meta) -> bool {
+        let Some(rc) = m.rc.as_mut() else {
+            return false;
+        };
+        let (first, count) = std::mem::take(&mut rc.pool);
+        if count == 0 || self.is_corrupt() {
+            return false;
         }
-        self.co_flush_host()
+        self.co_free_quietly(m, first * self.cluster_size(), count);
+        true
+    }
+
+    /// Whether nothing was allocated or freed since the last successful flush.
+    pub(super) fn idle_since_flush(&self, m: &Meta) -> bool {
+        m.rc.as_ref().is_some_and(|rc| rc.idle_since_flush)
     }
 }
 
