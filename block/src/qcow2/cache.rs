@@ -32,21 +32,34 @@ impl TableCache {
         }
     }
 
-    /// The table at host offset `offset`, marked most recently used.
-    pub(super) fn get(&mut self, offset: u64) -> Option<&mut [u8]> {
-        let i = self.tables.iter().position(|(o, _)| *o == offset)?;
-        let entry = self.tables.remove(i);
-        self.tables.push(entry);
-        self.tables.last_mut().map(|(_, t)| &mut t[..])
+    /// Where the table at host offset `offset` is, marked most recently used (moved to the end
+    /// unless it is there already). Searched from the most recent end: a request's tables
+    /// were usually just used.
+    pub(super) fn find(&mut self, offset: u64) -> Option<usize> {
+        let i = self.tables.iter().rposition(|(o, _)| *o == offset)?;
+        let last = self.tables.len() - 1;
+        if i != last {
+            let entry = self.tables.remove(i);
+            self.tables.push(entry);
+        }
+        Some(last)
     }
 
-    /// Inserts (or replaces) the table at `offset`, evicting the least recently used one.
-    pub(super) fn insert(&mut self, offset: u64, table: Box<[u8]>) {
+    /// The table at index `i` of [`Self::find`].
+    pub(super) fn at(&mut self, i: usize) -> &mut [u8] {
+        &mut self.tables[i].1
+    }
+
+    /// Inserts (or replaces) the table at `offset`, evicting the least recently used one;
+    /// returns it.
+    pub(super) fn insert(&mut self, offset: u64, table: Box<[u8]>) -> &mut [u8] {
         self.forget(offset);
         if self.tables.len() >= self.capacity {
             self.tables.remove(0);
         }
         self.tables.push((offset, table));
+        let last = self.tables.len() - 1;
+        self.at(last)
     }
 
     /// Drops the table at `offset` if cached (its cluster was freed and may be reused as data).
@@ -96,13 +109,27 @@ mod tests {
         let mut c = TableCache::new(2);
         c.insert(1, vec![1u8; 8].into());
         c.insert(2, vec![2u8; 8].into());
-        assert!(c.get(1).is_some()); // 1 is now the most recent
+        assert!(c.find(1).is_some()); // 1 is now the most recent
         c.insert(3, vec![3u8; 8].into());
-        assert!(c.get(2).is_none(), "2 was the least recently used");
+        assert!(c.find(2).is_none(), "2 was the least recently used");
         c.insert(1, vec![9u8; 8].into());
-        assert_eq!(c.get(1).map(|t| t[0]), Some(9));
+        assert_eq!(c.find(1).map(|i| c.at(i)[0]), Some(9));
         c.forget(1);
-        assert!(c.get(1).is_none());
+        assert!(c.find(1).is_none());
+    }
+
+    #[test]
+    fn find_marks_most_recent() {
+        let mut c = TableCache::new(3);
+        for o in 1..=3u64 {
+            c.insert(o, vec![o as u8; 8].into());
+        }
+        assert_eq!(c.find(3), Some(2), "already the most recent: stays");
+        assert_eq!(c.find(1), Some(2), "moved to the end");
+        assert_eq!(c.at(2)[0], 1);
+        c.insert(4, vec![4u8; 8].into());
+        assert!(c.find(2).is_none(), "2 was the least recently used");
+        assert_eq!(c.find(9), None);
     }
 
     #[test]

@@ -78,21 +78,25 @@ impl Qcow2Driver {
 
     /// The L2 table at host offset `l2_offset`, from the cache or the file.
     pub(super) fn co_l2_table<'m>(&self, m: &'m mut Meta, l2_offset: u64) -> Result<&'m mut [u8]> {
-        if m.l2_cache.get(l2_offset).is_none() {
-            let cs = self.cluster_size();
-            let end = self.host_len.load(std::sync::atomic::Ordering::Relaxed);
-            if !matches!(l2_offset.checked_add(cs), Some(e) if e <= end) {
-                return Err(self.signal_corruption(format!(
-                    "L2 table at {l2_offset:#x} extends beyond the end of the file"
-                )));
-            }
-            let mut raw = vec![0u8; cs as usize];
-            self.co_read_host(l2_offset, &mut raw)?;
-            m.l2_cache.insert(l2_offset, raw.into());
+        if let Some(i) = m.l2_cache.find(l2_offset) {
+            return Ok(m.l2_cache.at(i));
         }
-        m.l2_cache
-            .get(l2_offset)
-            .ok_or_else(|| crate::BlockError::Invalid("qcow2: L2 cache lost a table".into()))
+        self.co_load_l2_table(m, l2_offset)
+    }
+
+    /// A cache miss of [`Self::co_l2_table`]: reads the table and caches it.
+    #[cold]
+    fn co_load_l2_table<'m>(&self, m: &'m mut Meta, l2_offset: u64) -> Result<&'m mut [u8]> {
+        let cs = self.cluster_size();
+        let end = self.host_len.load(std::sync::atomic::Ordering::Relaxed);
+        if !matches!(l2_offset.checked_add(cs), Some(e) if e <= end) {
+            return Err(self.signal_corruption(format!(
+                "L2 table at {l2_offset:#x} extends beyond the end of the file"
+            )));
+        }
+        let mut raw = vec![0u8; cs as usize];
+        self.co_read_host(l2_offset, &mut raw)?;
+        Ok(m.l2_cache.insert(l2_offset, raw.into()))
     }
 
     /// The host offset of the L2 table for L1 index `l1_index` (0: none), checked.
@@ -270,16 +274,12 @@ impl Qcow2Driver {
         let clusters = (offset % cs + len).div_ceil(cs);
         let max = clusters.min(self.header.l2_entries() - l2_index as u64) as usize;
         let l2 = self.l2_offset(m, l1_index)?;
-        let first = if l2 == 0 {
-            0
-        } else {
-            get_u64(self.co_l2_table(m, l2)?, l2_index)
-        };
-        if is_copied_data(first) {
-            let host = first & OFFSET_MASK;
-            self.check_host_cluster(host, "data cluster")?;
+        if l2 != 0 {
+            // One cache lookup: the leading clusters that are COPIED and contiguous.
             let table = self.co_l2_table(m, l2)?;
-            let mut n = 1;
+            let first = get_u64(table, l2_index);
+            let host = first & OFFSET_MASK;
+            let mut n = 0;
             while n < max {
                 let e = get_u64(table, l2_index + n);
                 if !is_copied_data(e) || e & OFFSET_MASK != host + n as u64 * cs {
@@ -287,13 +287,16 @@ impl Qcow2Driver {
                 }
                 n += 1;
             }
-            let bytes = (n as u64 * cs - offset % cs).min(len);
-            self.check_host_cluster(host + (n as u64 - 1) * cs, "data cluster")?;
-            self.check_no_overlap(m, host, n as u64 * cs, "a data cluster")?;
-            return Ok(WritePlan::InPlace {
-                host: host + offset % cs,
-                len: bytes,
-            });
+            if n > 0 {
+                let bytes = (n as u64 * cs - offset % cs).min(len);
+                self.check_host_cluster(host, "data cluster")?;
+                self.check_host_cluster(host + (n as u64 - 1) * cs, "data cluster")?;
+                self.check_no_overlap(m, host, n as u64 * cs, "a data cluster")?;
+                return Ok(WritePlan::InPlace {
+                    host: host + offset % cs,
+                    len: bytes,
+                });
+            }
         }
         let l2 = self.co_l2_for_write(m, l1_index)?;
         let table = self.co_l2_table(m, l2)?;

@@ -166,6 +166,8 @@ pub(crate) struct Meta {
     rc: Option<Refcounts>,
     /// Claimed guest ranges of writes in flight, cluster aligned (see the module doc).
     claims: Vec<(u64, u64)>,
+    /// Requests waiting in `claim_waiters` (a released claim wakes them only if any).
+    claim_waiters: usize,
 }
 
 /// The qcow2 format over a child (the file driver). QEMU: `BDRVQcow2State`.
@@ -258,6 +260,7 @@ impl Qcow2Driver {
                 l2_cache: cache::TableCache::new(tables(opts.l2_cache_bytes)),
                 rc: None,
                 claims: Vec::new(),
+                claim_waiters: 0,
             }),
             claim_waiters: CoQueue::new(),
             corrupt: AtomicBool::new(false),
@@ -381,8 +384,10 @@ impl Qcow2Driver {
         } else {
             self.file.co_pwrite(host, buf)?;
         }
-        self.host_len
-            .fetch_max(host + buf.len() as u64, Ordering::Relaxed);
+        let end = host + buf.len() as u64;
+        if end > self.host_len.load(Ordering::Relaxed) {
+            self.host_len.fetch_max(end, Ordering::Relaxed);
+        }
         Ok(())
     }
 

@@ -140,15 +140,12 @@ impl Qcow2Driver {
 
     /// The refcount block at `off`, from the cache or the file.
     fn co_refblock<'m>(&self, m: &'m mut Meta, off: u64) -> Result<&'m mut [u8]> {
-        if rc(m)?.cache.get(off).is_none() {
-            let mut raw = vec![0u8; self.cluster_size() as usize];
-            self.co_read_host(off, &mut raw)?;
-            rc(m)?.cache.insert(off, raw.into());
+        if let Some(i) = rc(m)?.cache.find(off) {
+            return Ok(rc(m)?.cache.at(i));
         }
-        rc(m)?
-            .cache
-            .get(off)
-            .ok_or_else(|| BlockError::Invalid("qcow2: refcount cache lost a block".into()))
+        let mut raw = vec![0u8; self.cluster_size() as usize];
+        self.co_read_host(off, &mut raw)?;
+        Ok(rc(m)?.cache.insert(off, raw.into()))
     }
 
     /// The refcount block for block index `index`, created if missing (growing the table if

@@ -15,8 +15,10 @@
 
 use std::sync::atomic::Ordering;
 
+use runtime::CoMutexGuard;
+
 use super::cluster::{Alloc, WritePlan};
-use super::Qcow2Driver;
+use super::{Meta, Qcow2Driver};
 use crate::{BlockError, Result};
 
 /// Writes of zeros as data go out in pieces of at most this size.
@@ -34,8 +36,13 @@ impl Drop for Claim<'_> {
         if let Some(i) = m.claims.iter().position(|r| *r == self.range) {
             m.claims.swap_remove(i);
         }
+        // A waiter counted itself under the lock before queueing (and unlocking): if the count
+        // is zero here, nobody waits for our range.
+        let waiters = m.claim_waiters;
         drop(m);
-        self.driver.claim_waiters.restart_all();
+        if waiters > 0 {
+            self.driver.claim_waiters.restart_all();
+        }
     }
 }
 
@@ -46,17 +53,26 @@ impl Qcow2Driver {
     /// Truncate claims every cluster, so the size does not change while a claim is held — but
     /// it may have changed while waiting: requests check their range again once claimed.
     pub(super) fn co_claim(&self, start: u64, end: u64) -> Claim<'_> {
+        self.co_claim_locked(start, end).0
+    }
+
+    /// [`Self::co_claim`], returning the metadata lock still held (drop the guard before the
+    /// claim: releasing a claim takes the lock).
+    fn co_claim_locked(&self, start: u64, end: u64) -> (Claim<'_>, CoMutexGuard<'_, Meta>) {
         let cs = self.cluster_size();
         let range = (start - start % cs, end.saturating_add(cs - 1) / cs * cs);
         let mut m = self.meta.co_lock();
         while m.claims.iter().any(|&(s, e)| s < range.1 && range.0 < e) {
+            m.claim_waiters += 1;
             m = self.claim_waiters.co_wait_locked(m);
+            m.claim_waiters -= 1;
         }
         m.claims.push(range);
-        Claim {
+        let claim = Claim {
             driver: self,
             range,
-        }
+        };
+        (claim, m)
     }
 
     /// Checks a write request: writable, not corrupt, inside the image.
@@ -79,30 +95,46 @@ impl Qcow2Driver {
         if buf.is_empty() {
             return Ok(());
         }
-        let _claim = self.co_claim(offset, offset + buf.len() as u64);
-        self.check_request(offset, buf.len() as u64)?; // a shrink may have run while we waited
-        self.co_write_claimed(offset, buf)
+        // Claim and first plan under one acquisition of the lock.
+        let (_claim, m) = self.co_claim_locked(offset, offset + buf.len() as u64);
+        // A shrink may have run while we waited.
+        if let Err(e) = self.check_request(offset, buf.len() as u64) {
+            drop(m); // before the claim
+            return Err(e);
+        }
+        self.co_write_planning(m, offset, buf)
     }
 
     /// The write loop, with the range claimed by the caller.
     pub(super) fn co_write_claimed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.co_write_planning(self.meta.co_lock(), offset, buf)
+    }
+
+    /// The write loop, planning its first piece under `m` (which it releases).
+    fn co_write_planning<'a>(
+        &'a self,
+        mut m: CoMutexGuard<'a, Meta>,
+        offset: u64,
+        buf: &[u8],
+    ) -> Result<()> {
         let mut done = 0usize;
-        while done < buf.len() {
+        loop {
             let pos = offset + done as u64;
             let rest = &buf[done..];
-            let plan = {
-                let mut m = self.meta.co_lock();
-                self.co_plan_write(&mut m, pos, rest.len() as u64)?
-            };
-            done += match plan {
+            let plan = self.co_plan_write(&mut m, pos, rest.len() as u64);
+            drop(m);
+            done += match plan? {
                 WritePlan::InPlace { host, len } => {
                     self.co_write_host(host, &rest[..len as usize])?;
                     len as usize
                 }
                 WritePlan::Alloc(a) => self.co_write_alloc(&a, pos, rest)?,
             };
+            if done >= buf.len() {
+                return Ok(());
+            }
+            m = self.meta.co_lock();
         }
-        Ok(())
     }
 
     /// Writes the part of `buf` (at guest `pos`) that falls in the new clusters of `a`, with
@@ -303,6 +335,7 @@ mod tests {
             let _c = d2.co_claim(65_536 + 5, 65_536 + 6); // cluster 1
             note(&l2, "2 claimed");
         });
+        assert_eq!(d.meta.co_lock().claim_waiters, 1, "the overlapping claim waits");
         let (d3, l3) = (d.clone(), log.clone());
         let disjoint = runtime::spawn(move || {
             let _c = d3.co_claim(131_072, 131_073); // cluster 2
@@ -315,7 +348,9 @@ mod tests {
         }
         let log = log.lock().expect("log").clone();
         assert_eq!(log, ["1 claimed", "3 claimed", "1 releases", "2 claimed"]);
-        assert!(d.meta.co_lock().claims.is_empty());
+        let m = d.meta.co_lock();
+        assert!(m.claims.is_empty());
+        assert_eq!(m.claim_waiters, 0);
     }
 
     /// A write that waited for a claim while a shrink took it first fails with OutOfRange
