@@ -431,21 +431,15 @@ fn open_qcow2(
     opts: &OpenOptions,
     read_only: bool,
 ) -> Result<Qcow2Driver> {
-    let name = |why: String| format!("'{}': {why}", path.display());
     debug_assert_eq!(read_only, file.is_read_only());
     if opts.offset != 0 || opts.size.is_some() {
-        return Err(BlockError::Invalid(name(
-            "the offset and size options apply to raw images only".into(),
-        )));
+        let e = BlockError::Invalid("the offset and size options apply to raw images only".into());
+        return Err(qcow2::name_error(path, e));
     }
     let chain = qcow2::ChainOptions {
         cache: opts.cache,
         force_share: opts.force_share,
         qcow2: opts.qcow2,
     };
-    Qcow2Driver::open_chain(file, path, &chain).map_err(|e| match e {
-        BlockError::Invalid(why) => BlockError::Invalid(name(why)),
-        BlockError::Corrupt(why) => BlockError::Corrupt(name(why)),
-        e => e,
-    })
+    Qcow2Driver::open_chain(file, path, &chain).map_err(|e| qcow2::name_error(path, e))
 }

@@ -108,11 +108,6 @@ impl RawDriver {
         self
     }
 
-    /// Whether the format was probed (see [`RawDriver::mark_probed`]).
-    pub fn is_probed(&self) -> bool {
-        self.probed
-    }
-
     /// Runs `change` — a write of child range `[offset, offset+len)` whose bytes in the first
     /// sector are given by `patch` — after checking, on a probed image, that the first sector
     /// it leaves behind does not look like another format. QEMU: the `bs->probed` branch of

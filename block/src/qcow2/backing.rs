@@ -288,7 +288,7 @@ fn open_backing(
 }
 
 /// Prefixes the file name to the errors of the qcow2 driver, which do not name the file.
-fn name_error(path: &Path, e: BlockError) -> BlockError {
+pub(crate) fn name_error(path: &Path, e: BlockError) -> BlockError {
     let name = |why: String| format!("'{}': {why}", path.display());
     match e {
         BlockError::Invalid(why) => BlockError::Invalid(name(why)),

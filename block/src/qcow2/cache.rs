@@ -4,11 +4,12 @@
 //! QEMU: `block/qcow2-cache.c` (`Qcow2Cache`, `qcow2_cache_get()`, `qcow2_cache_put()`).
 //!
 //! The cache is **write-through**: whoever changes entries of a cached table writes the changed
-//! bytes to the file at once (see `Qcow2Driver::co_write_table` in `mod.rs`), so a cached table
-//! is never dirty and eviction never does I/O. QEMU's cache is write-back and flushes tables in
-//! dependency order (refcount blocks before the L2 tables that need them); write-through gets
-//! the same order for free — each metadata write completes before the next one is issued — at
-//! the price of a few small `pwrite`s per allocating request, which land in the page cache.
+//! bytes to the file at once (`Qcow2Driver::co_set_l2_entries` in `cluster.rs`, the refcount
+//! updates in `refcount.rs`), so a cached table is never dirty and eviction never does I/O.
+//! QEMU's cache is write-back and flushes tables in dependency order (refcount blocks before
+//! the L2 tables that need them); write-through gets the same order for free — each metadata
+//! write completes before the next one is issued — at the price of a few small `pwrite`s per
+//! allocating request, which land in the page cache.
 //! The flushes that make the order hold against power failure are placed by the callers
 //! (cluster reservation, new tables, deferred frees: see the crash-safety section in
 //! `mod.rs`). Why not write-back: it is simpler to reason about — after a SIGKILL the file has
@@ -66,6 +67,20 @@ impl TableCache {
     pub(super) fn forget(&mut self, offset: u64) {
         self.tables.retain(|(o, _)| *o != offset);
     }
+}
+
+/// Decodes a table of big-endian `u64` entries (L1, refcount table).
+pub(super) fn decode_table(raw: &[u8]) -> Vec<u64> {
+    (0..raw.len() / 8).map(|i| get_u64(raw, i)).collect()
+}
+
+/// Encodes `entries` as big-endian `u64`s into `bytes` bytes (zero padded).
+pub(super) fn encode_table(entries: &[u64], bytes: usize) -> Vec<u8> {
+    let mut raw = vec![0u8; bytes];
+    for (i, &e) in entries.iter().enumerate() {
+        set_u64(&mut raw, i, e);
+    }
+    raw
 }
 
 /// The big-endian `u64` entry `i` of an L1 or L2 table.
@@ -142,5 +157,8 @@ mod tests {
         assert_eq!((t[0], t[1]), (0xab, 0xcd));
         assert_eq!(get_u16(&t, 0), 0xabcd);
         assert_eq!(get_u64(&t, 5), 0, "out of range reads zero");
+        let raw = encode_table(&[1, 0x0102_0304_0506_0708], 24);
+        assert_eq!(raw.len(), 24);
+        assert_eq!(decode_table(&raw), [1, 0x0102_0304_0506_0708, 0]);
     }
 }

@@ -33,7 +33,8 @@ pub enum Mapping {
     Unallocated,
     /// Data at this host offset (of the cluster start; cluster aligned, inside the file).
     Data(u64),
-    /// Deflate-compressed data: host offset and an upper bound of its length in bytes.
+    /// Compressed data (deflate or zstd, per the header's compression type): host offset and
+    /// an upper bound of its length in bytes.
     Compressed(u64, u64),
 }
 
@@ -123,11 +124,6 @@ impl Qcow2Driver {
     }
 
     /// Maps the guest cluster containing `offset` (< size). QEMU: `qcow2_get_host_offset()`.
-    pub fn co_lookup(&self, offset: u64) -> Result<Mapping> {
-        let mut m = self.meta.co_lock();
-        self.co_lookup_locked(&mut m, offset)
-    }
-
     pub(super) fn co_lookup_locked(&self, m: &mut Meta, offset: u64) -> Result<Mapping> {
         let entry = self.co_l2_entry(m, offset)?;
         self.decode_l2_entry(entry)

@@ -483,9 +483,9 @@ impl Header {
         Ok(())
     }
 
-    /// The refcount table and the snapshot table are not read (the driver is read-only and uses
-    /// the active L1 table only), but an image whose tables cannot exist is refused as QEMU
-    /// does. QEMU: `validate_table_offset()` calls in `qcow2_do_open()`.
+    /// The refcount table and the snapshot table are not read here (the refcount table is
+    /// loaded by a writable open, `refcount.rs`; snapshots are left alone), but an image whose
+    /// tables cannot exist is refused as QEMU does. QEMU: `validate_table_offset()` calls in `qcow2_do_open()`.
     fn check_other_tables(&self, raw: &RawHeader, file_len: u64) -> Result<()> {
         let cs = self.cluster_size();
         let rt_offset = raw.refcount_table_offset.get();

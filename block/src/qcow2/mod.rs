@@ -119,6 +119,7 @@ use runtime::{CoMutex, CoQueue};
 
 use crate::backend::{BackendOptions, BlockBackend};
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
+pub(crate) use backing::name_error;
 pub use backing::{resolve_backing_path, ChainOptions, MAX_CHAIN_DEPTH};
 pub use cluster::Mapping;
 pub use header::Header;
@@ -242,9 +243,7 @@ impl Qcow2Driver {
         }
         let mut raw_l1 = vec![0u8; header.l1_size as usize * 8];
         file.co_pread(header.l1_table_offset, &mut raw_l1)?;
-        let l1 = (0..header.l1_size as usize)
-            .map(|i| cache::get_u64(&raw_l1, i))
-            .collect();
+        let l1 = cache::decode_table(&raw_l1);
         let cs = header.cluster_size();
         let tables = |bytes: u64| (bytes / cs).clamp(1, MAX_CACHED_TABLES) as usize;
         let driver = Qcow2Driver {
@@ -394,9 +393,7 @@ impl Qcow2Driver {
     /// Writes metadata: refused once the image is known to be corrupt.
     fn co_write_meta(&self, host: u64, buf: &[u8]) -> Result<()> {
         if self.is_corrupt() {
-            return Err(BlockError::Corrupt(
-                "qcow2: the image was found corrupt; no more metadata writes (run 'qemu-img check -r all')".into(),
-            ));
+            return Err(corrupt_refusal("metadata writes are"));
         }
         self.co_write_host(host, buf)
     }
@@ -422,7 +419,8 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// Reads guest bytes `[guest, guest + buf.len())`, all inside one cluster mapped as `m`.
+    /// Reads guest bytes `[guest, guest + buf.len())` mapped as `m`: inside one cluster, or a
+    /// run of [`Qcow2Driver::co_map_run`] (zero, unallocated, or contiguous data clusters).
     fn co_read_mapping(&self, m: Mapping, guest: u64, buf: &mut [u8]) -> Result<()> {
         let in_cluster = guest % self.cluster_size();
         match m {
@@ -465,6 +463,14 @@ impl Drop for Qcow2Driver {
             log::warn!("qcow2: cannot return the reserved clusters (leaked): {e}");
         }
     }
+}
+
+/// The error for `what` ("writes are", …) once the image was found corrupt.
+#[cold]
+fn corrupt_refusal(what: &str) -> BlockError {
+    BlockError::Corrupt(format!(
+        "qcow2: the image was found corrupt; {what} refused (run 'qemu-img check -r all')"
+    ))
 }
 
 /// What a writable open refuses (read-only opens accept both). QEMU refuses other refcount
@@ -513,15 +519,7 @@ impl BlockDriver for Qcow2Driver {
                 let mut m = self.meta.co_lock();
                 self.co_map_run(&mut m, pos, (buf.len() - done) as u64)?
             };
-            let chunk = &mut buf[done..done + run as usize];
-            match mapping {
-                Mapping::Compressed(..) => self.co_read_mapping(mapping, pos, chunk)?,
-                Mapping::Data(host) => {
-                    self.co_read_host(host + pos % self.cluster_size(), chunk)?
-                }
-                Mapping::Zero => chunk.fill(0),
-                Mapping::Unallocated => self.co_read_below(pos, chunk)?,
-            }
+            self.co_read_mapping(mapping, pos, &mut buf[done..done + run as usize])?;
             done += run as usize;
         }
         Ok(())

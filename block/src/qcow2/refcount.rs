@@ -37,7 +37,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::cache::{get_u16, set_u16, TableCache};
+use super::cache::{decode_table, encode_table, get_u16, set_u16, TableCache};
 use super::{header, Meta, Qcow2Driver, OFFSET_MASK, OFLAG_COMPRESSED};
 use crate::{BlockError, Result};
 
@@ -105,16 +105,8 @@ impl Qcow2Driver {
         }
         let mut raw = vec![0u8; bytes as usize];
         self.file.co_pread(offset, &mut raw)?;
-        let table = raw
-            .chunks_exact(8)
-            .map(|c| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(c);
-                u64::from_be_bytes(b)
-            })
-            .collect();
         Ok(Refcounts {
-            table,
+            table: decode_table(&raw),
             table_offset: offset,
             table_clusters: clusters,
             cache: TableCache::new(cache_tables),
@@ -228,10 +220,7 @@ impl Qcow2Driver {
         for j in 0..blocks {
             table[(area / epb + j) as usize] = (area + j) * cs;
         }
-        let mut raw = vec![0u8; (table_clusters * cs) as usize];
-        for (i, e) in table.iter().enumerate() {
-            raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
-        }
+        let raw = encode_table(&table, (table_clusters * cs) as usize);
         let table_offset = (area + blocks) * cs;
         self.co_write_meta(table_offset, &raw)?;
         self.co_flush_host()?;
@@ -254,7 +243,8 @@ impl Qcow2Driver {
     }
 
     /// Adds `delta` (+1 or -1) to the refcounts of clusters `[first, first + n)` (indices),
-    /// writing each touched block's changed bytes. Checks every count before changing any.
+    /// writing each touched block's changed bytes. Within each refcount block, checks every
+    /// count before changing any; an error in a later block leaves the earlier ones changed.
     /// QEMU: `update_refcount()`.
     fn co_update_refcounts(&self, m: &mut Meta, first: u64, n: u64, delta: i32) -> Result<()> {
         let epb = self.refblock_entries();

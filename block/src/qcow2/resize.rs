@@ -34,9 +34,7 @@ impl Qcow2Driver {
             return Err(BlockError::ReadOnly);
         }
         if self.is_corrupt() {
-            return Err(BlockError::Corrupt(
-                "qcow2: the image was found corrupt; resizing is refused".into(),
-            ));
+            return Err(super::corrupt_refusal("resizing is"));
         }
         // Waits for every write in flight, and keeps new ones out.
         let _claim = self.co_claim(0, u64::MAX - self.cluster_size());
@@ -130,10 +128,7 @@ impl Qcow2Driver {
         let cs = self.cluster_size();
         let bytes = (entries * 8).div_ceil(cs) * cs;
         let clusters = bytes / cs;
-        let mut raw = vec![0u8; bytes as usize];
-        for (i, e) in m.l1.iter().enumerate() {
-            raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
-        }
+        let raw = super::cache::encode_table(&m.l1, bytes as usize);
         let new = self.co_alloc_clusters(m, clusters)?;
         let res = self
             .co_write_meta(new, &raw)

@@ -81,10 +81,7 @@ impl Qcow2Driver {
             return Err(BlockError::ReadOnly);
         }
         if self.is_corrupt() {
-            return Err(BlockError::Corrupt(
-                "qcow2: the image was found corrupt; writes are refused (run 'qemu-img check -r all')"
-                    .into(),
-            ));
+            return Err(super::corrupt_refusal("writes are"));
         }
         self.check_request(offset, len)
     }
@@ -335,7 +332,11 @@ mod tests {
             let _c = d2.co_claim(65_536 + 5, 65_536 + 6); // cluster 1
             note(&l2, "2 claimed");
         });
-        assert_eq!(d.meta.co_lock().claim_waiters, 1, "the overlapping claim waits");
+        assert_eq!(
+            d.meta.co_lock().claim_waiters,
+            1,
+            "the overlapping claim waits"
+        );
         let (d3, l3) = (d.clone(), log.clone());
         let disjoint = runtime::spawn(move || {
             let _c = d3.co_claim(131_072, 131_073); // cluster 2
