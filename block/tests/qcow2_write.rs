@@ -1161,3 +1161,28 @@ fn flushed_then_dropped_checks_clean() {
     check_clean(&path);
     compare(&path, &oracle);
 }
+
+/// Growing a 512-byte-cluster image so far that its L1 table needs more contiguous clusters
+/// than a refcount block covers is refused at once (it used to scan the whole file space),
+/// and the image stays clean.
+#[test]
+fn huge_l1_with_tiny_clusters_is_refused() {
+    if !have_qemu("huge_l1_with_tiny_clusters_is_refused") {
+        return;
+    }
+    let dir = disk_dir();
+    let path = create(dir.path(), "l1.qcow2", "cluster_size=512", MIB);
+    let blk = open_rw(&path);
+    let b = blk.clone();
+    co(move || {
+        let e = b
+            .co_truncate(1 << 30)
+            .expect_err("an L1 table of 512 clusters");
+        assert!(matches!(e, BlockError::Invalid(_)), "{e}");
+        b.co_truncate(256 * MIB)
+            .expect("an L1 table of 128 clusters");
+    });
+    assert_eq!(blk.size(), 256 * MIB);
+    close(blk);
+    check_clean(&path);
+}

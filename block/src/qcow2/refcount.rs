@@ -72,6 +72,19 @@ pub(crate) struct Refcounts {
 /// Release deferred frees (with a flush) once this many have piled up between flushes.
 const MAX_PENDING_FREES: usize = 1024;
 
+/// A run of free clusters never spans a whole refcount block's range: the scan puts a missing
+/// block at the first cluster of its range, which ends the run there. So a request for that
+/// many contiguous clusters (a big L1 table with small clusters: above about 510 MiB with
+/// 512-byte clusters, 8 GiB with 1 KiB) would scan the whole file space; it is refused.
+#[cold]
+fn too_many_contiguous(n: u64, cs: u64) -> BlockError {
+    BlockError::Invalid(format!(
+        "qcow2: cannot allocate {n} contiguous clusters of {cs} bytes (at most {} are \
+         supported; use bigger clusters)",
+        cs / 2 - 1
+    ))
+}
+
 fn rc(m: &mut Meta) -> Result<&mut Refcounts> {
     m.rc.as_mut().ok_or(BlockError::ReadOnly)
 }
@@ -366,6 +379,9 @@ impl Qcow2Driver {
                 rc.pool = (first + n, count - n);
                 return Ok(first * cs);
             }
+        }
+        if n >= self.refblock_entries() {
+            return Err(too_many_contiguous(n, cs));
         }
         // Too few left: give them back (nothing references them) and reserve a new batch.
         let (first, count) = std::mem::take(&mut rc(m)?.pool);
