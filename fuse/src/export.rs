@@ -686,7 +686,8 @@ impl Export {
         let zero = |unmap| (length != 0).then_some((offset, length, unmap));
         let (grow_to, zero) = if mode == 0 {
             // Only allocation at or after EOF can be expressed: a grow, then the new range is
-            // allocated (QEMU: truncate with PREALLOC_MODE_FALLOC), so disk usage grows.
+            // written as zeros (QEMU: truncate with PREALLOC_MODE_FALLOC). On a raw file that
+            // allocates; a format that can (qcow2 v3) records zero clusters instead.
             if offset < size {
                 return Step::Done(Response::Err(libc::EOPNOTSUPP));
             }
