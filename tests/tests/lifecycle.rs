@@ -146,9 +146,23 @@ fn external_unmount(tool_name: &str, args: &[&str]) {
     f.write_all_at(&[0x42; 5000], 100_000).unwrap();
     data[100_000..105_000].fill(0x42);
     drop(f);
-    let mut c = tool(tool_name);
-    c.args(args).arg(&mnt);
-    run(&mut c).ok();
+    // The kernel sends RELEASE for the closed file asynchronously and refuses a plain unmount
+    // (EBUSY) until the daemon has answered it: retry, as a user would.
+    let mut tries = 0;
+    loop {
+        let mut c = tool(tool_name);
+        c.args(args).arg(&mnt);
+        let out = run(&mut c);
+        if out.success() {
+            break;
+        }
+        tries += 1;
+        assert!(
+            tries < 50 && out.all().contains("busy"),
+            "`{tool_name}` failed: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let x = e.wait_exit(Duration::from_secs(10)).unwrap_or_else(|| {
         panic!(
             "coro-fuse still runs 10 s after `{tool_name}`\n{}",
