@@ -12,105 +12,10 @@ use std::process::Command;
 use std::sync::Arc;
 
 use block::{open_image, BlockBackend, BlockError, BlockStatus, Format, OpenOptions};
-use common::{co, disk_dir, skip, Lcg};
+use common::qemu::{create_qcow2, have_qemu, open_ro, oracle_bytes, oracle_map, qemu_io, run};
+use common::{co, disk_dir, Lcg};
 
 const MIB: u64 = 1 << 20;
-
-/// Whether qemu-img and qemu-io can run; skips loudly (or fails under CI) when not.
-fn have_qemu(test: &str) -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|tool| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{test}: qemu-img/qemu-io are required when CI=true"
-        );
-        skip(test, "qemu-img or qemu-io not found");
-    }
-    ok
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run a qemu tool");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `qemu-img create -f qcow2 -o OPTS path SIZE`.
-fn create(dir: &Path, name: &str, opts: &str, size: u64) -> PathBuf {
-    let path = dir.join(name);
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", opts])
-        .arg(&path)
-        .arg(size.to_string()));
-    path
-}
-
-/// Runs qemu-io commands (`write -P 0xab 1M 64k`, …) on a qcow2 image.
-fn qemu_io(path: &Path, cmds: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "qcow2"]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    run(cmd.arg(path));
-}
-
-/// The oracle: `qemu-img convert -O raw`.
-fn oracle_bytes(path: &Path) -> Vec<u8> {
-    let raw = path.with_extension("oracle.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(path)
-        .arg(&raw));
-    let bytes = std::fs::read(&raw).expect("read the oracle");
-    std::fs::remove_file(&raw).expect("remove the oracle");
-    bytes
-}
-
-/// `qemu-img map --output=json`: (start, length, data, zero) per extent.
-fn oracle_map(path: &Path) -> Vec<(u64, u64, bool, bool)> {
-    let json = run(Command::new("qemu-img")
-        .args(["map", "--output=json", "-f", "qcow2"])
-        .arg(path));
-    let num = |obj: &str, key: &str| -> u64 {
-        let at = obj.find(&format!("\"{key}\":")).expect("key") + key.len() + 3;
-        let digits: String = obj[at..]
-            .trim_start()
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits.parse().expect("a number")
-    };
-    let flag = |obj: &str, key: &str| obj.contains(&format!("\"{key}\": true"));
-    json.split('{')
-        .skip(1)
-        .map(|obj| {
-            (
-                num(obj, "start"),
-                num(obj, "length"),
-                flag(obj, "data"),
-                flag(obj, "zero"),
-            )
-        })
-        .collect()
-}
-
-fn open_ro(path: &Path) -> Arc<BlockBackend> {
-    let opts = OpenOptions {
-        read_only: true,
-        ..OpenOptions::default()
-    };
-    open_image(path, &opts).expect("open the qcow2 image read-only")
-}
 
 /// Reads the whole image through the driver in requests of assorted sizes and offsets.
 fn read_all(blk: &Arc<BlockBackend>, seed: u64) -> Vec<u8> {
@@ -173,6 +78,7 @@ fn check_map(blk: &Arc<BlockBackend>, path: &Path) {
 fn populate(path: &Path, size: u64) {
     let end = format!("write -P 0x5e {} 4k", size - 4096);
     qemu_io(
+        "qcow2",
         path,
         &[
             "write -P 0xab 1M 64k",
@@ -194,7 +100,7 @@ fn roundtrip(cluster_size: u64, compat: &str) {
     }
     let dir = disk_dir();
     let size = 12 * MIB;
-    let path = create(
+    let path = create_qcow2(
         dir.path(),
         "img.qcow2",
         &format!("cluster_size={cluster_size},compat={compat}"),
@@ -247,8 +153,9 @@ fn odd_virtual_size_and_explicit_format() {
     }
     let dir = disk_dir();
     let size = 5 * MIB + 512 * 3;
-    let path = create(dir.path(), "odd.qcow2", "cluster_size=65536", size);
+    let path = create_qcow2(dir.path(), "odd.qcow2", "cluster_size=65536", size);
     qemu_io(
+        "qcow2",
         &path,
         &[
             &format!("write -P 0x77 {} 1536", size - 1536),
@@ -280,7 +187,7 @@ fn writable_open_takes_the_write_lock() {
         return;
     }
     let dir = disk_dir();
-    let path = create(dir.path(), "rw.qcow2", "cluster_size=65536", MIB);
+    let path = create_qcow2(dir.path(), "rw.qcow2", "cluster_size=65536", MIB);
     for format in [Format::Auto, Format::Qcow2] {
         let opts = OpenOptions {
             format,
@@ -299,7 +206,7 @@ fn writable_open_takes_the_write_lock() {
         );
         blk.close().expect("close");
         drop(blk);
-        qemu_io(&path, &["write -P 1 0 512"]);
+        qemu_io("qcow2", &path, &["write -P 1 0 512"]);
     }
 }
 
@@ -311,7 +218,7 @@ fn compressed_images_match_qemu() {
     let dir = disk_dir();
     for cluster_size in [512u64, 4096, 65536, 2 << 20] {
         let size = 12 * MIB;
-        let src = create(
+        let src = create_qcow2(
             dir.path(),
             "src.qcow2",
             &format!("cluster_size={cluster_size}"),
@@ -370,8 +277,12 @@ fn compressed_random_data_matches_qemu() {
 
 /// A valid 4 MiB image with data at 1 MiB (64 KiB clusters).
 fn valid_image(dir: &Path, name: &str) -> PathBuf {
-    let path = create(dir, name, "cluster_size=65536", 4 * MIB);
-    qemu_io(&path, &["write -P 0xab 1M 64k", "write -P 0xcd 2M 64k"]);
+    let path = create_qcow2(dir, name, "cluster_size=65536", 4 * MIB);
+    qemu_io(
+        "qcow2",
+        &path,
+        &["write -P 0xab 1M 64k", "write -P 0xcd 2M 64k"],
+    );
     path
 }
 
@@ -566,7 +477,7 @@ fn concurrent_readers_on_iothreads() {
     let dir = disk_dir();
     let size = 12 * MIB;
     // Small clusters: many L2 tables, so the cache misses and evicts under concurrency.
-    let path = create(dir.path(), "conc.qcow2", "cluster_size=512", size);
+    let path = create_qcow2(dir.path(), "conc.qcow2", "cluster_size=512", size);
     populate(&path, size);
     let expected = Arc::new(oracle_bytes(&path));
     let blk = open_ro(&path);

@@ -9,11 +9,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
 use block::{open_image, BlockBackend, BlockError, Format, OpenOptions};
+use common::qemu::{create_qcow2, have_qemu, oracle_bytes, qemu_io, run};
 use common::{co, disk_dir, skip};
 
 const MIB: u64 = 1 << 20;
@@ -45,64 +46,6 @@ impl XorShift {
             })
             .collect()
     }
-}
-
-fn have_qemu(test: &str) -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|tool| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{test}: qemu-img/qemu-io are required when CI=true"
-        );
-        skip(test, "qemu-img or qemu-io not found");
-    }
-    ok
-}
-
-fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().expect("run a qemu tool");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn create(dir: &Path, name: &str, opts: &str, size: u64) -> PathBuf {
-    let path = dir.join(name);
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", opts])
-        .arg(&path)
-        .arg(size.to_string()));
-    path
-}
-
-fn qemu_io(path: &Path, cmds: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "qcow2"]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    run(cmd.arg(path));
-}
-
-/// `qemu-img convert -O raw`, read back.
-fn raw_bytes(path: &Path) -> Vec<u8> {
-    let raw = path.with_extension("convert.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(path)
-        .arg(&raw));
-    let bytes = std::fs::read(&raw).expect("read the converted image");
-    std::fs::remove_file(&raw).expect("remove it");
-    bytes
 }
 
 /// `qemu-img check` must report no errors and no leaks (exit 0).
@@ -301,7 +244,7 @@ fn write_roundtrip(cluster_size: u64, compat: &str, size: u64) {
         return;
     }
     let dir = disk_dir();
-    let path = create(
+    let path = create_qcow2(
         dir.path(),
         "w.qcow2",
         &format!("cluster_size={cluster_size},compat={compat}"),
@@ -309,13 +252,14 @@ fn write_roundtrip(cluster_size: u64, compat: &str, size: u64) {
     );
     // Some clusters written by QEMU first: we overwrite them in place.
     qemu_io(
+        "qcow2",
         &path,
         &[
             "write -P 0xab 1M 300k",
             &format!("write -P 0xcd {} 4k", size - 4096),
         ],
     );
-    let mut oracle = raw_bytes(&path);
+    let mut oracle = oracle_bytes(&path);
     let reftable = be64_at(&path, 48);
     let blk = open_rw(&path);
     random_writes(&blk, &mut oracle, cluster_size ^ 0x5eed, 60);
@@ -392,13 +336,14 @@ fn internal_snapshot_is_preserved() {
     let dir = disk_dir();
     for (cs, compat) in [(65536u64, "1.1"), (4096, "1.1"), (65536, "0.10")] {
         let size = 8 * MIB;
-        let path = create(
+        let path = create_qcow2(
             dir.path(),
             &format!("snap-{cs}-{compat}.qcow2"),
             &format!("cluster_size={cs},compat={compat}"),
             size,
         );
         qemu_io(
+            "qcow2",
             &path,
             &[
                 "write -P 0x11 0 3M",
@@ -406,7 +351,7 @@ fn internal_snapshot_is_preserved() {
                 "write -P 0x33 7M 100k",
             ],
         );
-        let before = raw_bytes(&path);
+        let before = oracle_bytes(&path);
         run(Command::new("qemu-img")
             .args(["snapshot", "-c", "s1"])
             .arg(&path));
@@ -453,8 +398,9 @@ fn compressed_clusters_overwritten() {
     let dir = disk_dir();
     for cs in [4096u64, 65536] {
         let size = 8 * MIB;
-        let src = create(dir.path(), "src.qcow2", &format!("cluster_size={cs}"), size);
+        let src = create_qcow2(dir.path(), "src.qcow2", &format!("cluster_size={cs}"), size);
         qemu_io(
+            "qcow2",
             &src,
             &[
                 "write -P 0x41 0 2M",
@@ -469,7 +415,7 @@ fn compressed_clusters_overwritten() {
             .arg(&src)
             .arg(&packed));
         std::fs::remove_file(&src).expect("remove the source");
-        let mut oracle = raw_bytes(&packed);
+        let mut oracle = oracle_bytes(&packed);
         let blk = open_rw(&packed);
         random_writes(&blk, &mut oracle, cs + 20, 30);
         zeroes_and_discards(&blk, &mut oracle, cs, cs + 21);
@@ -493,7 +439,7 @@ fn truncate_grow_and_shrink() {
     let dir = disk_dir();
     for (cs, compat) in [(512u64, "1.1"), (65536, "1.1"), (4096, "0.10")] {
         let size = MIB + 1536;
-        let path = create(
+        let path = create_qcow2(
             dir.path(),
             &format!("t-{cs}.qcow2"),
             &format!("cluster_size={cs},compat={compat}"),
@@ -535,7 +481,6 @@ fn truncate_grow_and_shrink() {
         check_clean(&path);
         compare(&path, &oracle);
         let info = run(Command::new("qemu-img").arg("info").arg(&path));
-        let info = String::from_utf8_lossy(&info.stdout);
         assert!(info.contains(&format!("{small} bytes")), "{info}");
         if cs == 512 {
             assert_ne!(be64_at(&path, 40), l1_before, "the L1 table was moved");
@@ -551,8 +496,8 @@ fn grow_zeroes_the_old_tail() {
         return;
     }
     let dir = disk_dir();
-    let path = create(dir.path(), "tail.qcow2", "cluster_size=65536", MIB);
-    qemu_io(&path, &["write -P 0x77 0 1M"]);
+    let path = create_qcow2(dir.path(), "tail.qcow2", "cluster_size=65536", MIB);
+    qemu_io("qcow2", &path, &["write -P 0x77 0 1M"]);
     let blk = open_rw(&path);
     let b = blk.clone();
     co(move || {
@@ -576,9 +521,9 @@ fn writable_open_refusals() {
         return;
     }
     let dir = disk_dir();
-    let dirty = create(dir.path(), "dirty.qcow2", "cluster_size=65536", MIB);
+    let dirty = create_qcow2(dir.path(), "dirty.qcow2", "cluster_size=65536", MIB);
     patch(&dirty, 79, &[1]); // incompatible bit 0: dirty
-    let narrow = create(dir.path(), "rc8.qcow2", "refcount_bits=8", MIB);
+    let narrow = create_qcow2(dir.path(), "rc8.qcow2", "refcount_bits=8", MIB);
     for (path, want) in [
         (&dirty, "qemu-img check -r all"),
         (&narrow, "refcount_bits=8"),
@@ -610,8 +555,12 @@ fn corrupt_entry_stops_writes() {
         return;
     }
     let dir = disk_dir();
-    let path = create(dir.path(), "bad.qcow2", "cluster_size=65536", 4 * MIB);
-    qemu_io(&path, &["write -P 0xab 1M 64k", "write -P 0xcd 2M 64k"]);
+    let path = create_qcow2(dir.path(), "bad.qcow2", "cluster_size=65536", 4 * MIB);
+    qemu_io(
+        "qcow2",
+        &path,
+        &["write -P 0xab 1M 64k", "write -P 0xcd 2M 64k"],
+    );
     let l1 = be64_at(&path, 40);
     let l2 = be64_at(&path, l1) & 0x00ff_ffff_ffff_fe00;
     patch(
@@ -651,7 +600,7 @@ fn tiny_caches() {
     }
     let dir = disk_dir();
     let size = 8 * MIB;
-    let path = create(dir.path(), "tiny.qcow2", "cluster_size=4096", size);
+    let path = create_qcow2(dir.path(), "tiny.qcow2", "cluster_size=4096", size);
     let child: Arc<dyn block::BlockDriver> = Arc::new(
         block::FileDriver::open(&path, &block::FileOptions::default()).expect("open the file"),
     );
@@ -682,7 +631,7 @@ fn cache_none_small_clusters() {
     let dir = disk_dir();
     for cs in [512u64, 65536] {
         let size = 6 * MIB;
-        let path = create(
+        let path = create_qcow2(
             dir.path(),
             &format!("direct-{cs}.qcow2"),
             &format!("cluster_size={cs}"),
@@ -723,9 +672,9 @@ fn unflushed_image_leaks_at_worst() {
     }
     let dir = disk_dir();
     let size = 8 * MIB;
-    let path = create(dir.path(), "unflushed.qcow2", "cluster_size=4096", size);
-    qemu_io(&path, &["write -P 0x61 0 2M"]);
-    let mut oracle = raw_bytes(&path);
+    let path = create_qcow2(dir.path(), "unflushed.qcow2", "cluster_size=4096", size);
+    qemu_io("qcow2", &path, &["write -P 0x61 0 2M"]);
+    let mut oracle = oracle_bytes(&path);
     let blk = open_rw(&path);
     random_writes(&blk, &mut oracle, 123, 30);
     zeroes_and_discards(&blk, &mut oracle, 4096, 124);
@@ -764,7 +713,7 @@ fn overlapping_concurrent_writes_allocate_once() {
     let dir = disk_dir();
     for cs in [512u64, 65536] {
         let size = 16 * cs;
-        let path = create(
+        let path = create_qcow2(
             dir.path(),
             &format!("overlap-{cs}.qcow2"),
             &format!("cluster_size={cs}"),
@@ -963,7 +912,7 @@ fn missing_first_refcount_block_spares_the_header() {
         return;
     }
     let dir = disk_dir();
-    let path = create(dir.path(), "noref.qcow2", "cluster_size=65536", 4 * MIB);
+    let path = create_qcow2(dir.path(), "noref.qcow2", "cluster_size=65536", 4 * MIB);
     patch(&path, be64_at(&path, 48), &[0u8; 8]);
     let head = |path: &Path| std::fs::read(path).expect("read the image")[..512].to_vec();
     let mut before = head(&path);
@@ -1039,12 +988,12 @@ fn failed_link_write_never_frees() {
         return;
     }
     let dir = disk_dir();
-    let l2_image = create(dir.path(), "l2.qcow2", "cluster_size=65536", 4 * MIB);
-    qemu_io(&l2_image, &["write -P 0x11 0 64k"]);
+    let l2_image = create_qcow2(dir.path(), "l2.qcow2", "cluster_size=65536", 4 * MIB);
+    qemu_io("qcow2", &l2_image, &["write -P 0x11 0 64k"]);
     let l2 = be64_at(&l2_image, be64_at(&l2_image, 40)) & 0x00ff_ffff_ffff_fe00;
-    let l1_image = create(dir.path(), "l1.qcow2", "cluster_size=65536", 4 * MIB);
+    let l1_image = create_qcow2(dir.path(), "l1.qcow2", "cluster_size=65536", 4 * MIB);
     let l1 = be64_at(&l1_image, 40);
-    let grow_image = create(dir.path(), "grow.qcow2", "cluster_size=65536", 4 * MIB);
+    let grow_image = create_qcow2(dir.path(), "grow.qcow2", "cluster_size=65536", 4 * MIB);
     // The L2 entry of guest 1 MiB; L1 entry 0; the header's l1_size and l1_table_offset.
     let cases = [
         (&l2_image, l2 + 16 * 8..l2 + 17 * 8, false),
@@ -1107,7 +1056,7 @@ fn flush_keeps_the_reserve_and_the_lock_free() {
         return;
     }
     let dir = disk_dir();
-    let path = create(dir.path(), "flush.qcow2", "cluster_size=65536", 8 * MIB);
+    let path = create_qcow2(dir.path(), "flush.qcow2", "cluster_size=65536", 8 * MIB);
     let (blk, dbg) = open_over_blkdebug(&path);
     let (b, d) = (blk.clone(), dbg.clone());
     co(move || {
@@ -1150,7 +1099,7 @@ fn flushed_then_dropped_checks_clean() {
         return;
     }
     let dir = disk_dir();
-    let path = create(dir.path(), "dropped.qcow2", "cluster_size=4096", 8 * MIB);
+    let path = create_qcow2(dir.path(), "dropped.qcow2", "cluster_size=4096", 8 * MIB);
     let blk = open_rw(&path);
     let mut oracle = vec![0u8; 8 * MIB as usize];
     random_writes(&blk, &mut oracle, 77, 20);
@@ -1171,7 +1120,7 @@ fn huge_l1_with_tiny_clusters_is_refused() {
         return;
     }
     let dir = disk_dir();
-    let path = create(dir.path(), "l1.qcow2", "cluster_size=512", MIB);
+    let path = create_qcow2(dir.path(), "l1.qcow2", "cluster_size=512", MIB);
     let blk = open_rw(&path);
     let b = blk.clone();
     co(move || {

@@ -37,6 +37,16 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `qemu-img create -f qcow2 -o OPTS DIR/NAME SIZE`; returns the path.
+pub fn create_qcow2(dir: &Path, name: &str, opts: &str, size: u64) -> PathBuf {
+    let path = dir.join(name);
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", opts])
+        .arg(&path)
+        .arg(size.to_string()));
+    path
+}
+
 /// `qemu-img ARGS…` in `dir` (so that relative backing names stay relative).
 pub fn qemu_img(dir: &Path, args: &[&str]) -> String {
     run(Command::new("qemu-img").current_dir(dir).args(args))
