@@ -146,8 +146,9 @@ fn external_unmount(tool_name: &str, args: &[&str]) {
     f.write_all_at(&[0x42; 5000], 100_000).unwrap();
     data[100_000..105_000].fill(0x42);
     drop(f);
-    // The kernel sends RELEASE for the closed file asynchronously and refuses a plain unmount
-    // (EBUSY) until the daemon has answered it: retry, as a user would.
+    // Right after the close, a plain unmount may still find the mount busy (EBUSY): a
+    // reference to the file can outlive close() briefly (a child forked by a test running in
+    // parallel holds the fd table until it execs). Retry, as a user would.
     let mut tries = 0;
     loop {
         let mut c = tool(tool_name);
