@@ -219,6 +219,12 @@ fn thread_pool(c: &mut Criterion) {
             start.elapsed()
         })
     });
+    // One job in flight at a time needs one worker; more means `submit` raced a worker that had
+    // finished its job but not yet counted itself idle.
+    eprintln!(
+        "thread_pool: {} worker thread(s) alive after the runs",
+        pool.threads()
+    );
     g.finish();
 }
 

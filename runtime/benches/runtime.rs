@@ -9,9 +9,9 @@
 //! | `bh/schedule_oneshot_run_same_thread` | `ctx.schedule_oneshot(|| {}); ctx.poll(false)` (boxes a closure each time) |
 //! | `wake/cross_thread_co_round_trip` | bench thread `CoWaker::wake`s coroutine B on an `IoThread`; B wakes coroutine A on the bench thread, which `poll(true)`s until A ran: **two** cross-thread wakes, two blocking waits, two coroutine switches |
 //! | `wake/cross_thread_bh_round_trip` | the same ping-pong with `RemoteContext::schedule_oneshot` and no coroutines (the baseline of the row above) |
-//! | `thread_pool/submit_co` | inside a coroutine on the bench thread, `ThreadPool::global().submit_co(|| 1)`: submit, worker runs the job, cross-thread wake back, the bench thread's `poll(true)` re-enters the coroutine |
 //!
-//! Cross-thread numbers are round trips; a one-way wake is roughly half of one (both threads
+//! The thread pool's round trip (`thread_pool/submit_co`) is in `benches/compare.rs`, beside
+//! its async form. Cross-thread numbers are round trips; a one-way wake is roughly half of one (both threads
 //! block in `epoll_wait` between wakes, so this includes the kernel's wake-up latency, which
 //! dominates on a small VM).
 
@@ -23,7 +23,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use runtime::{co_yield, AioContext, Coroutine, IoThread, ThreadPool};
+use runtime::{co_yield, AioContext, Coroutine, IoThread};
 
 fn coroutine(c: &mut Criterion) {
     let mut g = c.benchmark_group("coroutine");
@@ -160,39 +160,6 @@ fn wake(c: &mut Criterion) {
     g.finish();
 }
 
-fn thread_pool(c: &mut Criterion) {
-    let mut g = c.benchmark_group("thread_pool");
-    let ctx = AioContext::current();
-    let pool = ThreadPool::global();
-
-    g.bench_function("submit_co", |b| {
-        b.iter_custom(|iters| {
-            let done = Rc::new(Cell::new(false));
-            let d = done.clone();
-            let co = Coroutine::new(move || {
-                for _ in 0..iters {
-                    black_box(pool.submit_co(|| black_box(1)));
-                }
-                d.set(true);
-            });
-            let start = Instant::now();
-            co.enter();
-            while !done.get() {
-                ctx.poll(true);
-            }
-            start.elapsed()
-        })
-    });
-    // One job in flight at a time needs one worker; more means `submit` raced a worker that had
-    // finished its job but not yet counted itself idle (`ThreadPool::submit` spawns a worker
-    // whenever `idle == 0`).
-    eprintln!(
-        "thread_pool/submit_co: {} worker thread(s) alive after the run",
-        pool.threads()
-    );
-    g.finish();
-}
-
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(30)
@@ -203,6 +170,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = coroutine, bh, wake, thread_pool
+    targets = coroutine, bh, wake
 }
 criterion_main!(benches);
