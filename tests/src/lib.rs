@@ -406,6 +406,41 @@ pub fn run(cmd: &mut Command) -> Output {
     run_timeout(cmd, COMMAND_TIMEOUT)
 }
 
+/// fio random writes of 512 B–128 KiB with crc32c verification through the export `e`: libaio,
+/// O_DIRECT, QD16, two jobs on disjoint halves of `2 * job_bytes`. Runs in `dir`, where fio
+/// leaves its verify state files; panics (with the daemon's log) unless fio ran clean. Returns
+/// fio's output.
+#[track_caller]
+pub fn fio_randwrite_verify(dir: &Path, e: &Export, job_bytes: u64) -> Output {
+    let mut fio = tool("fio");
+    fio.current_dir(dir).args([
+        "--name=verify",
+        &format!("--filename={}", e.path().display()),
+        "--rw=randwrite",
+        "--bsrange=512-128k",
+        "--ioengine=libaio",
+        "--direct=1",
+        "--iodepth=16",
+        "--numjobs=2",
+        &format!("--size={job_bytes}"),
+        &format!("--offset_increment={job_bytes}"),
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--randrepeat=0",
+        "--verify_state_save=0",
+        "--group_reporting",
+    ]);
+    let out = run(&mut fio);
+    assert!(out.success(), "fio failed\n{out}\n{}", e.logs());
+    assert!(out.stdout.contains("err= 0"), "fio reported errors: {out}");
+    assert!(
+        !out.all().contains("verify: bad"),
+        "fio verification failed: {out}"
+    );
+    out
+}
+
 /// `sh!("prog", arg, arg, …)`: runs a tool (found by [`find_tool`]) with arguments of any
 /// `AsRef<OsStr>` type within [`COMMAND_TIMEOUT`]; returns its [`Output`].
 #[macro_export]

@@ -179,32 +179,7 @@ fn qcow2_fio_randwrite_verifies() {
     let mnt = dir.path().join("mnt");
     fs::write(&mnt, b"").unwrap();
     let mut e = Export::start(&q, &mnt, NO_ARGS);
-    let mut fio = tool("fio");
-    fio.current_dir(dir.path()).args([
-        "--name=verify",
-        &format!("--filename={}", e.path().display()),
-        "--rw=randwrite",
-        "--bsrange=512-128k",
-        "--ioengine=libaio",
-        "--direct=1",
-        "--iodepth=16",
-        "--numjobs=2",
-        "--size=16M",
-        "--offset_increment=16M",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--randrepeat=0",
-        "--verify_state_save=0",
-        "--group_reporting",
-    ]);
-    let out = run(&mut fio);
-    assert!(out.success(), "fio failed\n{out}\n{}", e.logs());
-    assert!(out.stdout.contains("err= 0"), "fio reported errors: {out}");
-    assert!(
-        !out.all().contains("verify: bad"),
-        "fio verification failed: {out}"
-    );
+    fio_randwrite_verify(dir.path(), &e, 16 * MIB);
     e.stop_ok();
     let (code, out) = qemu_img_check(&q);
     assert_eq!(code, Some(0), "qemu-img check: {out}");
