@@ -615,6 +615,8 @@ fn tiny_caches() {
     let mut oracle = vec![0u8; size as usize];
     random_writes(&blk, &mut oracle, 99, 50);
     concurrent_stripes(&blk, &mut oracle, 98, 2);
+    // More writers than the cache has tables: links pin tables past the capacity.
+    concurrent_stripes(&blk, &mut oracle, 97, 4);
     assert!(read_back(&blk) == oracle);
     close(blk);
     check_clean(&path);
@@ -1012,17 +1014,34 @@ fn failed_link_write_never_frees() {
             BlockBackend::new(Arc::new(q), block::BackendOptions::default()).expect("backend"),
         );
         let b = blk.clone();
-        co(move || {
-            let e = if grow {
-                b.co_truncate(MIB << 10)
-                    .expect_err("the header write fails")
-            } else {
-                b.co_pwrite(MIB, &[0x5a; 65536])
-                    .expect_err("the link fails")
-            };
+        let seen = co(move || {
+            if grow {
+                let e = b
+                    .co_truncate(MIB << 10)
+                    .expect_err("the header write fails");
+                assert_eq!(e.errno(), libc::EIO, "{e}");
+                return None;
+            }
+            let e = b
+                .co_pwrite(MIB, &[0x5a; 65536])
+                .expect_err("the link fails");
             assert_eq!(e.errno(), libc::EIO, "{e}");
+            // Whatever part landed, the driver must now map the range as the file does: what
+            // it reads must be what a reopen reads.
+            let mut seen = vec![0u8; 65536];
+            b.co_pread(MIB, &mut seen)
+                .expect("read after the failed write");
+            Some(seen)
         });
         close(blk);
+        if let Some(seen) = seen {
+            let file = oracle_bytes(path);
+            assert!(
+                file[MIB as usize..(MIB + 65536) as usize] == seen[..],
+                "{} ({range:?}): the driver's view after the failed link differs from the file's",
+                path.display()
+            );
+        }
         let out = Command::new("qemu-img")
             .args(["check", "-f", "qcow2"])
             .arg(path)

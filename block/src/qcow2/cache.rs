@@ -16,12 +16,40 @@
 //! every metadata update that preceded it — and a 1 MiB write costs two small metadata writes
 //! (refcounts are reserved in batches, so usually just the L2 entries), next to the data.
 //!
+//! One exception keeps the lock short: linking new data clusters into an L2 table changes the
+//! cached entries under the lock and writes their bytes after releasing it
+//! (`Qcow2Driver::co_link_unlocked` in `cluster.rs`). A [`Pin`] keeps that table in the cache
+//! until the write is done, so nobody reloads it from the file in between and loses the change.
+//!
 //! The cache lives inside the driver's metadata `CoMutex`, so it needs no lock of its own.
+
+use std::sync::Arc;
 
 /// An LRU of tables; the most recently used is last.
 pub(super) struct TableCache {
     capacity: usize,
-    tables: Vec<(u64, Box<[u8]>)>,
+    tables: Vec<Entry>,
+}
+
+struct Entry {
+    offset: u64,
+    table: Box<[u8]>,
+    /// Cloned by each [`Pin`]: the table may be evicted only while this is the only handle.
+    pins: Arc<()>,
+}
+
+impl Entry {
+    fn pinned(&self) -> bool {
+        // A pin may be dropped on another thread at any moment, never taken without the lock:
+        // a stale count only keeps a table one eviction longer.
+        Arc::strong_count(&self.pins) > 1
+    }
+}
+
+/// Keeps a cached table from being evicted while a write of its changed entries is in flight.
+/// Taken under the metadata lock, dropped anywhere (no lock needed).
+pub(super) struct Pin {
+    _handle: Arc<()>,
 }
 
 impl TableCache {
@@ -37,7 +65,7 @@ impl TableCache {
     /// unless it is there already). Searched from the most recent end: a request's tables
     /// were usually just used.
     pub(super) fn find(&mut self, offset: u64) -> Option<usize> {
-        let i = self.tables.iter().rposition(|(o, _)| *o == offset)?;
+        let i = self.tables.iter().rposition(|e| e.offset == offset)?;
         let last = self.tables.len() - 1;
         if i != last {
             let entry = self.tables.remove(i);
@@ -48,24 +76,41 @@ impl TableCache {
 
     /// The table at index `i` of [`Self::find`].
     pub(super) fn at(&mut self, i: usize) -> &mut [u8] {
-        &mut self.tables[i].1
+        &mut self.tables[i].table
     }
 
-    /// Inserts (or replaces) the table at `offset`, evicting the least recently used one;
+    /// Pins the table at index `i` of [`Self::find`].
+    pub(super) fn pin(&self, i: usize) -> Pin {
+        Pin {
+            _handle: Arc::clone(&self.tables[i].pins),
+        }
+    }
+
+    /// Inserts (or replaces) the table at `offset`, evicting the least recently used one that
+    /// is not pinned (with every table pinned, the cache grows past its capacity for a while);
     /// returns it.
     pub(super) fn insert(&mut self, offset: u64, table: Box<[u8]>) -> &mut [u8] {
         self.forget(offset);
-        if self.tables.len() >= self.capacity {
-            self.tables.remove(0);
+        while self.tables.len() >= self.capacity {
+            let Some(i) = self.tables.iter().position(|e| !e.pinned()) else {
+                break;
+            };
+            self.tables.remove(i);
         }
-        self.tables.push((offset, table));
+        self.tables.push(Entry {
+            offset,
+            table,
+            pins: Arc::new(()),
+        });
         let last = self.tables.len() - 1;
         self.at(last)
     }
 
     /// Drops the table at `offset` if cached (its cluster was freed and may be reused as data).
+    /// Never a pinned one: whoever pinned it still holds a claim on part of its range, and
+    /// neither freeing the table nor failing a write of it happens under someone's claim.
     pub(super) fn forget(&mut self, offset: u64) {
-        self.tables.retain(|(o, _)| *o != offset);
+        self.tables.retain(|e| e.offset != offset);
     }
 }
 
@@ -131,6 +176,32 @@ mod tests {
         assert_eq!(c.find(1).map(|i| c.at(i)[0]), Some(9));
         c.forget(1);
         assert!(c.find(1).is_none());
+    }
+
+    #[test]
+    fn pinned_tables_are_not_evicted() {
+        let mut c = TableCache::new(2);
+        c.insert(1, vec![1u8; 8].into());
+        c.insert(2, vec![2u8; 8].into());
+        let i = c.find(1).expect("cached");
+        let pin = c.pin(i);
+        c.find(2); // 1 is the least recently used, but pinned
+        c.insert(3, vec![3u8; 8].into());
+        assert!(c.find(1).is_some(), "the pinned table stays");
+        assert!(c.find(2).is_none(), "the unpinned one goes");
+        let i3 = c.find(3).expect("cached");
+        let pin3 = c.pin(i3);
+        let i1 = c.find(1).expect("cached");
+        let _pin1 = c.pin(i1);
+        c.insert(4, vec![4u8; 8].into());
+        assert!(
+            c.find(1).is_some() && c.find(3).is_some() && c.find(4).is_some(),
+            "all pinned: grows"
+        );
+        drop((pin, pin3));
+        c.insert(5, vec![5u8; 8].into());
+        assert!(c.find(3).is_none(), "unpinned again: evicted first");
+        assert!(c.find(1).is_some(), "still pinned");
     }
 
     #[test]

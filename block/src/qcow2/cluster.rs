@@ -19,7 +19,7 @@
 //! cluster before its first change (`Qcow2Driver::co_l2_for_write`). Everything we allocate
 //! has refcount 1 and gets COPIED.
 
-use super::cache::{get_u64, set_u64};
+use super::cache::{get_u64, set_u64, Pin};
 use super::{Meta, Qcow2Driver, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use crate::Result;
 
@@ -48,6 +48,18 @@ pub struct Alloc {
     /// The L2 entries being replaced, one per cluster: the copy-on-write source for partial
     /// clusters, and the references dropped after linking.
     pub old: Vec<u64>,
+}
+
+/// An L2 change made in the cache, still to be written to the file (see
+/// [`Qcow2Driver::co_link_in_cache`]).
+pub(super) struct L2Write {
+    /// Host offset of the table.
+    l2: u64,
+    /// Index of the first changed entry.
+    first: usize,
+    /// The changed entries, as they go to the file.
+    bytes: Vec<u8>,
+    _pin: Pin,
 }
 
 /// What a write of a range should do, for its first clusters.
@@ -319,8 +331,68 @@ impl Qcow2Driver {
         }))
     }
 
+    /// Links the data clusters of `a` (written by now) into the L2 table in the cache and
+    /// returns the write that puts them in the file, for the caller to issue after releasing
+    /// the lock ([`Qcow2Driver::co_link_unlocked`]). The table stays pinned in the cache until
+    /// then. Not for O_DIRECT files: their writes are whole sectors, read-modify-write, and two
+    /// links into one sector must not overlap.
+    pub(super) fn co_link_in_cache(&self, m: &mut Meta, a: &Alloc) -> Result<L2Write> {
+        let cs = self.cluster_size();
+        let (l1_index, l2_index) = self.l1_l2_index(a.guest);
+        let l2 = self.l2_offset(m, l1_index)?;
+        let table = self.co_l2_table(m, l2)?;
+        let n = a.old.len();
+        for i in 0..n {
+            set_u64(table, l2_index + i, (a.host + i as u64 * cs) | OFLAG_COPIED);
+        }
+        let bytes = table[l2_index * 8..(l2_index + n) * 8].to_vec();
+        let i = m.l2_cache.find(l2).expect("just used");
+        Ok(L2Write {
+            l2,
+            first: l2_index,
+            bytes,
+            _pin: m.l2_cache.pin(i),
+        })
+    }
+
+    /// Puts a [`Self::co_link_in_cache`] change in the file, without the lock: concurrent
+    /// links write disjoint entries (each request holds a claim on its clusters), and the
+    /// pinned table is not reloaded from the file meanwhile. Then, under the lock, drops the
+    /// references of the replaced entries.
+    ///
+    /// If the write failed, part of it may have landed: the new clusters are leaked, and the
+    /// cached entries are read back from the file, so that the cache says what the file says
+    /// (a later write must not go to a cluster the file no longer maps there). If even that
+    /// read fails, the image is marked corrupt: its metadata is unknown.
+    pub(super) fn co_link_unlocked(&self, a: &Alloc, w: L2Write) -> Result<()> {
+        let at = w.l2 + w.first as u64 * 8;
+        let res = self.co_write_meta(at, &w.bytes);
+        if res.is_ok() && a.old.iter().all(|&e| e == 0) {
+            return Ok(()); // nothing to free: no need for the lock
+        }
+        let mut m = self.meta.co_lock();
+        if let Err(e) = res {
+            self.leak_after_failed_link(a.host, a.old.len() as u64, &e);
+            let mut disk = vec![0u8; w.bytes.len()];
+            if let Err(e2) = self.co_read_host(at, &mut disk) {
+                return Err(self.signal_corruption(format!(
+                    "L2 entries at {at:#x} unknown: writing them failed ({e}), then reading \
+                     them back ({e2})"
+                )));
+            }
+            let table = self.co_l2_table(&mut m, w.l2)?; // pinned: still cached
+            table[w.first * 8..w.first * 8 + disk.len()].copy_from_slice(&disk);
+            return Err(e);
+        }
+        for &e in &a.old {
+            self.defer_free_entry(&mut m, e);
+        }
+        Ok(())
+    }
+
     /// Links the data clusters of `a` (written by now) into the L2 table, then drops the
-    /// references of the entries they replace. QEMU: `qcow2_alloc_cluster_link_l2()`.
+    /// references of the entries they replace, all under the lock (O_DIRECT files).
+    /// QEMU: `qcow2_alloc_cluster_link_l2()`.
     pub(super) fn co_link(&self, m: &mut Meta, a: &Alloc) -> Result<()> {
         let cs = self.cluster_size();
         let (l1_index, l2_index) = self.l1_l2_index(a.guest);

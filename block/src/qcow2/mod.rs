@@ -64,7 +64,10 @@
 //!    does, and the header's L1 fields before a bigger size.
 //! 3. **then the reference**: the L2 entry (or L1 entry, or header field) is written. Guest data
 //!    is *not* flushed before its L2 entry (QEMU does not either): after a power failure an
-//!    unflushed write may show a cluster's old bytes, but never breaks the metadata.
+//!    unflushed write may show a cluster's old bytes, but never breaks the metadata. The L2
+//!    write that links new data clusters is issued after the metadata lock is released (the
+//!    entries change in the pinned cached table under it); the request completes — and may
+//!    drop the replaced entries' references — only once that write is done.
 //! 4. **then the release**: a reference removed from a table (copy-on-write, zeroing,
 //!    discard, a moved table) is decremented only after the next flush made the removal
 //!    durable: frees are deferred to [`BlockDriver::co_flush`] (or to a flush of their own

@@ -7,7 +7,7 @@
 //! `qcow2_cluster_discard()`).
 //!
 //! A write is a loop of: lock → plan ([`super::cluster::WritePlan`]) → unlock → data I/O →
-//! (for new clusters) lock → link → unlock. New clusters get the whole clusters' bytes in one
+//! (for new clusters) lock → link in the L2 cache → unlock → write the changed L2 entries. New clusters get the whole clusters' bytes in one
 //! write: the head and tail of a partially written cluster are first read from the cluster they
 //! replace (data, compressed data, zeros, or [`Qcow2Driver::co_read_below`]) — QEMU's
 //! copy-on-write, done here in one buffer so that a 1 MiB write into an empty image is one data
@@ -156,10 +156,26 @@ impl Qcow2Driver {
             self.co_free_quietly(&mut m, a.host, n); // nothing references them
             return Err(e);
         }
-        if let Err(e) = self.co_link(&mut m, a) {
-            self.leak_after_failed_link(a.host, n, &e);
-            return Err(e);
+        if !self.direct {
+            // O_DIRECT: the L2 write is a read-modify-write of whole sectors, which two
+            // requests linking into one sector must not do at the same time.
+            if let Err(e) = self.co_link(&mut m, a) {
+                self.leak_after_failed_link(a.host, n, &e);
+                return Err(e);
+            }
+            return Ok(len);
         }
+        // The L2 write goes out after the lock is released: other requests plan and link
+        // meanwhile, instead of queueing behind a write that waits for the file's data writes.
+        let w = match self.co_link_in_cache(&mut m, a) {
+            Ok(w) => w,
+            Err(e) => {
+                self.leak_after_failed_link(a.host, n, &e);
+                return Err(e);
+            }
+        };
+        drop(m);
+        self.co_link_unlocked(a, w)?;
         Ok(len)
     }
 
