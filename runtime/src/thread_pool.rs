@@ -15,6 +15,17 @@
 //! Differences from QEMU: one pool may serve many contexts (QEMU has one per `AioContext`); the
 //! routing back is done by the waker, so the pool needs no per-context state. There is no
 //! cancellation: a submitted job always runs.
+//!
+//! ## Lanes
+//!
+//! Some jobs gain nothing from running side by side: buffered writes to one regular file all
+//! take the file's inode lock for their whole copy, so sixteen of them on sixteen workers are one
+//! writing and fifteen spinning or sleeping on the lock, each hand-over a wake-up. A [`Lane`]
+//! runs its jobs one at a time, in submission order: the first job of an idle lane starts a
+//! worker on it, and that worker takes the lane's next job as soon as one is done, without
+//! sleeping, until the lane is empty. Linux's io_uring does the same with its "hashed" work
+//! (`io_wq_hash_work()` for buffered writes to one inode). The wake-up of each finished job's
+//! submitter is delivered before the next job starts.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -60,6 +71,57 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Jobs run outside this lock and the sections inside it cannot panic halfway.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A queue of jobs on a pool that runs them one at a time, in submission order (see "Lanes"
+/// above). Clone to share.
+#[derive(Clone, Default)]
+pub struct Lane {
+    inner: Arc<Mutex<LaneState>>,
+}
+
+#[derive(Default)]
+struct LaneState {
+    queue: VecDeque<Job>,
+    /// A worker is draining the lane.
+    active: bool,
+}
+
+impl Lane {
+    /// An idle lane; it takes no worker until a job comes.
+    pub fn new() -> Lane {
+        Lane::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LaneState> {
+        // Jobs run outside this lock.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs the lane's jobs until it is empty (on a worker).
+    fn drain(&self, pool: &str) {
+        loop {
+            let job = {
+                let mut st = self.lock();
+                match st.queue.pop_front() {
+                    Some(job) => job,
+                    None => {
+                        st.active = false;
+                        return;
+                    }
+                }
+            };
+            let wakeup = catch_unwind(AssertUnwindSafe(job)).unwrap_or_else(|_| {
+                log::error!("thread pool '{pool}': a job panicked");
+                None
+            });
+            match wakeup {
+                Some(Wakeup::Co(co)) => co.wake(),
+                Some(Wakeup::Task(task)) => task.wake(),
+                None => {}
+            }
+        }
     }
 }
 
@@ -120,6 +182,25 @@ impl ThreadPool {
         }
     }
 
+    /// Queues `job` in `lane` (or, without one, in the pool).
+    fn push_in(&self, lane: Option<&Lane>, job: Job) {
+        let Some(lane) = lane else {
+            return self.push(job);
+        };
+        let mut st = lane.lock();
+        st.queue.push_back(job);
+        if st.active {
+            return; // the draining worker will take it
+        }
+        st.active = true;
+        drop(st);
+        let (lane, name) = (lane.clone(), self.inner.name.clone());
+        self.push(Box::new(move || {
+            lane.drain(&name);
+            None
+        }));
+    }
+
     #[cold]
     fn spawn_worker(&self, name: String) {
         let inner = self.inner.clone();
@@ -141,14 +222,26 @@ impl ThreadPool {
     ///
     /// QEMU: `thread_pool_submit_co()`.
     pub fn submit_co<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        self.submit_co_in(None, f)
+    }
+
+    /// [`ThreadPool::submit_co`], in `lane` if given.
+    fn submit_co_in<R: Send + 'static>(
+        &self,
+        lane: Option<&Lane>,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> R {
         let waker = CoWaker::current();
         let slot: Arc<Mutex<Option<thread::Result<R>>>> = Arc::new(Mutex::new(None));
         let result = slot.clone();
-        self.push(Box::new(move || {
-            let r = catch_unwind(AssertUnwindSafe(f));
-            *result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-            Some(Wakeup::Co(waker))
-        }));
+        self.push_in(
+            lane,
+            Box::new(move || {
+                let r = catch_unwind(AssertUnwindSafe(f));
+                *result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                Some(Wakeup::Co(waker))
+            }),
+        );
         loop {
             co_yield();
             if let Some(r) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -162,16 +255,26 @@ impl ThreadPool {
     /// so the borrow outlives its use. This is how a block driver hands `&mut [u8]` to `preadv`
     /// on a worker without copying.
     pub fn submit_co_scoped<'a, R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'a) -> R {
+        self.submit_co_scoped_in(None, f)
+    }
+
+    /// [`ThreadPool::submit_co_scoped`], in `lane` if given: after the lane's earlier jobs,
+    /// never beside them.
+    pub fn submit_co_scoped_in<'a, R: Send + 'static>(
+        &self,
+        lane: Option<&Lane>,
+        f: impl FnOnce() -> R + Send + 'a,
+    ) -> R {
         let job: Box<dyn FnOnce() -> R + Send + 'a> = Box::new(f);
         // SAFETY: we erase the lifetime `'a` so the job can cross to a worker. This function does
-        // not return until the job has finished: `submit_co` yields until the worker stored the
-        // result, and loops on spurious wakes. While it waits, the borrows in `f` cannot end:
-        // the caller's frame is on this coroutine's stack, which is neither resumed nor freed
-        // (a suspended coroutine is never unwound or dropped — see `coroutine`, "leaked at
-        // thread exit"). A panic in `f` is caught on the worker and re-raised only after the
+        // not return until the job has finished: `submit_co_in` yields until the worker (in the
+        // pool or in the lane) stored the result, and loops on spurious wakes. While it waits,
+        // the borrows in `f` cannot end: the caller's frame is on this coroutine's stack, which
+        // is neither resumed nor freed (a suspended coroutine is never unwound or dropped — see
+        // `coroutine`, "leaked at thread exit"). A panic in `f` is caught on the worker and re-raised only after the
         // job is complete. So `f` never outlives what it borrows.
         let job: Box<dyn FnOnce() -> R + Send + 'static> = unsafe { std::mem::transmute(job) };
-        self.submit_co(job)
+        self.submit_co_in(lane, job)
     }
 
     /// Runs `f` on a worker; the returned future completes with `f`'s result. The async
@@ -185,17 +288,29 @@ impl ThreadPool {
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> PoolFuture<R> {
+        self.submit_async_in(None, f)
+    }
+
+    /// [`ThreadPool::submit_async`], in `lane` if given.
+    pub fn submit_async_in<R: Send + 'static>(
+        &self,
+        lane: Option<&Lane>,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> PoolFuture<R> {
         let slot = Arc::new(Mutex::new(PoolSlot {
             result: None,
             waiter: None,
         }));
         let done = slot.clone();
-        self.push(Box::new(move || {
-            let r = catch_unwind(AssertUnwindSafe(f));
-            let mut st = done.lock().unwrap_or_else(|e| e.into_inner());
-            st.result = Some(r);
-            st.waiter.take().map(Wakeup::Task)
-        }));
+        self.push_in(
+            lane,
+            Box::new(move || {
+                let r = catch_unwind(AssertUnwindSafe(f));
+                let mut st = done.lock().unwrap_or_else(|e| e.into_inner());
+                st.result = Some(r);
+                st.waiter.take().map(Wakeup::Task)
+            }),
+        );
         PoolFuture { slot }
     }
 

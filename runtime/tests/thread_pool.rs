@@ -142,3 +142,139 @@ fn many_coroutines_in_flight_complete_on_their_thread() {
     let d = done.clone();
     wait_while(&ctx, || d.get() < 200);
 }
+
+/// Runs `jobs` coroutines on this thread, each submitting one job that sleeps a little, in
+/// `lane` if given; returns the order in which the jobs ran and the most that ran at once.
+fn run_sleepers(lane: Option<&runtime::Lane>, jobs: usize) -> (Vec<usize>, usize) {
+    let ctx = AioContext::current();
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let done = Rc::new(Cell::new(0));
+    for i in 0..jobs {
+        let (running, most, order, d) =
+            (running.clone(), most.clone(), order.clone(), done.clone());
+        let lane = lane.cloned();
+        runtime::Coroutine::new(move || {
+            ThreadPool::global().submit_co_scoped_in(lane.as_ref(), || {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                thread::sleep(Duration::from_micros(300));
+                order.lock().expect("order").push(i);
+                running.fetch_sub(1, Ordering::SeqCst);
+            });
+            d.set(d.get() + 1);
+        })
+        .enter();
+    }
+    wait_while(&ctx, || done.get() < jobs);
+    let order = order.lock().expect("order").clone();
+    (order, most.load(Ordering::SeqCst))
+}
+
+#[test]
+fn a_lane_runs_its_jobs_one_at_a_time_in_order() {
+    let (_, most) = run_sleepers(None, 40);
+    assert!(
+        most > 1,
+        "without a lane the jobs should overlap (at most {most} at once)"
+    );
+    let lane = runtime::Lane::new();
+    let (order, most) = run_sleepers(Some(&lane), 40);
+    assert_eq!(most, 1, "lane jobs overlapped");
+    assert_eq!(
+        order,
+        (0..40).collect::<Vec<_>>(),
+        "lane jobs ran out of order"
+    );
+    // The lane went idle; it starts again for the next jobs.
+    let (order, most) = run_sleepers(Some(&lane), 5);
+    assert_eq!((order, most), ((0..5).collect(), 1));
+}
+
+#[test]
+fn lane_jobs_from_two_threads_never_overlap() {
+    let lane = runtime::Lane::new();
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = mpsc::channel();
+    let threads: Vec<IoThread> = (0..2)
+        .map(|t| IoThread::spawn(&format!("lane-{t}")).expect("iothread"))
+        .collect();
+    for t in &threads {
+        for _ in 0..20 {
+            let (lane, running, most, tx) =
+                (lane.clone(), running.clone(), most.clone(), tx.clone());
+            t.spawn_co(move || {
+                ThreadPool::global().submit_co_scoped_in(Some(&lane), || {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    thread::sleep(Duration::from_micros(200));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                });
+                tx.send(()).expect("send");
+            });
+        }
+    }
+    for _ in 0..40 {
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a lane job completed");
+    }
+    assert_eq!(most.load(Ordering::SeqCst), 1, "lane jobs overlapped");
+    for t in threads {
+        t.stop();
+    }
+}
+
+#[test]
+fn a_panicking_lane_job_reaches_its_coroutine_and_the_lane_goes_on() {
+    let ctx = AioContext::current();
+    let lane = runtime::Lane::new();
+    let results = Rc::new(std::cell::RefCell::new(Vec::new()));
+    for i in 0..3 {
+        let (lane, r) = (lane.clone(), results.clone());
+        runtime::Coroutine::new(move || {
+            let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ThreadPool::global().submit_co_scoped_in(Some(&lane), || {
+                    if i == 1 {
+                        panic!("job {i} fails");
+                    }
+                    i
+                })
+            }));
+            r.borrow_mut().push(got.ok());
+        })
+        .enter();
+    }
+    wait_while(&ctx, || results.borrow().len() < 3);
+    assert_eq!(*results.borrow(), vec![Some(0), None, Some(2)]);
+}
+
+#[test]
+fn async_lane_jobs_complete_in_order() {
+    let lane = runtime::Lane::new();
+    let running = Arc::new(AtomicUsize::new(0));
+    let futures: Vec<_> = (0..10)
+        .map(|i| {
+            let running = running.clone();
+            ThreadPool::global().submit_async_in(Some(&lane), move || {
+                assert_eq!(
+                    running.fetch_add(1, Ordering::SeqCst),
+                    0,
+                    "lane jobs overlapped"
+                );
+                thread::sleep(Duration::from_micros(200));
+                running.fetch_sub(1, Ordering::SeqCst);
+                i
+            })
+        })
+        .collect();
+    let got: Vec<i32> = runtime::block_on(async move {
+        let mut got = Vec::new();
+        for f in futures {
+            got.push(f.await);
+        }
+        got
+    });
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+}
