@@ -186,6 +186,12 @@ impl BlkdebugDriver {
         rules.len() != before
     }
 
+    /// Whether a rule is still there (a [`Rule::once`] rule is gone from its first hit on:
+    /// tests wait for that to know a request has reached the point the rule holds it at).
+    pub fn has_rule(&self, id: RuleId) -> bool {
+        self.rules().iter().any(|(i, _)| *i == id)
+    }
+
     /// Removes every rule.
     pub fn clear_rules(&self) {
         self.rules().clear();

@@ -937,6 +937,8 @@ fn missing_first_refcount_block_spares_the_header() {
 struct LandThenFail {
     file: block::FileDriver,
     range: std::ops::Range<u64>,
+    /// Whether the failing write reaches the file first (else it fails without writing).
+    land: bool,
     fired: std::sync::atomic::AtomicBool,
 }
 
@@ -954,9 +956,12 @@ impl block::BlockDriver for LandThenFail {
         self.file.co_preadv(offset, buf)
     }
     fn co_pwritev(&self, offset: u64, buf: &[u8]) -> block::Result<()> {
-        self.file.co_pwritev(offset, buf)?;
         let hit = offset < self.range.end && offset + buf.len() as u64 > self.range.start;
-        if hit && !self.fired.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        let fail = hit && !self.fired.swap(true, std::sync::atomic::Ordering::Relaxed);
+        if self.land || !fail {
+            self.file.co_pwritev(offset, buf)?;
+        }
+        if fail {
             return Err(BlockError::Io(std::io::Error::from_raw_os_error(libc::EIO)));
         }
         Ok(())
@@ -983,7 +988,9 @@ impl block::BlockDriver for LandThenFail {
 
 /// A write that was to link new clusters (an L2 entry, an L1 entry, the header's L1 fields)
 /// reached the file but failed: the clusters may be referenced now, so they must not be freed
-/// (`qemu-img check` would find a referenced cluster with refcount 0). Leaks at worst.
+/// (`qemu-img check` would find a referenced cluster with refcount 0). Leaks at worst. And an
+/// L2 link that failed without reaching the file must not stay in the cache (the cached table
+/// was changed before the write): the driver then reads what the file says.
 #[test]
 fn failed_link_write_never_frees() {
     if !have_qemu("failed_link_write_never_frees") {
@@ -996,17 +1003,22 @@ fn failed_link_write_never_frees() {
     let l1_image = create_qcow2(dir.path(), "l1.qcow2", "cluster_size=65536", 4 * MIB);
     let l1 = be64_at(&l1_image, 40);
     let grow_image = create_qcow2(dir.path(), "grow.qcow2", "cluster_size=65536", 4 * MIB);
-    // The L2 entry of guest 1 MiB; L1 entry 0; the header's l1_size and l1_table_offset.
+    let lost_image = dir.path().join("lost.qcow2");
+    std::fs::copy(&l2_image, &lost_image).expect("copy the image");
+    // The L2 entry of guest 1 MiB (landed, then not); L1 entry 0; the header's l1_size and
+    // l1_table_offset.
     let cases = [
-        (&l2_image, l2 + 16 * 8..l2 + 17 * 8, false),
-        (&l1_image, l1..l1 + 8, false),
-        (&grow_image, 36..48, true),
+        (&l2_image, l2 + 16 * 8..l2 + 17 * 8, true, false),
+        (&lost_image, l2 + 16 * 8..l2 + 17 * 8, false, false),
+        (&l1_image, l1..l1 + 8, true, false),
+        (&grow_image, 36..48, true, true),
     ];
-    for (path, range, grow) in cases {
+    for (path, range, land, grow) in cases {
         let file = block::FileDriver::open(path, &block::FileOptions::default()).expect("open");
         let child = LandThenFail {
             file,
             range: range.clone(),
+            land,
             fired: Default::default(),
         };
         let q = block::Qcow2Driver::open(Arc::new(child)).expect("open qcow2");
@@ -1107,6 +1119,98 @@ fn flush_keeps_the_reserve_and_the_lock_free() {
     check_clean(&path);
     let mut oracle = vec![0u8; 8 * MIB as usize];
     oracle[MIB as usize..(MIB + 65536) as usize].fill(0x44);
+    compare(&path, &oracle);
+}
+
+/// An allocating write changes its L2 table in the cache and writes the new entry after
+/// releasing the metadata lock. While that write is held, a one-table cache has to load
+/// another table, and a discard in the same table fails its L2 write: neither may drop the
+/// changed table (a reload from the file would lose the new entry, and the cluster just
+/// written would read as a hole — or be allocated twice).
+#[test]
+fn held_link_survives_eviction_and_a_failed_discard() {
+    if !have_qemu("held_link_survives_eviction_and_a_failed_discard") {
+        return;
+    }
+    let dir = disk_dir();
+    let size = 8 * MIB;
+    let path = create_qcow2(dir.path(), "held.qcow2", "cluster_size=4096", size);
+    // Two L2 tables (each maps 2 MiB): guest 0 and 8k in the first, 4 MiB in the third.
+    qemu_io(
+        "qcow2",
+        &path,
+        &[
+            "write -P 0x11 0 4k",
+            "write -P 0x33 8k 4k",
+            "write -P 0x22 4M 4k",
+        ],
+    );
+    let l2 = be64_at(&path, be64_at(&path, 40)) & 0x00ff_ffff_ffff_fe00;
+    let file = block::FileDriver::open(&path, &block::FileOptions::default()).expect("open");
+    let dbg = Arc::new(block::BlkdebugDriver::new(Arc::new(file)));
+    let opts = block::Qcow2Options {
+        l2_cache_bytes: 1,
+        refcount_cache_bytes: 1,
+    };
+    let q = block::Qcow2Driver::open_with(dbg.clone(), &opts).expect("open qcow2");
+    let blk = Arc::new(
+        BlockBackend::new(Arc::new(q), block::BackendOptions::default()).expect("backend"),
+    );
+    let (b, d) = (blk.clone(), dbg.clone());
+    co(move || {
+        let read = |offset: u64| {
+            let mut buf = vec![0u8; 4096];
+            b.co_pread(offset, &mut buf).expect("read");
+            buf
+        };
+        // Hold the write of the L2 entry of guest 4k.
+        let hold = block::Rule::new(block::BlkdebugOp::Write)
+            .range(l2 + 8..l2 + 16)
+            .errno(0)
+            .delay(std::time::Duration::from_millis(500))
+            .once();
+        let hold = d.add_rule(hold);
+        let b1 = b.clone();
+        let writer = runtime::spawn(move || b1.co_pwrite(4096, &[0x77; 4096]));
+        let start = std::time::Instant::now();
+        while d.has_rule(hold) {
+            assert!(start.elapsed().as_secs() < 30, "the link write never came");
+            runtime::co_sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(!writer.is_finished(), "the link write is held");
+        // The cache holds one table: loading the other one must not evict the held one.
+        assert!(read(4 * MIB) == [0x22; 4096]);
+        // A discard of guest 8k whose L2 write fails, in the held table.
+        d.add_rule(
+            block::Rule::new(block::BlkdebugOp::Write)
+                .range(l2 + 16..l2 + 24)
+                .errno(libc::EIO)
+                .once(),
+        );
+        let e = b
+            .co_pdiscard(8192, 4096)
+            .expect_err("the discard's L2 write fails");
+        assert_eq!(e.errno(), libc::EIO, "{e}");
+        // Whatever the driver keeps of the table now is what it maps guest 4k with.
+        assert!(read(0) == [0x11; 4096]);
+        assert!(
+            read(8192) == [0x33; 4096],
+            "the failed discard changed nothing"
+        );
+        assert!(matches!(writer.join(), Ok(Ok(()))));
+        assert!(
+            read(4096) == [0x77; 4096],
+            "the linked cluster reads its new data"
+        );
+    });
+    close(blk);
+    drop(dbg);
+    check_clean(&path);
+    let mut oracle = vec![0u8; size as usize];
+    oracle[..4096].fill(0x11);
+    oracle[4096..8192].fill(0x77);
+    oracle[8192..12288].fill(0x33);
+    oracle[4 * MIB as usize..4 * MIB as usize + 4096].fill(0x22);
     compare(&path, &oracle);
 }
 

@@ -45,6 +45,20 @@ enum Wakeup {
     Task(Waker),
 }
 
+impl Wakeup {
+    /// Wakes the submitter. An async task's waker is foreign code: if it panics, the panic
+    /// stops here (logged), so a worker never dies, nor leaves a lane marked busy forever.
+    fn deliver(self, pool: &str) {
+        let wake = AssertUnwindSafe(move || match self {
+            Wakeup::Co(co) => co.wake(),
+            Wakeup::Task(task) => task.wake(),
+        });
+        if catch_unwind(wake).is_err() {
+            log::error!("thread pool '{pool}': waking a submitter panicked");
+        }
+    }
+}
+
 /// A job returns whom to wake, if anyone, so that the worker can count itself idle *before*
 /// the wake: otherwise the woken submitter's next job would find no idle worker and start a
 /// needless new one.
@@ -116,10 +130,8 @@ impl Lane {
                 log::error!("thread pool '{pool}': a job panicked");
                 None
             });
-            match wakeup {
-                Some(Wakeup::Co(co)) => co.wake(),
-                Some(Wakeup::Task(task)) => task.wake(),
-                None => {}
+            if let Some(w) = wakeup {
+                w.deliver(pool);
             }
         }
     }
@@ -392,10 +404,7 @@ fn worker(inner: Arc<Inner>) {
                 // Idle from the submitter's point of view while we deliver the completion.
                 st.idle += 1;
                 drop(st);
-                match w {
-                    Wakeup::Co(co) => co.wake(),
-                    Wakeup::Task(task) => task.wake(),
-                }
+                w.deliver(&inner.name);
                 st = inner.lock();
                 st.idle -= 1;
             }

@@ -278,3 +278,31 @@ fn async_lane_jobs_complete_in_order() {
     });
     assert_eq!(got, (0..10).collect::<Vec<_>>());
 }
+
+/// A waker that panics when woken: foreign code a pool worker calls.
+struct PanickingWaker;
+
+impl std::task::Wake for PanickingWaker {
+    fn wake(self: Arc<Self>) {
+        panic!("this waker panics");
+    }
+}
+
+#[test]
+fn a_panicking_waker_leaves_the_lane_running() {
+    let pool = ThreadPool::new("waker-test", 1, Duration::from_secs(10));
+    let lane = runtime::Lane::new();
+    let mut first = pool.submit_async_in(Some(&lane), || thread::sleep(Duration::from_millis(50)));
+    let waker = std::task::Waker::from(Arc::new(PanickingWaker));
+    let mut cx = std::task::Context::from_waker(&waker);
+    // Polled before the job ends: the worker wakes this waker when it does.
+    assert!(std::future::Future::poll(std::pin::Pin::new(&mut first), &mut cx).is_pending());
+    let (tx, rx) = mpsc::channel();
+    let _second = pool.submit_async_in(Some(&lane), move || tx.send(()).expect("send"));
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the lane ran its next job after the waker panicked");
+    let (tx, rx) = mpsc::channel();
+    let _third = pool.submit_async_in(None, move || tx.send(()).expect("send"));
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the pool's only worker is still alive");
+}

@@ -106,9 +106,15 @@ impl TableCache {
         self.at(last)
     }
 
-    /// Drops the table at `offset` if cached (its cluster was freed and may be reused as data).
-    /// Never a pinned one: whoever pinned it still holds a claim on part of its range, and
-    /// neither freeing the table nor failing a write of it happens under someone's claim.
+    /// Whether the table at `offset` is cached and pinned.
+    pub(super) fn is_pinned(&self, offset: u64) -> bool {
+        self.tables.iter().any(|e| e.offset == offset && e.pinned())
+    }
+
+    /// Drops the table at `offset` if cached (its cluster was freed and may be reused as data,
+    /// or a write of it failed). The caller makes sure it is not pinned ([`Self::is_pinned`]):
+    /// a pinned table holds a change its file copy does not have yet, and reloading the table
+    /// would lose it.
     pub(super) fn forget(&mut self, offset: u64) {
         self.tables.retain(|e| e.offset != offset);
     }

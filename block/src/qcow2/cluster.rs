@@ -21,7 +21,7 @@
 
 use super::cache::{get_u64, set_u64, Pin};
 use super::{Meta, Qcow2Driver, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
-use crate::Result;
+use crate::{BlockError, Result};
 
 /// What a guest cluster maps to: the plan the lookup hands to the I/O path.
 /// (cloud-hypervisor `qcow/metadata.rs` calls it a mapping; QEMU `QCow2SubclusterType`.)
@@ -227,11 +227,42 @@ impl Qcow2Driver {
         }
         let bytes = table[first * 8..(first + entries.len()) * 8].to_vec();
         let res = self.co_write_meta(l2 + first as u64 * 8, &bytes);
-        if res.is_err() {
-            // The file did not change: forget our changed copy.
-            m.l2_cache.forget(l2);
+        if let Err(e) = res {
+            return Err(self.co_resync_l2_entries(m, l2, first, entries.len(), e));
         }
-        res
+        Ok(())
+    }
+
+    /// After the write of L2 entries `[first, first + n)` of the table at `l2` failed with
+    /// `err` (it may have landed in full, in part or not at all), makes the cache say what
+    /// the file says; returns the error to report. An unpinned table is simply dropped and
+    /// reloaded when next needed. A pinned one must stay: an unlocked link elsewhere in it
+    /// (`co_link_unlocked`) has changed it and not written its entries yet, so only the failed
+    /// range is read back — and if even that fails, the image is marked corrupt.
+    fn co_resync_l2_entries(
+        &self,
+        m: &mut Meta,
+        l2: u64,
+        first: usize,
+        n: usize,
+        err: BlockError,
+    ) -> BlockError {
+        if !m.l2_cache.is_pinned(l2) {
+            m.l2_cache.forget(l2);
+            return err;
+        }
+        let at = l2 + first as u64 * 8;
+        let mut disk = vec![0u8; n * 8];
+        if let Err(e2) = self.co_read_host(at, &mut disk) {
+            return self.signal_corruption(format!(
+                "L2 entries at {at:#x} unknown: writing them failed ({err}), then reading \
+                 them back ({e2})"
+            ));
+        }
+        if let Some(i) = m.l2_cache.find(l2) {
+            m.l2_cache.at(i)[first * 8..first * 8 + disk.len()].copy_from_slice(&disk);
+        }
+        err
     }
 
     /// The L2 table for `l1_index`, ready to be changed: allocated (zeroed) if the L1 entry is
@@ -373,16 +404,8 @@ impl Qcow2Driver {
         let mut m = self.meta.co_lock();
         if let Err(e) = res {
             self.leak_after_failed_link(a.host, a.old.len() as u64, &e);
-            let mut disk = vec![0u8; w.bytes.len()];
-            if let Err(e2) = self.co_read_host(at, &mut disk) {
-                return Err(self.signal_corruption(format!(
-                    "L2 entries at {at:#x} unknown: writing them failed ({e}), then reading \
-                     them back ({e2})"
-                )));
-            }
-            let table = self.co_l2_table(&mut m, w.l2)?; // pinned: still cached
-            table[w.first * 8..w.first * 8 + disk.len()].copy_from_slice(&disk);
-            return Err(e);
+            // Our pin (in `w`) keeps the table cached: its failed range is read back.
+            return Err(self.co_resync_l2_entries(&mut m, w.l2, w.first, w.bytes.len() / 8, e));
         }
         for &e in &a.old {
             self.defer_free_entry(&mut m, e);
