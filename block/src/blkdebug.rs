@@ -1,10 +1,11 @@
 //! `blkdebug`: a filter that makes chosen requests fail (or wait), for tests.
 //!
-//! QEMU: `block/blkdebug.c` — much simpler: no config file, no event/state machine, no
+//! QEMU: `block/blkdebug.c` — much simpler: no config file, no event/state machine, no named
 //! breakpoints. Rules are added and removed at run time from any thread; each request checks
 //! them and, if one matches, fails with its errno instead of reaching the child (or sleeps
 //! first, with [`Rule::delay`] — which QEMU's blkdebug does not have; tests use it to keep
-//! requests in flight while they drain).
+//! requests in flight while they drain — or waits until the test opens a [`Gate`], with
+//! [`Rule::hold`], like QEMU's `break`/`resume`).
 //!
 //! It is compiled into the library, not only under `cfg(test)`, because the FUSE and end-to-end
 //! tests stack it under a real export; the CLI may expose it later through a hidden option.
@@ -22,7 +23,7 @@
 
 use std::io;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -54,7 +55,38 @@ pub struct Rule {
     /// Panic instead of failing: tests that a panicking request is caught (EIO to the client,
     /// the export keeps serving) in both engines. Not in QEMU.
     pub panic: bool,
+    /// Hold the request until this gate opens, before the delay and the errno apply.
+    /// QEMU's blkdebug has `break`/`resume` for this.
+    pub hold: Option<Gate>,
 }
+
+/// Keeps the requests of a [`Rule::hold`] rule waiting until [`Gate::open`]: a test keeps a
+/// request in flight exactly as long as it needs to, instead of for a guessed delay.
+#[derive(Clone, Debug, Default)]
+pub struct Gate(Arc<AtomicBool>);
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate::default()
+    }
+
+    /// Lets held requests (and all later ones) go on.
+    pub fn open(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn is_open(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl PartialEq for Gate {
+    fn eq(&self, other: &Gate) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Gate {}
 
 impl Rule {
     /// A rule for `op` on every offset, failing with `EIO`, repeatedly, without delay.
@@ -66,6 +98,7 @@ impl Rule {
             once: false,
             delay: None,
             panic: false,
+            hold: None,
         }
     }
 
@@ -86,6 +119,11 @@ impl Rule {
 
     pub fn panic(mut self) -> Rule {
         self.panic = true;
+        self
+    }
+
+    pub fn hold(mut self, gate: &Gate) -> Rule {
+        self.hold = Some(gate.clone());
         self
     }
 
@@ -207,8 +245,8 @@ impl BlkdebugDriver {
         &self.child
     }
 
-    /// Applies the first matching rule: sleeps for its delay, then fails with its errno.
-    /// QEMU: `rule_check()`.
+    /// Applies the first matching rule: waits for its gate, sleeps for its delay, then fails with
+    /// its errno. QEMU: `rule_check()`.
     fn check(&self, op: BlkdebugOp, offset: u64, len: u64) -> Result<()> {
         let hit = {
             let mut rules = self.rules();
@@ -220,12 +258,20 @@ impl BlkdebugDriver {
             }
         };
         let Some(rule) = hit else { return Ok(()) };
-        if let Some(delay) = rule.delay {
+        let sleep = |d: Duration| {
             if runtime::in_coroutine() {
-                runtime::co_sleep(delay);
+                runtime::co_sleep(d);
             } else {
-                std::thread::sleep(delay);
+                std::thread::sleep(d);
             }
+        };
+        if let Some(gate) = &rule.hold {
+            while !gate.is_open() {
+                sleep(Duration::from_millis(1));
+            }
+        }
+        if let Some(delay) = rule.delay {
+            sleep(delay);
         }
         if rule.panic {
             panic!("blkdebug: injected panic in {op:?} at {offset}+{len}");

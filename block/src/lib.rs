@@ -74,7 +74,7 @@ use std::sync::Arc;
 
 pub use async_io::{AsyncLeaf, AsyncPath};
 pub use backend::{BackendOptions, BlockBackend};
-pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Rule, RuleId};
+pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Gate, Rule, RuleId};
 pub use file::{CacheMode, FileDriver, FileOptions, FileStats};
 pub use image_lock::Perm;
 pub use null::NullDriver;

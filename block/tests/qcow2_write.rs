@@ -1122,20 +1122,18 @@ fn flush_keeps_the_reserve_and_the_lock_free() {
     compare(&path, &oracle);
 }
 
-/// An allocating write changes its L2 table in the cache and writes the new entry after
-/// releasing the metadata lock. While that write is held, a one-table cache has to load
-/// another table, and a discard in the same table fails its L2 write: neither may drop the
-/// changed table (a reload from the file would lose the new entry, and the cluster just
-/// written would read as a hole — or be allocated twice).
-#[test]
-fn held_link_survives_eviction_and_a_failed_discard() {
-    if !have_qemu("held_link_survives_eviction_and_a_failed_discard") {
-        return;
-    }
-    let dir = disk_dir();
-    let size = 8 * MIB;
-    let path = create_qcow2(dir.path(), "held.qcow2", "cluster_size=4096", size);
-    // Two L2 tables (each maps 2 MiB): guest 0 and 8k in the first, 4 MiB in the third.
+/// An image with 4 KiB clusters (each L2 table maps 2 MiB): guest 0 (0x11) and 8k (0x33) in
+/// the table of L1 entry 0, 4 MiB (0x22) in that of L1 entry 2. Opened over blkdebug with a
+/// one-table L2 cache (1 byte rounds up to one table). Also returns the first table's offset.
+fn held_link_image(
+    dir: &Path,
+) -> (
+    std::path::PathBuf,
+    u64,
+    Arc<BlockBackend>,
+    Arc<block::BlkdebugDriver>,
+) {
+    let path = create_qcow2(dir, "held.qcow2", "cluster_size=4096", 8 * MIB);
     qemu_io(
         "qcow2",
         &path,
@@ -1156,6 +1154,46 @@ fn held_link_survives_eviction_and_a_failed_discard() {
     let blk = Arc::new(
         BlockBackend::new(Arc::new(q), block::BackendOptions::default()).expect("backend"),
     );
+    (path, l2, blk, dbg)
+}
+
+/// Starts an allocating write of 0x77 to guest 4k and returns once it is held in the write of
+/// its L2 entry (the table at `l2` changed in the cache, pinned, the lock released), with the
+/// gate that lets it go on.
+fn hold_link_of_4k(
+    b: &Arc<BlockBackend>,
+    d: &block::BlkdebugDriver,
+    l2: u64,
+) -> (runtime::JoinHandle<block::Result<()>>, block::Gate) {
+    let gate = block::Gate::new();
+    let hold = block::Rule::new(block::BlkdebugOp::Write)
+        .range(l2 + 8..l2 + 16)
+        .errno(0)
+        .hold(&gate)
+        .once();
+    let hold = d.add_rule(hold);
+    let b1 = b.clone();
+    let writer = runtime::spawn(move || b1.co_pwrite(4096, &[0x77; 4096]));
+    let start = std::time::Instant::now();
+    while d.has_rule(hold) {
+        assert!(start.elapsed().as_secs() < 30, "the link write never came");
+        runtime::co_sleep(std::time::Duration::from_millis(1));
+    }
+    (writer, gate)
+}
+
+/// An allocating write changes its L2 table in the cache and writes the new entry after
+/// releasing the metadata lock. While that write is held, a one-table cache has to load
+/// another table, and a discard in the same table fails its L2 write: neither may drop the
+/// changed table (a reload from the file would lose the new entry, and the cluster just
+/// written would read as a hole — or be allocated twice).
+#[test]
+fn held_link_survives_eviction_and_a_failed_discard() {
+    if !have_qemu("held_link_survives_eviction_and_a_failed_discard") {
+        return;
+    }
+    let dir = disk_dir();
+    let (path, l2, blk, dbg) = held_link_image(dir.path());
     let (b, d) = (blk.clone(), dbg.clone());
     co(move || {
         let read = |offset: u64| {
@@ -1163,21 +1201,7 @@ fn held_link_survives_eviction_and_a_failed_discard() {
             b.co_pread(offset, &mut buf).expect("read");
             buf
         };
-        // Hold the write of the L2 entry of guest 4k.
-        let hold = block::Rule::new(block::BlkdebugOp::Write)
-            .range(l2 + 8..l2 + 16)
-            .errno(0)
-            .delay(std::time::Duration::from_millis(500))
-            .once();
-        let hold = d.add_rule(hold);
-        let b1 = b.clone();
-        let writer = runtime::spawn(move || b1.co_pwrite(4096, &[0x77; 4096]));
-        let start = std::time::Instant::now();
-        while d.has_rule(hold) {
-            assert!(start.elapsed().as_secs() < 30, "the link write never came");
-            runtime::co_sleep(std::time::Duration::from_millis(1));
-        }
-        assert!(!writer.is_finished(), "the link write is held");
+        let (writer, gate) = hold_link_of_4k(&b, &d, l2);
         // The cache holds one table: loading the other one must not evict the held one.
         assert!(read(4 * MIB) == [0x22; 4096]);
         // A discard of guest 8k whose L2 write fails, in the held table.
@@ -1191,13 +1215,15 @@ fn held_link_survives_eviction_and_a_failed_discard() {
             .co_pdiscard(8192, 4096)
             .expect_err("the discard's L2 write fails");
         assert_eq!(e.errno(), libc::EIO, "{e}");
-        // Whatever the driver keeps of the table now is what it maps guest 4k with.
         assert!(read(0) == [0x11; 4096]);
         assert!(
             read(8192) == [0x33; 4096],
             "the failed discard changed nothing"
         );
+        assert!(!writer.is_finished(), "the link write was held throughout");
+        gate.open();
         assert!(matches!(writer.join(), Ok(Ok(()))));
+        // Whatever the driver kept of the table is what it maps guest 4k with.
         assert!(
             read(4096) == [0x77; 4096],
             "the linked cluster reads its new data"
@@ -1206,12 +1232,44 @@ fn held_link_survives_eviction_and_a_failed_discard() {
     close(blk);
     drop(dbg);
     check_clean(&path);
-    let mut oracle = vec![0u8; size as usize];
+    let mut oracle = vec![0u8; 8 * MIB as usize];
     oracle[..4096].fill(0x11);
     oracle[4096..8192].fill(0x77);
     oracle[8192..12288].fill(0x33);
     oracle[4 * MIB as usize..4 * MIB as usize + 4096].fill(0x22);
     compare(&path, &oracle);
+}
+
+/// As above, but reading the failed discard's entries back fails too: with a link in flight
+/// the table cannot simply be dropped, its entries are unknown, so the image is marked corrupt
+/// (EIO, the corrupt bit set, no more metadata writes).
+#[test]
+fn held_link_and_unreadable_entries_mark_the_image_corrupt() {
+    if !have_qemu("held_link_and_unreadable_entries_mark_the_image_corrupt") {
+        return;
+    }
+    let dir = disk_dir();
+    let (path, l2, blk, dbg) = held_link_image(dir.path());
+    let (b, d) = (blk.clone(), dbg.clone());
+    co(move || {
+        let (writer, gate) = hold_link_of_4k(&b, &d, l2);
+        for op in [block::BlkdebugOp::Write, block::BlkdebugOp::Read] {
+            d.add_rule(block::Rule::new(op).range(l2 + 16..l2 + 24).once());
+        }
+        let e = b.co_pdiscard(8192, 4096).expect_err("the discard fails");
+        assert!(matches!(e, BlockError::Corrupt(_)), "{e}");
+        assert_eq!(e.errno(), libc::EIO);
+        assert!(!writer.is_finished(), "the link write was held throughout");
+        gate.open();
+        let _ = writer.join(); // its write was past the corrupt check: it may land
+        let e = b
+            .co_pwrite(6 * MIB, &[1u8; 4096])
+            .expect_err("no more allocations");
+        assert_eq!(e.errno(), libc::EIO, "{e}");
+    });
+    drop(blk);
+    drop(dbg);
+    assert_eq!(be64_at(&path, 72) & 2, 2, "the corrupt bit is set");
 }
 
 /// The export flushes and then drops the driver without `close`: dropped right after a flush,

@@ -48,6 +48,7 @@ enum Wakeup {
 impl Wakeup {
     /// Wakes the submitter. An async task's waker is foreign code: if it panics, the panic
     /// stops here (logged), so a worker never dies, nor leaves a lane marked busy forever.
+    /// That submitter's wake-up is lost, though: it waits on (a bug of the waker's owner).
     fn deliver(self, pool: &str) {
         let wake = AssertUnwindSafe(move || match self {
             Wakeup::Co(co) => co.wake(),

@@ -288,21 +288,43 @@ impl std::task::Wake for PanickingWaker {
     }
 }
 
-#[test]
-fn a_panicking_waker_leaves_the_lane_running() {
-    let pool = ThreadPool::new("waker-test", 1, Duration::from_secs(10));
-    let lane = runtime::Lane::new();
-    let mut first = pool.submit_async_in(Some(&lane), || thread::sleep(Duration::from_millis(50)));
+/// A pool job whose completion wakes a waker that panics. Polled once, while the job is held
+/// on `release`: the worker wakes the waker when the job ends.
+fn job_with_panicking_waker(
+    pool: &ThreadPool,
+    lane: Option<&runtime::Lane>,
+) -> (runtime::PoolFuture<()>, mpsc::Sender<()>) {
+    let (release, held) = mpsc::channel::<()>();
+    let mut job = pool.submit_async_in(lane, move || {
+        let _ = held.recv();
+    });
     let waker = std::task::Waker::from(Arc::new(PanickingWaker));
     let mut cx = std::task::Context::from_waker(&waker);
-    // Polled before the job ends: the worker wakes this waker when it does.
-    assert!(std::future::Future::poll(std::pin::Pin::new(&mut first), &mut cx).is_pending());
-    let (tx, rx) = mpsc::channel();
-    let _second = pool.submit_async_in(Some(&lane), move || tx.send(()).expect("send"));
-    rx.recv_timeout(Duration::from_secs(10))
-        .expect("the lane ran its next job after the waker panicked");
-    let (tx, rx) = mpsc::channel();
-    let _third = pool.submit_async_in(None, move || tx.send(()).expect("send"));
-    rx.recv_timeout(Duration::from_secs(10))
-        .expect("the pool's only worker is still alive");
+    let poll = std::future::Future::poll(std::pin::Pin::new(&mut job), &mut cx);
+    assert!(poll.is_pending(), "the job is held");
+    (job, release)
+}
+
+/// A waker that panics does not kill the worker that wakes it, nor leave its lane busy: the
+/// next jobs, in the lane and out of it, still run (the pool has a single worker).
+#[test]
+fn a_panicking_waker_leaves_the_worker_and_the_lane_running() {
+    let pool = ThreadPool::new("waker-test", 1, Duration::from_secs(10));
+    let lane = runtime::Lane::new();
+    for in_lane in [false, true] {
+        let lane = in_lane.then_some(&lane);
+        let (_job, release) = job_with_panicking_waker(&pool, lane);
+        release.send(()).expect("release the job");
+        for next_lane in [lane, None] {
+            let (tx, rx) = mpsc::channel();
+            let _next = pool.submit_async_in(next_lane, move || tx.send(()).expect("send"));
+            rx.recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "after a panicking waker (lane: {in_lane}), a job (lane: {}) never ran",
+                        next_lane.is_some()
+                    )
+                });
+        }
+    }
 }

@@ -20,6 +20,10 @@
 //! cached entries under the lock and writes their bytes after releasing it
 //! (`Qcow2Driver::co_link_unlocked` in `cluster.rs`). A [`Pin`] keeps that table in the cache
 //! until the write is done, so nobody reloads it from the file in between and loses the change.
+//! For the same reason a failed write into a pinned table does not drop the table, as it does
+//! an unpinned one: it reads the failed range back from the file
+//! (`Qcow2Driver::co_resync_l2_entries`), and a cluster freed while its table is pinned means
+//! the refcounts are corrupt (`Qcow2Driver::check_not_pinned`).
 //!
 //! The cache lives inside the driver's metadata `CoMutex`, so it needs no lock of its own.
 
@@ -41,7 +45,8 @@ struct Entry {
 impl Entry {
     fn pinned(&self) -> bool {
         // A pin may be dropped on another thread at any moment, never taken without the lock:
-        // a stale count only keeps a table one eviction longer.
+        // a stale count only keeps a table one eviction longer (or makes a failed write read
+        // its range back where dropping the table would have done).
         Arc::strong_count(&self.pins) > 1
     }
 }
@@ -116,6 +121,10 @@ impl TableCache {
     /// a pinned table holds a change its file copy does not have yet, and reloading the table
     /// would lose it.
     pub(super) fn forget(&mut self, offset: u64) {
+        debug_assert!(
+            !self.is_pinned(offset),
+            "forgetting pinned table {offset:#x}"
+        );
         self.tables.retain(|e| e.offset != offset);
     }
 }

@@ -213,7 +213,9 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// Sets `entries` of the L2 table at `l2` from index `first`, write-through.
+    /// Sets `entries` of the L2 table at `l2` from index `first`, write-through. If the write
+    /// fails, the cache is made to agree with the file again ([`Self::co_resync_l2_entries`];
+    /// the error is then `Corrupt` if even that fails).
     pub(super) fn co_set_l2_entries(
         &self,
         m: &mut Meta,
@@ -236,9 +238,10 @@ impl Qcow2Driver {
     /// After the write of L2 entries `[first, first + n)` of the table at `l2` failed with
     /// `err` (it may have landed in full, in part or not at all), makes the cache say what
     /// the file says; returns the error to report. An unpinned table is simply dropped and
-    /// reloaded when next needed. A pinned one must stay: an unlocked link elsewhere in it
-    /// (`co_link_unlocked`) has changed it and not written its entries yet, so only the failed
-    /// range is read back — and if even that fails, the image is marked corrupt.
+    /// reloaded when next needed. A pinned one must stay: it holds entries changed by unlocked
+    /// links in flight (`co_link_unlocked`, possibly the caller's own) that the file lacks yet,
+    /// so only the failed range is read back — and if even that fails, the image is marked
+    /// corrupt.
     fn co_resync_l2_entries(
         &self,
         m: &mut Meta,
@@ -259,9 +262,11 @@ impl Qcow2Driver {
                  them back ({e2})"
             ));
         }
-        if let Some(i) = m.l2_cache.find(l2) {
-            m.l2_cache.at(i)[first * 8..first * 8 + disk.len()].copy_from_slice(&disk);
-        }
+        let i = m
+            .l2_cache
+            .find(l2)
+            .expect("a pinned table stays cached while the lock is held");
+        m.l2_cache.at(i)[first * 8..first * 8 + disk.len()].copy_from_slice(&disk);
         err
     }
 
@@ -285,6 +290,7 @@ impl Qcow2Driver {
         let new = self.co_alloc_clusters(m, 1)?;
         let res = self
             .check_no_overlap(m, new, cs, "a new L2 table")
+            .and_then(|()| self.check_not_pinned(m, new, "a new L2 table"))
             .and_then(|()| self.co_write_meta(new, &contents))
             .and_then(|()| self.co_flush_host()); // contents durable before the L1 entry
         if let Err(e) = res {

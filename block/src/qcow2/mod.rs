@@ -351,6 +351,17 @@ impl Qcow2Driver {
         }
     }
 
+    /// Fails, marking the image corrupt, if the cluster at `host`, which the refcounts say is
+    /// free, is an L2 table with a link in flight (pinned in the cache: see `cache.rs`).
+    fn check_not_pinned(&self, m: &Meta, host: u64, what: &str) -> Result<()> {
+        if m.l2_cache.is_pinned(host) {
+            return Err(self.signal_corruption(format!(
+                "{what} at {host:#x} is an L2 table in use, yet its refcount is zero"
+            )));
+        }
+        Ok(())
+    }
+
     fn check_request(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.size.load(Ordering::Acquire);
         match offset.checked_add(len) {

@@ -170,6 +170,7 @@ impl Qcow2Driver {
         }
         // A range without a block cannot hold metadata: if it does, the table is corrupt.
         self.check_no_overlap(m, off, cs, "a new refcount block")?;
+        self.check_not_pinned(m, off, "a new refcount block")?;
         let mut block = vec![0u8; cs as usize];
         set_u16(&mut block, 0, 1);
         self.co_write_meta(off, &block)?;
@@ -315,6 +316,7 @@ impl Qcow2Driver {
                 return Err(e);
             }
             for z in zeroed {
+                self.check_not_pinned(m, z * cs, "a freed cluster")?;
                 m.l2_cache.forget(z * cs);
                 let rc = rc(m)?;
                 rc.cache.forget(z * cs);
