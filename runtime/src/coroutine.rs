@@ -228,8 +228,18 @@ impl Coroutine {
         })
     }
 
-    /// `f` must not unwind (the callers catch panics).
-    fn create(f: impl FnOnce() + 'static) -> Coroutine {
+    /// `f` must not unwind (the callers catch panics). A closure bigger than corosensei moves
+    /// onto the new stack (1 KiB) is boxed first; the size is known at compile time, so the
+    /// common small closure pays nothing.
+    fn create<F: FnOnce() + 'static>(f: F) -> Coroutine {
+        const MAX_INLINE: usize = 512;
+        if std::mem::size_of::<F>() > MAX_INLINE {
+            return Coroutine::create_inline(Box::new(f));
+        }
+        Coroutine::create_inline(f)
+    }
+
+    fn create_inline(f: impl FnOnce() + 'static) -> Coroutine {
         let home = AioContext::with_current(|ctx| ctx.shared().clone());
         RELEASE.with(|_| {}); // registers the thread-exit release (cheap after the first time)
         let cfg_size = STACK_SIZE.load(Ordering::Relaxed);

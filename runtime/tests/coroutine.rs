@@ -293,3 +293,12 @@ fn misuse_aborts_loudly() {
     expect_abort("enter-finished", "already finished");
     expect_abort("double-wake", "already has a wake-up pending");
 }
+
+/// A coroutine body that captures more than corosensei moves onto a new stack (1 KiB) runs
+/// like any other (the runtime boxes it) instead of panicking at creation.
+#[test]
+fn a_closure_with_large_captures_runs() {
+    let big = [7u8; 4096];
+    let co = runtime::spawn(move || big.iter().map(|&b| u32::from(b)).sum::<u32>());
+    assert!(matches!(co.join(), Ok(28672)));
+}
