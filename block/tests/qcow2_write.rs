@@ -513,21 +513,197 @@ fn grow_zeroes_the_old_tail() {
     compare(&path, &oracle);
 }
 
-/// A dirty image (lazy refcounts after a crash) and 8-bit refcounts are refused for writing
-/// with a message saying what to do, and still open read-only.
+/// Runs qemu-io on `path` with lazy refcounts and kills it (`abort`) after `cmds`: the image is
+/// left dirty, its refcounts behind its tables (`qemu-img check` exit code 2, errors) or ahead
+/// of them (3, leaks); returns which. Runs in the image's directory (a core dump, if the
+/// machine writes one, lands there).
+fn crash_with_lazy_refcounts(path: &Path, cmds: &[&str]) -> i32 {
+    let mut cmd = Command::new("qemu-io");
+    cmd.current_dir(path.parent().expect("a directory"));
+    cmd.args(["-f", "qcow2"]);
+    for c in cmds.iter().chain(&["abort"]) {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(path).output().expect("run qemu-io");
+    assert!(!out.status.success(), "qemu-io was to abort");
+    assert_eq!(be64_at(path, 72) & 1, 1, "the crash left the dirty bit");
+    let check = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(path)
+        .output()
+        .expect("run qemu-img check");
+    let code = check.status.code().unwrap_or(-1);
+    assert!(
+        code == 2 || code == 3,
+        "the crash left wrong refcounts: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    code
+}
+
+/// QEMU with lazy refcounts crashes after allocating writes over an internal snapshot (copy-on-
+/// write), zero writes and compressed writes: the image is dirty and `qemu-img check` finds
+/// errors. A writable open rebuilds the refcounts and clears the bit; then writes, and the image
+/// checks clean, reads as the oracle, and the snapshot still reverts to what it held.
+#[test]
+fn dirty_image_from_a_crash_is_repaired() {
+    if !have_qemu("dirty_image_from_a_crash_is_repaired") {
+        return;
+    }
+    let dir = disk_dir();
+    let mut errors = 0;
+    for cs in [4096u64, 65536] {
+        let size = 16 * MIB;
+        let path = create_qcow2(
+            dir.path(),
+            &format!("lazy-{cs}.qcow2"),
+            &format!("cluster_size={cs},lazy_refcounts=on"),
+            size,
+        );
+        qemu_io(
+            "qcow2",
+            &path,
+            &["write -P 0x11 0 3M", "write -c -P 0x44 4M 128k"],
+        );
+        run(Command::new("qemu-img")
+            .args(["snapshot", "-c", "s1"])
+            .arg(&path));
+        let snap = oracle_bytes(&path);
+        let code = crash_with_lazy_refcounts(
+            &path,
+            &[
+                // After a compressed write QEMU's refcounts were found written back: it goes
+                // first, so that the writes after it leave the refcounts behind.
+                "write -c -P 0x55 10M 128k",
+                "write -P 0x22 1M 3M",
+                "write -z 8M 1M",
+                "write -P 0x66 12M 1M",
+            ],
+        );
+        errors += usize::from(code == 2);
+        let mut oracle = oracle_bytes(&path);
+        let blk = open_rw(&path);
+        assert_eq!(be64_at(&path, 72) & 1, 0, "the dirty bit is cleared");
+        random_writes(&blk, &mut oracle, cs + 1, 40);
+        concurrent_stripes(&blk, &mut oracle, cs + 2, 2);
+        close(blk);
+        check_clean(&path);
+        compare(&path, &oracle);
+        run(Command::new("qemu-img")
+            .args(["snapshot", "-a", "s1"])
+            .arg(&path));
+        check_clean(&path);
+        compare(&path, &snap);
+    }
+    assert!(
+        errors > 0,
+        "no crash left referenced clusters with too low refcounts"
+    );
+}
+
+/// A dirty image whose active L2 entry says COPIED (ours alone) for a cluster an internal
+/// snapshot shares: the repair clears the flag, so a write copies the cluster instead of
+/// overwriting the snapshot's data in place.
+#[test]
+fn dirty_image_copied_flags_are_fixed() {
+    if !have_qemu("dirty_image_copied_flags_are_fixed") {
+        return;
+    }
+    let dir = disk_dir();
+    let path = create_qcow2(dir.path(), "copied.qcow2", "cluster_size=65536", 4 * MIB);
+    qemu_io("qcow2", &path, &["write -P 0x11 0 1M"]);
+    run(Command::new("qemu-img")
+        .args(["snapshot", "-c", "s1"])
+        .arg(&path));
+    let snap = oracle_bytes(&path);
+    let l2 = be64_at(&path, be64_at(&path, 40)) & 0x00ff_ffff_ffff_fe00;
+    let entry = be64_at(&path, l2);
+    assert_eq!(entry >> 63, 0, "shared: COPIED clear");
+    patch(&path, l2, &(entry | 1 << 63).to_be_bytes());
+    patch(&path, 79, &[1]); // dirty
+    let mut oracle = snap.clone();
+    let blk = open_rw(&path);
+    let b = blk.clone();
+    co(move || b.co_pwrite(4096, &[0x77; 4096]).expect("write"));
+    oracle[4096..8192].fill(0x77);
+    close(blk);
+    check_clean(&path);
+    compare(&path, &oracle);
+    run(Command::new("qemu-img")
+        .args(["snapshot", "-a", "s1"])
+        .arg(&path));
+    compare(&path, &snap);
+}
+
+/// The repair is redone from scratch when it is interrupted: the header write that switches to
+/// the new refcount table fails (the open fails, the image stays dirty), and the next open
+/// repairs it. And a dirty image the repair cannot handle — bitmaps, an entry pointing past the
+/// end of the file — is refused with a message and not written to.
+#[test]
+fn dirty_image_repair_interrupted_or_refused() {
+    if !have_qemu("dirty_image_repair_interrupted_or_refused") {
+        return;
+    }
+    let dir = disk_dir();
+    let path = create_qcow2(dir.path(), "lazy.qcow2", "lazy_refcounts=on", 8 * MIB);
+    assert_eq!(crash_with_lazy_refcounts(&path, &["write -P 0x22 0 3M"]), 2);
+    let oracle = oracle_bytes(&path);
+    let file = block::FileDriver::open(&path, &block::FileOptions::default()).expect("open");
+    let dbg = Arc::new(block::BlkdebugDriver::new(Arc::new(file)));
+    dbg.add_rule(block::Rule::new(block::BlkdebugOp::Write).range(48..60));
+    let e = block::Qcow2Driver::open(dbg.clone())
+        .err()
+        .expect("the switch fails");
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    drop(dbg);
+    assert_eq!(be64_at(&path, 72) & 1, 1, "still dirty");
+    let blk = open_rw(&path);
+    close(blk);
+    check_clean(&path);
+    compare(&path, &oracle);
+
+    let bitmaps = create_qcow2(dir.path(), "bitmaps.qcow2", "lazy_refcounts=on", 8 * MIB);
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&bitmaps)
+        .arg("b0"));
+    crash_with_lazy_refcounts(&bitmaps, &["write -P 0x22 0 1M"]);
+    // An L2 entry (of guest 1 MiB) pointing far past the end of the file.
+    let past = create_qcow2(dir.path(), "past.qcow2", "lazy_refcounts=on", 8 * MIB);
+    crash_with_lazy_refcounts(&past, &["write -P 0x22 0 64k"]);
+    let l2 = be64_at(&past, be64_at(&past, 40)) & 0x00ff_ffff_ffff_fe00;
+    patch(
+        &past,
+        l2 + 16 * 8,
+        &(0x8000_0000_4000_0000u64).to_be_bytes(),
+    );
+    for (path, want) in [(&bitmaps, "bitmaps"), (&past, "not inside the file")] {
+        let before = std::fs::read(path).expect("read the image");
+        let e = open_image(path, &OpenOptions::default()).expect_err("refused");
+        assert!(e.to_string().contains(want), "{e}");
+        assert!(e.to_string().contains("qemu-img check -r all"), "{e}");
+        assert!(
+            std::fs::read(path).expect("read") == before,
+            "the image was written to"
+        );
+        let ro = OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        open_image(path, &ro).expect("read-only open still works");
+    }
+}
+
+/// 8-bit refcounts are refused for writing with a message saying what to do, and still open
+/// read-only.
 #[test]
 fn writable_open_refusals() {
     if !have_qemu("writable_open_refusals") {
         return;
     }
     let dir = disk_dir();
-    let dirty = create_qcow2(dir.path(), "dirty.qcow2", "cluster_size=65536", MIB);
-    patch(&dirty, 79, &[1]); // incompatible bit 0: dirty
     let narrow = create_qcow2(dir.path(), "rc8.qcow2", "refcount_bits=8", MIB);
-    for (path, want) in [
-        (&dirty, "qemu-img check -r all"),
-        (&narrow, "refcount_bits=8"),
-    ] {
+    for (path, want) in [(&narrow, "refcount_bits=8")] {
         for format in [Format::Auto, Format::Qcow2] {
             let opts = OpenOptions {
                 format,

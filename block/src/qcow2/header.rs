@@ -18,9 +18,10 @@
 //! not inside the file, impossible sizes (virtual size ≥ 2^63, too many snapshots, a header
 //! extension or backing file name that overflows the first cluster).
 //! Accepted here on purpose: the dirty bit and any `refcount_order` up to 6 — reads never
-//! consult refcounts; a *writable* open refuses both afterwards (`Qcow2Driver::open_with`) — snapshots (only the active L1 table
-//! is used), bitmaps and other compatible/autoclear features, a backing file (its name and
-//! format are parsed here; `super::backing` opens it).
+//! consult refcounts; a *writable* open then rebuilds the refcounts of a dirty image
+//! (`super::repair`) and refuses widths other than 16 bits (`Qcow2Driver::open_with`) —
+//! snapshots (only the active L1 table is used), bitmaps and other compatible/autoclear
+//! features, a backing file (its name and format are parsed here; `super::backing` opens it).
 //!
 //! The driver rewrites only the header fields it changes, at their own offsets
 //! ([`FIELD_SIZE`] and friends); extensions and unknown fields are never touched.
@@ -205,6 +206,8 @@ pub struct Header {
     /// Autoclear feature bits (a writable open clears them: we do not maintain bitmaps).
     pub autoclear_features: u64,
     pub nb_snapshots: u32,
+    /// Host offset of the snapshot table (checked to lie in the file when `nb_snapshots > 0`).
+    pub snapshots_offset: u64,
     /// The length of the header proper; extensions follow.
     pub header_length: u32,
     /// The backing file name as stored (relative to the image's directory unless absolute).
@@ -310,6 +313,7 @@ impl Header {
             compatible_features: compat,
             autoclear_features: autoclear,
             nb_snapshots: raw.nb_snapshots.get(),
+            snapshots_offset: raw.snapshots_offset.get(),
             header_length,
             backing_file: None,
             backing_format: None,

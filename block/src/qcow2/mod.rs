@@ -16,6 +16,7 @@
 //! | [`refcount`] | refcount table and blocks, cluster allocation and freeing |
 //! | [`write`](mod@write) | write requests: serialising overlapping ones, copy-on-write, zeroing, discard |
 //! | [`resize`] | truncate: growing (and relocating) the L1 table, shrinking when nothing is lost |
+//! | [`repair`] | a dirty image's refcounts, rebuilt from the tables at a writable open |
 //! | [`cache`] | the write-through LRU of L2 tables and refcount blocks |
 //! | `inflate` | decompressing deflate clusters |
 //!
@@ -84,8 +85,9 @@
 //! without the metadata lock: requests go on meanwhile, and what they free waits for the next
 //! flush.
 //!
-//! We never set the dirty bit (no lazy refcounts); an image that has it set is refused for
-//! writing (run `qemu-img check -r all`), and read-only opens still work. A writable open clears
+//! We never set the dirty bit (no lazy refcounts). A writable open of an image that has it set
+//! (QEMU with `lazy_refcounts=on` crashed) rebuilds the refcounts from the tables first
+//! ([`repair`]); read-only opens need no refcounts and leave it alone. A writable open clears
 //! the autoclear feature bits (we do not maintain bitmaps), as QEMU does for features it does
 //! not know.
 //!
@@ -110,6 +112,7 @@ mod decompress;
 pub mod header;
 mod inflate;
 pub mod refcount;
+mod repair;
 pub mod resize;
 #[cfg(test)]
 mod test_image;
@@ -208,8 +211,8 @@ impl Qcow2Driver {
     }
 
     /// Opens a qcow2 image over `child`: reads and validates the header, loads the L1 table
-    /// and, when the child is writable, the refcount table (and refuses dirty images and
-    /// refcount widths other than 16 bits). Runs its I/O on the calling thread when called
+    /// and, when the child is writable, the refcount table (rebuilt first if the image is dirty;
+    /// refcount widths other than 16 bits are refused). Runs its I/O on the calling thread when called
     /// outside a coroutine. Errors say what is wrong or unsupported but do not name the file
     /// (the caller does). An image with a backing file is refused: [`Qcow2Driver::open_chain`]
     /// knows where to look for it. QEMU: `qcow2_open()`.
@@ -249,7 +252,7 @@ impl Qcow2Driver {
         let l1 = cache::decode_table(&raw_l1);
         let cs = header.cluster_size();
         let tables = |bytes: u64| (bytes / cs).clamp(1, MAX_CACHED_TABLES) as usize;
-        let driver = Qcow2Driver {
+        let mut driver = Qcow2Driver {
             child,
             file,
             direct,
@@ -270,6 +273,9 @@ impl Qcow2Driver {
             backing: None,
         };
         if !read_only {
+            if driver.header.incompatible_features & header::INCOMPAT_DIRTY != 0 {
+                driver.co_repair_dirty()?;
+            }
             let rc = driver.load_refcount_table(tables(opts.refcount_cache_bytes))?;
             driver.meta.co_lock().rc = Some(rc);
             if driver.header.autoclear_features != 0 {
@@ -487,17 +493,9 @@ fn corrupt_refusal(what: &str) -> BlockError {
     ))
 }
 
-/// What a writable open refuses (read-only opens accept both). QEMU refuses other refcount
+/// What a writable open refuses (read-only opens accept it). QEMU refuses other refcount
 /// widths nowhere; we implement 16 bits only.
 fn check_writable(h: &Header) -> Result<()> {
-    if h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
-        return Err(BlockError::Invalid(
-            "qcow2: the image is dirty (its refcounts may be stale, e.g. lazy refcounts after a \
-             crash); repair it with 'qemu-img check -r all' before opening it for writing, or \
-             open it read-only"
-                .into(),
-        ));
-    }
     if h.refcount_order != 4 {
         return Err(BlockError::Invalid(format!(
             "qcow2: refcount_bits={} is not supported for writing (only 16); open the image \

@@ -117,7 +117,7 @@ impl Qcow2Driver {
             )));
         }
         let mut raw = vec![0u8; bytes as usize];
-        self.file.co_pread(offset, &mut raw)?;
+        self.co_read_host(offset, &mut raw)?;
         Ok(Refcounts {
             table: decode_table(&raw),
             table_offset: offset,
