@@ -44,7 +44,7 @@ use crate::{BlockError, Result};
 /// Refcount table entry: bits 9..=63 are the block's host offset. QEMU: `REFT_OFFSET_MASK`.
 const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 /// The largest refcount table we load or grow to (QEMU: `QCOW_MAX_REFTABLE_SIZE`, 8 MiB).
-const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+pub(super) const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Host offsets must fit in an L2 entry's offset field.
 const MAX_HOST_OFFSET: u64 = OFFSET_MASK;
 

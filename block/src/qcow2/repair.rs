@@ -24,19 +24,27 @@
 //! next writable open repairs it again from scratch. QEMU corrects the counts in place and
 //! rebuilds the structure only when it is broken; always rebuilding is simpler (no refcount
 //! block to allocate by counts that are wrong) and costs a few clusters at the end of the file.
+//! The price: the file must be able to grow, so a dirty qcow2 on a block device is refused
+//! (QEMU's rebuild puts the structure in free clusters instead).
 //!
-//! Anything else found inconsistent — an entry that points outside the file or is misaligned, a
-//! cluster with more than 65535 references — refuses the open without writing anything
-//! (`qemu-img check -r all` repairs more). So does a dirty image with bitmaps, whose clusters
-//! this driver does not track.
+//! Anything else found inconsistent — an entry that points outside the file or is misaligned,
+//! snapshot tables that run past its end or overlap, a cluster with more than 65535 references,
+//! more clusters than we count in memory ([`MAX_CLUSTERS`]) — refuses the open without writing
+//! anything (`qemu-img check -r all` repairs more). So does a dirty image with bitmaps, whose
+//! clusters this driver does not track.
 
 use super::cache::{decode_table, get_u64, set_u16, set_u64};
 use super::header::{self, MAX_L1_BYTES};
-use super::{Qcow2Driver, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use super::refcount::MAX_REFTABLE_BYTES;
+use super::{Qcow2Driver, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::{BlockError, Result};
 
-/// The most refcount table bytes a rebuild writes (as `load_refcount_table` accepts).
-const MAX_TABLE_BYTES: u64 = 8 << 20;
+/// The most host clusters counted (2 bytes each in memory): 8 TiB of 64 KiB clusters, 64 GiB
+/// of 512-byte ones. The refcount table covering them stays within [`MAX_REFTABLE_BYTES`].
+const MAX_CLUSTERS: u64 = 1 << 27;
+
+/// The most extra data a snapshot table entry may have (QEMU's limit).
+const MAX_SNAPSHOT_EXTRA: u64 = 1024;
 
 fn unrepairable(why: String) -> BlockError {
     BlockError::Corrupt(format!(
@@ -53,12 +61,29 @@ struct Counts {
 }
 
 impl Counts {
-    fn new(cluster_size: u64, file_len: u64) -> Counts {
-        Counts {
+    /// Refuses (instead of aborting on a failed allocation) a file with too many clusters.
+    fn new(cluster_size: u64, file_len: u64) -> Result<Counts> {
+        let mut c = Counts {
             cluster_size,
             file_len,
-            counts: vec![0; file_len.div_ceil(cluster_size) as usize],
+            counts: Vec::new(),
+        };
+        c.grow(file_len.div_ceil(cluster_size))?;
+        Ok(c)
+    }
+
+    /// Makes room for counting `clusters` clusters.
+    fn grow(&mut self, clusters: u64) -> Result<()> {
+        let too_many = || unrepairable(format!("more than {MAX_CLUSTERS} clusters to count"));
+        if clusters > MAX_CLUSTERS {
+            return Err(too_many());
         }
+        let more = (clusters as usize).saturating_sub(self.counts.len());
+        self.counts
+            .try_reserve_exact(more)
+            .map_err(|_| too_many())?;
+        self.counts.resize(self.counts.len() + more, 0);
+        Ok(())
     }
 
     fn get(&self, cluster: u64) -> u16 {
@@ -84,9 +109,7 @@ impl Counts {
         }
         let cs = self.cluster_size;
         let (first, last) = (offset / cs, (offset + len - 1) / cs);
-        if last as usize >= self.counts.len() {
-            self.counts.resize(last as usize + 1, 0);
-        }
+        self.grow(last + 1)?;
         for c in first..=last {
             let n = &mut self.counts[c as usize];
             *n = n.checked_add(1).ok_or_else(|| {
@@ -117,20 +140,30 @@ impl Qcow2Driver {
         }
         log::warn!("qcow2: the image is dirty (refcounts may be stale): rebuilding them");
         let cs = self.cluster_size();
-        let mut counts = Counts::new(cs, self.host_len.load(std::sync::atomic::Ordering::Relaxed));
+        let file_len = self.host_len.load(std::sync::atomic::Ordering::Relaxed);
+        let mut counts = Counts::new(cs, file_len)?;
         counts.add(0, cs)?; // the header and its extensions
         let l1 = self.meta.co_lock().l1.clone();
         counts.add(self.header.l1_table_offset, l1.len() as u64 * 8)?;
         self.co_count_l1(&mut counts, &l1)?;
+        // Snapshot L1 tables do not overlap: all of them fit in the file (this bounds the work
+        // a crafted table can ask for).
+        let mut l1_bytes = 0u64;
         for (offset, entries) in self.co_count_snapshot_table(&mut counts)? {
             let bytes = u64::from(entries) * 8;
-            if bytes > MAX_L1_BYTES {
+            l1_bytes += bytes;
+            if bytes > MAX_L1_BYTES || l1_bytes > file_len {
                 return Err(unrepairable(format!(
-                    "a snapshot's L1 table has {entries} entries"
+                    "a snapshot's L1 table of {entries} entries is too big or overlaps others"
                 )));
             }
             if bytes > 0 {
                 counts.check_cluster(offset, "a snapshot's L1 table")?;
+                if offset + bytes > file_len {
+                    return Err(unrepairable(format!(
+                        "a snapshot's L1 table at {offset:#x} runs past the end of the file"
+                    )));
+                }
                 counts.add(offset, bytes)?;
                 let mut raw = vec![0u8; bytes as usize];
                 self.co_read_host(offset, &mut raw)?;
@@ -171,9 +204,6 @@ impl Qcow2Driver {
                     counts.add(host, len)?;
                     continue;
                 }
-                if entry & OFLAG_ZERO != 0 && self.header.version < 3 {
-                    return Err(unrepairable("a zero cluster in a version 2 image".into()));
-                }
                 let host = entry & OFFSET_MASK;
                 if host != 0 {
                     counts.check_cluster(host, "a data cluster")?;
@@ -200,6 +230,11 @@ impl Qcow2Driver {
                 be::<2>(&fixed, 14),
                 be::<4>(&fixed, 36),
             );
+            if extra > MAX_SNAPSHOT_EXTRA {
+                return Err(unrepairable(format!(
+                    "a snapshot has {extra} bytes of extra data"
+                )));
+            }
             end = pos + 40 + extra + id + name;
             if end > counts.file_len {
                 return Err(unrepairable(
@@ -227,7 +262,7 @@ impl Qcow2Driver {
             }
             (blocks, table_clusters) = (b, t);
         }
-        if table_clusters * cs > MAX_TABLE_BYTES {
+        if table_clusters * cs > MAX_REFTABLE_BYTES {
             return Err(unrepairable(format!(
                 "a refcount table of {table_clusters} clusters would be needed"
             )));
@@ -235,16 +270,23 @@ impl Qcow2Driver {
         let blocks_at = end * cs;
         let table_at = (end + blocks) * cs;
         counts.add(blocks_at, (blocks + table_clusters) * cs)?;
-        let mut raw_blocks = vec![0u8; (blocks * cs) as usize];
-        for c in 0..blocks * per_block {
-            set_u16(&mut raw_blocks, c as usize, counts.get(c));
-        }
+        // Appended: a file that cannot grow (a block device) cannot be repaired here.
+        let appending = |e: BlockError| {
+            BlockError::Io(std::io::Error::other(format!(
+                "qcow2: cannot append the rebuilt refcount structure at {blocks_at:#x}: {e}"
+            )))
+        };
         let mut table = vec![0u8; (table_clusters * cs) as usize];
+        let mut block = vec![0u8; cs as usize];
         for b in 0..blocks {
+            for k in 0..per_block {
+                set_u16(&mut block, k as usize, counts.get(b * per_block + k));
+            }
+            self.co_write_host(blocks_at + b * cs, &block)
+                .map_err(appending)?;
             set_u64(&mut table, b as usize, blocks_at + b * cs);
         }
-        self.co_write_host(blocks_at, &raw_blocks)?;
-        self.co_write_host(table_at, &table)?;
+        self.co_write_host(table_at, &table).map_err(appending)?;
         self.co_flush_host()?; // the new structure is durable before the header points to it
         let mut fields = [0u8; 12];
         fields[..8].copy_from_slice(&table_at.to_be_bytes());
@@ -257,7 +299,7 @@ impl Qcow2Driver {
     }
 
     /// Step 3: COPIED set exactly on the active L1 and L2 entries whose cluster has one
-    /// reference (compressed entries never have it). QEMU: `check_oflag_copied()`.
+    /// reference, and cleared on compressed entries. QEMU: `check_oflag_copied()`.
     fn co_fix_copied(&self, counts: &Counts) -> Result<()> {
         let cs = self.cluster_size();
         let copied = |entry: u64, host: u64| {
@@ -280,8 +322,15 @@ impl Qcow2Driver {
             for k in 0..self.header.l2_entries() as usize {
                 let entry = get_u64(&table, k);
                 let host = entry & OFFSET_MASK;
-                if entry & OFLAG_COMPRESSED == 0 && host != 0 && copied(entry, host) != entry {
-                    set_u64(&mut table, k, copied(entry, host));
+                let fixed = if entry & OFLAG_COMPRESSED != 0 {
+                    entry & !OFLAG_COPIED // never on compressed entries
+                } else if host != 0 {
+                    copied(entry, host)
+                } else {
+                    entry
+                };
+                if fixed != entry {
+                    set_u64(&mut table, k, fixed);
                     changed = true;
                 }
             }
