@@ -48,21 +48,28 @@ impl XorShift {
     }
 }
 
-/// `qemu-img check` must report no errors and no leaks (exit 0).
-fn check_clean(path: &Path) {
+/// `qemu-img check`: its exit code (0 clean, 2 errors, 3 leaks only) and its output.
+fn qemu_img_check(path: &Path) -> (Option<i32>, String) {
     let out = Command::new("qemu-img")
         .args(["check", "-f", "qcow2"])
         .arg(path)
         .output()
         .expect("run qemu-img check");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "qemu-img check {}: {}{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text.into_owned())
+}
+
+/// `qemu-img check` must report no errors and no leaks (exit 0).
+fn check_clean(path: &Path) {
+    let (code, out) = qemu_img_check(path);
+    assert_eq!(code, Some(0), "qemu-img check {}: {out}", path.display());
+}
+
+/// `qemu-img snapshot OP NAME` (`-c` create, `-a` apply, `-d` delete).
+fn snapshot(path: &Path, op: &str, name: &str) {
+    run(Command::new("qemu-img")
+        .args(["snapshot", op, name])
+        .arg(path));
 }
 
 /// `qemu-img compare` of the image with a raw oracle must say identical (exit 0).
@@ -352,9 +359,7 @@ fn internal_snapshot_is_preserved() {
             ],
         );
         let before = oracle_bytes(&path);
-        run(Command::new("qemu-img")
-            .args(["snapshot", "-c", "s1"])
-            .arg(&path));
+        snapshot(&path, "-c", "s1");
         let mut oracle = before.clone();
         let blk = open_rw(&path);
         let b = blk.clone();
@@ -370,9 +375,7 @@ fn internal_snapshot_is_preserved() {
         close(blk);
         check_clean(&path);
         compare(&path, &oracle);
-        run(Command::new("qemu-img")
-            .args(["snapshot", "-a", "s1"])
-            .arg(&path));
+        snapshot(&path, "-a", "s1");
         check_clean(&path);
         compare(&path, &before);
         // And once more on top of the reverted image, then without the snapshot.
@@ -380,9 +383,7 @@ fn internal_snapshot_is_preserved() {
         let blk = open_rw(&path);
         random_writes(&blk, &mut oracle, cs + 10, 20);
         close(blk);
-        run(Command::new("qemu-img")
-            .args(["snapshot", "-d", "s1"])
-            .arg(&path));
+        snapshot(&path, "-d", "s1");
         check_clean(&path);
         compare(&path, &oracle);
     }
@@ -527,16 +528,11 @@ fn crash_with_lazy_refcounts(path: &Path, cmds: &[&str]) -> i32 {
     let out = cmd.arg(path).output().expect("run qemu-io");
     assert!(!out.status.success(), "qemu-io was to abort");
     assert_eq!(be64_at(path, 72) & 1, 1, "the crash left the dirty bit");
-    let check = Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(path)
-        .output()
-        .expect("run qemu-img check");
-    let code = check.status.code().unwrap_or(-1);
+    let (code, out) = qemu_img_check(path);
+    let code = code.unwrap_or(-1);
     assert!(
         code == 2 || code == 3,
-        "the crash left wrong refcounts: {}",
-        String::from_utf8_lossy(&check.stdout)
+        "the crash left wrong refcounts: {out}"
     );
     code
 }
@@ -576,9 +572,7 @@ fn dirty_image_from_a_crash_is_repaired() {
             ),
         ] {
             qemu_io("qcow2", &path, &cmds);
-            run(Command::new("qemu-img")
-                .args(["snapshot", "-c", name])
-                .arg(&path));
+            snapshot(&path, "-c", name);
             snaps.push((name, oracle_bytes(&path)));
         }
         let code = crash_with_lazy_refcounts(
@@ -616,9 +610,7 @@ fn dirty_image_from_a_crash_is_repaired() {
         check_clean(&path);
         compare(&path, &oracle);
         for (name, snap) in snaps.iter().rev() {
-            run(Command::new("qemu-img")
-                .args(["snapshot", "-a", name])
-                .arg(&path));
+            snapshot(&path, "-a", name);
             check_clean(&path);
             compare(&path, snap);
         }
@@ -640,9 +632,7 @@ fn dirty_image_copied_flags_are_fixed() {
     let dir = disk_dir();
     let path = create_qcow2(dir.path(), "copied.qcow2", "cluster_size=65536", 4 * MIB);
     qemu_io("qcow2", &path, &["write -P 0x11 0 1M"]);
-    run(Command::new("qemu-img")
-        .args(["snapshot", "-c", "s1"])
-        .arg(&path));
+    snapshot(&path, "-c", "s1");
     let snap = oracle_bytes(&path);
     let l1 = be64_at(&path, 40);
     let l1_entry = be64_at(&path, l1);
@@ -660,9 +650,7 @@ fn dirty_image_copied_flags_are_fixed() {
     close(blk);
     check_clean(&path);
     compare(&path, &oracle);
-    run(Command::new("qemu-img")
-        .args(["snapshot", "-a", "s1"])
-        .arg(&path));
+    snapshot(&path, "-a", "s1");
     compare(&path, &snap);
 }
 
@@ -892,17 +880,8 @@ fn unflushed_image_leaks_at_worst() {
     random_writes(&blk, &mut oracle, 123, 30);
     zeroes_and_discards(&blk, &mut oracle, 4096, 124);
     drop(blk); // no close, no flush
-    let out = Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(&path)
-        .output()
-        .expect("run qemu-img check");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "leaks expected, not errors: {text}"
-    );
+    let (code, text) = qemu_img_check(&path);
+    assert_eq!(code, Some(3), "leaks expected, not errors: {text}");
     assert!(text.contains("leaked clusters"), "{text}");
     compare(&path, &oracle);
     run(Command::new("qemu-img")
@@ -1265,16 +1244,11 @@ fn failed_link_write_never_frees() {
                 path.display()
             );
         }
-        let out = Command::new("qemu-img")
-            .args(["check", "-f", "qcow2"])
-            .arg(path)
-            .output()
-            .expect("run qemu-img check");
+        let (code, out) = qemu_img_check(path);
         assert!(
-            matches!(out.status.code(), Some(0 | 3)),
-            "{} ({range:?}): no errors, leaks at worst: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stdout)
+            matches!(code, Some(0 | 3)),
+            "{} ({range:?}): no errors, leaks at worst: {out}",
+            path.display()
         );
     }
 }
