@@ -45,6 +45,11 @@
 //! pages a coroutine actually touched cost memory. QEMU uses 1 MiB because its coroutines also
 //! run arbitrary device emulation code. Change it with [`set_pool_config`].
 //!
+//! Mapping a stack can fail (`ENOMEM` from memory, `RLIMIT_AS` or `vm.max_map_count`).
+//! [`Coroutine::try_new`] returns that error, so a server answers the one request and keeps
+//! going; [`Coroutine::new`] and [`spawn`] abort, as QEMU does, and are for code that has no one
+//! to answer. [`inject_stack_failures`] makes creations fail on purpose, for tests.
+//!
 //! Suspended coroutines left when a thread exits are leaked with a warning, not unwound: their
 //! destructors would run in a dying thread, against a context that no longer polls.
 
@@ -52,6 +57,7 @@ use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
+use std::io;
 use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -220,7 +226,22 @@ impl Coroutine {
     /// is caught and logged; use [`spawn`] to receive it.
     ///
     /// QEMU: `qemu_coroutine_create()`.
+    ///
+    /// Aborts if no stack can be mapped (see [`Coroutine::try_new`] for the fallible form).
     pub fn new(f: impl FnOnce() + 'static) -> Coroutine {
+        match Self::try_new(f) {
+            Ok(co) => co,
+            Err(e) => fatal(format_args!("{NO_STACK}: {e}")),
+        }
+    }
+
+    /// Like [`Coroutine::new`], but when no stack can be had — `mmap` fails with `ENOMEM`
+    /// (memory, `RLIMIT_AS`, `vm.max_map_count`) or [`inject_stack_failures`] says so — returns
+    /// the error instead of aborting, and `f` is dropped unrun. For code that can answer a
+    /// failure (a request replies `ENOMEM`) rather than lose the process.
+    ///
+    /// QEMU: `qemu_coroutine_create()` cannot fail (it aborts when the allocation does).
+    pub fn try_new(f: impl FnOnce() + 'static) -> io::Result<Coroutine> {
         Self::create(move || {
             if let Err(p) = catch_unwind(AssertUnwindSafe(f)) {
                 log::error!("{}", CoPanic::from_payload(p));
@@ -231,7 +252,7 @@ impl Coroutine {
     /// `f` must not unwind (the callers catch panics). A closure bigger than corosensei moves
     /// onto the new stack (1 KiB) is boxed first; the size is known at compile time, so the
     /// common small closure pays nothing.
-    fn create<F: FnOnce() + 'static>(f: F) -> Coroutine {
+    fn create<F: FnOnce() + 'static>(f: F) -> io::Result<Coroutine> {
         const MAX_INLINE: usize = 512;
         if std::mem::size_of::<F>() > MAX_INLINE {
             return Coroutine::create_inline(Box::new(f));
@@ -239,17 +260,20 @@ impl Coroutine {
         Coroutine::create_inline(f)
     }
 
-    fn create_inline(f: impl FnOnce() + 'static) -> Coroutine {
+    fn create_inline(f: impl FnOnce() + 'static) -> io::Result<Coroutine> {
         let home = AioContext::with_current(|ctx| ctx.shared().clone());
         RELEASE.with(|_| {}); // registers the thread-exit release (cheap after the first time)
         let cfg_size = STACK_SIZE.load(Ordering::Relaxed);
+        if injected_stack_failure() {
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
         TABLE.with(|t| {
             let mut t = t.borrow_mut();
             let stack = loop {
                 match t.stacks.pop() {
                     Some((size, stack)) if size == cfg_size => break stack,
                     Some(_) => LIVE_STACKS.fetch_sub(1, Ordering::Relaxed), // size changed
-                    None => break new_stack(cfg_size),
+                    None => break new_stack(cfg_size)?,
                 };
             };
             let slot = match t.free.pop() {
@@ -287,10 +311,10 @@ impl Coroutine {
             });
             let s = &mut t.slots[slot as usize];
             s.body = Some(body);
-            Coroutine {
+            Ok(Coroutine {
                 shared: s.shared.clone(),
                 _not_send: PhantomData,
-            }
+            })
         })
     }
 
@@ -380,16 +404,54 @@ impl CoShared {
 }
 
 #[cold]
-fn new_stack(size: usize) -> DefaultStack {
-    match DefaultStack::new(size) {
-        Ok(s) => {
-            LIVE_STACKS.fetch_add(1, Ordering::Relaxed);
-            s
-        }
-        Err(e) => fatal(format_args!(
-            "cannot map a {size}-byte coroutine stack: {e}"
-        )),
+fn new_stack(size: usize) -> io::Result<DefaultStack> {
+    let s = DefaultStack::new(size)?;
+    LIVE_STACKS.fetch_add(1, Ordering::Relaxed);
+    Ok(s)
+}
+
+/// What [`Coroutine::new`] aborts with, and [`crate::co_bridge`] panics with, when no stack can
+/// be had. A caller that catches the panic can recognise it by this prefix of
+/// [`CoPanic::message`] (the FUSE queue replies `ENOMEM` then).
+pub const NO_STACK: &str = "cannot create a coroutine stack";
+
+/// Creations still to fail, set by [`inject_stack_failures`].
+static FAIL_STACKS: AtomicUsize = AtomicUsize::new(0);
+/// Creations still to succeed before those failures start.
+static FAIL_STACKS_AFTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Test hook: after the next `after` coroutine creations (any thread), the following `count`
+/// fail with `ENOMEM` as if the stack could not be mapped — whether or not a pooled stack was
+/// free. [`Coroutine::try_new`] returns the error; [`Coroutine::new`] and [`spawn`] abort.
+/// `count == 0` disarms it.
+pub fn inject_stack_failures(after: usize, count: usize) {
+    FAIL_STACKS_AFTER.store(after, Ordering::Relaxed);
+    // Release: pairs with the Acquire load in `injected_stack_failure`, so a thread that sees
+    // the count also sees `after`.
+    FAIL_STACKS.store(count, Ordering::Release);
+}
+
+/// Whether this creation is one [`inject_stack_failures`] asked to fail. One load when unarmed.
+#[inline]
+fn injected_stack_failure() -> bool {
+    if FAIL_STACKS.load(Ordering::Acquire) == 0 {
+        return false;
     }
+    injected_stack_failure_slow()
+}
+
+#[cold]
+fn injected_stack_failure_slow() -> bool {
+    let dec = |n: usize| n.checked_sub(1);
+    if FAIL_STACKS_AFTER
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, dec)
+        .is_ok()
+    {
+        return false;
+    }
+    FAIL_STACKS
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, dec)
+        .is_ok()
 }
 
 fn wake_shared(co: &Arc<CoShared>) {
@@ -564,7 +626,7 @@ pub struct JoinHandle<T> {
 }
 
 /// Creates a coroutine running `f`, enters it at once, and returns a handle to its result.
-/// A panic in `f` becomes `Err(CoPanic)` for the joiner.
+/// A panic in `f` becomes `Err(CoPanic)` for the joiner. Aborts if no stack can be mapped.
 pub fn spawn<T: 'static>(f: impl FnOnce() -> T + 'static) -> JoinHandle<T> {
     let state = Rc::new(JoinState {
         result: RefCell::new(None),
@@ -577,7 +639,8 @@ pub fn spawn<T: 'static>(f: impl FnOnce() -> T + 'static) -> JoinHandle<T> {
         if let Some(w) = s.waiter.take() {
             w.wake();
         }
-    });
+    })
+    .unwrap_or_else(|e| fatal(format_args!("{NO_STACK}: {e}")));
     co.enter();
     JoinHandle { state, co }
 }

@@ -461,7 +461,8 @@ struct BridgeState<R> {
 /// Runs `f` in a coroutine of this thread (entered at once) and waits for it: the bridge that
 /// lets a future call code written for coroutines (`co_` functions). `f` owns what it uses;
 /// if the future is dropped early the coroutine still finishes and its result is discarded.
-/// A panic in `f` resumes in the awaiting task.
+/// A panic in `f` resumes in the awaiting task. If no coroutine stack can be had, this panics
+/// with a message starting with [`crate::coroutine::NO_STACK`].
 ///
 /// Costs: a coroutine (pooled stack) and a shared cell per call.
 pub async fn co_bridge<R: 'static>(f: impl FnOnce() -> R + 'static) -> R {
@@ -470,14 +471,18 @@ pub async fn co_bridge<R: 'static>(f: impl FnOnce() -> R + 'static) -> R {
         waiter: Cell::new(None),
     });
     let s = state.clone();
-    Coroutine::new(move || {
+    let co = Coroutine::try_new(move || {
         let r = std::panic::catch_unwind(AssertUnwindSafe(f));
         *s.result.borrow_mut() = Some(r);
         if let Some(w) = s.waiter.take() {
             w.wake();
         }
-    })
-    .enter();
+    });
+    match co {
+        Ok(co) => co.enter(),
+        // A panic, not an abort: the caller's task catches it (the FUSE queue replies ENOMEM).
+        Err(e) => panic!("{}: {e}", crate::coroutine::NO_STACK),
+    }
     let r = poll_fn(|cx| {
         if let Some(r) = state.result.borrow_mut().take() {
             return Poll::Ready(r);

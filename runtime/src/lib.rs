@@ -99,7 +99,8 @@ pub use aio::{AioContext, FdHandler, RemoteContext};
 pub use aio_wait::{kick, wait_while};
 pub use bh::Bh;
 pub use coroutine::{
-    co_yield, in_coroutine, spawn, CoPanic, CoWaker, Coroutine, JoinHandle, PoolConfig,
+    co_yield, in_coroutine, inject_stack_failures, spawn, CoPanic, CoWaker, Coroutine, JoinHandle,
+    PoolConfig, NO_STACK,
 };
 pub use executor::{block_on, co_bridge, spawn_detached, spawn_local, TaskHandle};
 pub use iothread::IoThread;
