@@ -264,7 +264,7 @@ impl Coroutine {
         let home = AioContext::with_current(|ctx| ctx.shared().clone());
         RELEASE.with(|_| {}); // registers the thread-exit release (cheap after the first time)
         let cfg_size = STACK_SIZE.load(Ordering::Relaxed);
-        if injected_stack_failure() {
+        if FAIL_STACKS.fire() {
             return Err(io::Error::from_raw_os_error(libc::ENOMEM));
         }
         TABLE.with(|t| {
@@ -415,43 +415,15 @@ fn new_stack(size: usize) -> io::Result<DefaultStack> {
 /// [`CoPanic::message`] (the FUSE queue replies `ENOMEM` then).
 pub const NO_STACK: &str = "cannot create a coroutine stack";
 
-/// Creations still to fail, set by [`inject_stack_failures`].
-static FAIL_STACKS: AtomicUsize = AtomicUsize::new(0);
-/// Creations still to succeed before those failures start.
-static FAIL_STACKS_AFTER: AtomicUsize = AtomicUsize::new(0);
+/// Set by [`inject_stack_failures`].
+static FAIL_STACKS: crate::fault::FailAfter = crate::fault::FailAfter::new();
 
 /// Test hook: after the next `after` coroutine creations (any thread), the following `count`
 /// fail with `ENOMEM` as if the stack could not be mapped — whether or not a pooled stack was
 /// free. [`Coroutine::try_new`] returns the error; [`Coroutine::new`] and [`spawn`] abort.
 /// `count == 0` disarms it.
 pub fn inject_stack_failures(after: usize, count: usize) {
-    FAIL_STACKS_AFTER.store(after, Ordering::Relaxed);
-    // Release: pairs with the Acquire load in `injected_stack_failure`, so a thread that sees
-    // the count also sees `after`.
-    FAIL_STACKS.store(count, Ordering::Release);
-}
-
-/// Whether this creation is one [`inject_stack_failures`] asked to fail. One load when unarmed.
-#[inline]
-fn injected_stack_failure() -> bool {
-    if FAIL_STACKS.load(Ordering::Acquire) == 0 {
-        return false;
-    }
-    injected_stack_failure_slow()
-}
-
-#[cold]
-fn injected_stack_failure_slow() -> bool {
-    let dec = |n: usize| n.checked_sub(1);
-    if FAIL_STACKS_AFTER
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, dec)
-        .is_ok()
-    {
-        return false;
-    }
-    FAIL_STACKS
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, dec)
-        .is_ok()
+    FAIL_STACKS.arm(after, count);
 }
 
 fn wake_shared(co: &Arc<CoShared>) {

@@ -89,6 +89,7 @@ pub mod aio_wait;
 pub mod bh;
 pub mod coroutine;
 pub mod executor;
+pub mod fault;
 pub mod iothread;
 pub mod lock;
 mod sys;
