@@ -104,6 +104,25 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = EngineArg::Coroutine)]
     engine: EngineArg,
 
+    /// Requests each queue thread has in flight at most (1 to 65535). When a queue reaches it,
+    /// it stops reading /dev/fuse until one of them replies; the kernel keeps the rest
+    /// queued, and its max_background (asynchronous requests queued in the kernel) is set to
+    /// threads x N, so submitters beyond that wait in the kernel. Each request in flight holds
+    /// at most a 2 MiB payload buffer, a 2 MiB READ buffer and a 256 KiB coroutine stack, so
+    /// the requests of all queues hold at most threads x max(N, 64) x 4.25 MiB with 1M
+    /// requests (64: buffers the pools keep), on top of the daemon's fixed few MiB and the
+    /// qcow2 caches. Default 64: twice the deepest benchmark queue depth (QD32), and the pools'
+    /// size, so a saturated queue maps no new buffers (docs/performance.md: peak RSS under a
+    /// flood).
+    #[arg(long, value_name = "N", default_value_t = fuse::queue::DEFAULT_MAX_IN_FLIGHT as u16,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    max_in_flight: u16,
+
+    /// Test hook: fail allocations, `stack|buffer:AFTER:COUNT` — after AFTER coroutine stacks
+    /// (or request buffers) taken, the next COUNT fail with ENOMEM.
+    #[arg(long, hide = true, value_name = "RULE")]
+    inject_enomem: Vec<server::InjectEnomem>,
+
     /// Test hook: fail matching requests, `OP[:START-END][:ERRNO][:once]` (blkdebug).
     #[arg(long, hide = true, value_name = "RULE", value_parser = block::Rule::parse)]
     inject_error: Vec<block::Rule>,
@@ -235,6 +254,8 @@ fn main() -> ExitCode {
             EngineArg::Coroutine => Engine::Coroutine,
             EngineArg::Async => Engine::Async,
         },
+        max_in_flight: usize::from(cli.max_in_flight),
+        inject_enomem: cli.inject_enomem,
     };
     match server::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,8 +17,34 @@
 //! Because the read handler hands the buffers to the coroutine before the next read, a request
 //! that yields never sees its bytes overwritten by the next one (the bug QEMU's series fixes in
 //! "fuse: Copy write buffer content before polling").
+//!
+//! ## Bounded requests in flight
+//!
+//! A queue has at most `max_in_flight` requests in flight ([`DEFAULT_MAX_IN_FLIGHT`], the
+//! `--max-in-flight` option). When the request just read reaches the bound, the queue removes
+//! its fd handler: it stops reading, and the kernel keeps the rest queued. When one of them
+//! replies, the handler goes back (one `epoll_ctl` each way, only while saturated). A flood
+//! therefore costs at most `max_in_flight` payload buffers, READ buffers and coroutine stacks
+//! per queue instead of one of each per request the kernel has queued; see
+//! [`rss_ceiling_bytes`] for the resulting ceiling. The kernel's own queue is bounded by the
+//! `max_background` we announce in INIT (`server.rs` ties it to the bound), past which
+//! submitters sleep in the kernel. Each queue logs the most it ever had in flight when it stops
+//! (`peak in flight per queue`), so tests can check the bound.
+//!
+//! QEMU's export has no bound of its own (it relies on `max_background`, which it sets to
+//! libfuse's maximum); libfuse's multi-threaded loop bounds threads (`max_threads`), which in a
+//! thread-per-request server is the same thing.
+//!
+//! ## Out of memory
+//!
+//! No allocation a request needs aborts the process. A coroutine whose stack cannot be mapped
+//! ([`Coroutine::try_new`]) or a payload buffer that cannot be had means the request is read
+//! anyway — into a reserve buffer each queue keeps for that — and answered `ENOMEM`; the next
+//! request is served normally. (The async engine's future is a `Box`, which Rust cannot
+//! allocate fallibly; the bound caps how many exist.) The hidden `--inject-enomem` option makes
+//! these allocations fail on purpose, for tests.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
@@ -76,6 +102,10 @@ pub struct Session {
     state: AtomicU8,
     /// Requests served per queue (index = queue number).
     served: Vec<AtomicU64>,
+    /// Requests a queue may have in flight (`--max-in-flight`).
+    max_in_flight: usize,
+    /// The most requests each queue had in flight at once.
+    peak_in_flight: Vec<AtomicUsize>,
 }
 
 impl Session {
@@ -86,7 +116,28 @@ impl Session {
             in_flight: AtomicUsize::new(0),
             state: AtomicU8::new(SessionState::Running as u8),
             served: (0..queues).map(|_| AtomicU64::new(0)).collect(),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            peak_in_flight: (0..queues).map(|_| AtomicUsize::new(0)).collect(),
         }
+    }
+
+    /// Sets the per-queue bound on requests in flight (at least 1).
+    pub fn with_max_in_flight(mut self, n: usize) -> Session {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// The per-queue bound on requests in flight.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    /// The most requests each queue had in flight at once so far.
+    pub fn peak_in_flight(&self) -> Vec<usize> {
+        self.peak_in_flight
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
     }
 
     pub fn state(&self) -> SessionState {
@@ -137,6 +188,44 @@ pub struct Queue {
     payload_size: usize,
     /// Set once the fd handler is removed.
     detached: AtomicBool,
+    /// Requests of this queue in flight (all on this queue's thread).
+    active: Cell<usize>,
+    /// The fd handler is off because `active` reached the bound.
+    paused: Cell<bool>,
+    /// Reads the one request an allocation failure leaves without a buffer, to answer it ENOMEM.
+    reserve: RefCell<Option<PayloadBuf>>,
+}
+
+/// Default `--max-in-flight`: requests one queue has in flight at once.
+///
+/// 64 because: it is twice the deepest queue our benchmarks use (QD32), spread over the
+/// queues; it equals the buffer pools' size (`MAX_POOLED_PAYLOADS`, the export's READ pool),
+/// so a saturated queue maps no new buffers; and it keeps the flood ceiling
+/// ([`rss_ceiling_bytes`]) near 300 MiB per queue with 1 MiB requests.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+
+/// The most memory the requests in flight of `queues` queues can hold with bound `max_in_flight`
+/// and requests of `max_write` bytes: per request one payload buffer and one READ buffer (each
+/// rounded up to 2 MiB huge pages, [`PayloadBuf`]) and one coroutine stack (256 KiB, usually
+/// barely touched). The daemon's fixed part (binary, caches such as qcow2's L2 cache, thread
+/// stacks) comes on top.
+pub fn rss_ceiling_bytes(queues: usize, max_in_flight: usize, max_write: usize) -> u64 {
+    const HUGE: u64 = 2 << 20;
+    let buffer = (request::request_buffer_size(max_write as u32) as u64).div_ceil(HUGE) * HUGE;
+    let stack = runtime::coroutine::pool_config().stack_size as u64;
+    let per_request = 2 * buffer + stack;
+    // The pools keep up to MAX_POOLED_PAYLOADS buffers a queue no longer has in flight.
+    let requests = max_in_flight.max(MAX_POOLED_PAYLOADS) as u64;
+    queues as u64 * requests * per_request
+}
+
+/// Set by the hidden `--inject-enomem buffer:AFTER:COUNT`.
+static FAIL_PAYLOADS: runtime::fault::FailAfter = runtime::fault::FailAfter::new();
+
+/// Test hook: after the next `after` payload buffers taken (pooled or not, any queue), the
+/// following `count` fail with ENOMEM as if none could be mapped.
+pub fn inject_payload_failures(after: usize, count: usize) {
+    FAIL_PAYLOADS.arm(after, count);
 }
 
 thread_local! {
@@ -159,11 +248,22 @@ impl Queue {
             // non-WRITE request may be longer than WRITE_HEADER_SIZE (a LOOKUP name, INIT).
             payload_size: request::request_buffer_size(max_write as u32) - WRITE_HEADER_SIZE,
             detached: AtomicBool::new(false),
+            active: Cell::new(0),
+            paused: Cell::new(false),
+            reserve: RefCell::new(None),
         })
     }
 
-    /// Starts serving: registers the read handler on `ctx`.
+    /// Starts serving: maps the reserve buffer and registers the read handler on `ctx`.
     pub fn attach(self: &Rc<Queue>, ctx: &AioContext) -> std::io::Result<()> {
+        if self.reserve.borrow().is_none() {
+            *self.reserve.borrow_mut() = Some(PayloadBuf::new(self.payload_size)?);
+        }
+        self.watch(ctx)
+    }
+
+    /// Registers the read handler.
+    fn watch(self: &Rc<Queue>, ctx: &AioContext) -> std::io::Result<()> {
         let q = self.clone();
         ctx.set_fd_handler(
             self.fd.as_raw_fd(),
@@ -204,6 +304,9 @@ impl Queue {
     }
 
     fn take_payload(&self) -> std::io::Result<PayloadBuf> {
+        if FAIL_PAYLOADS.fire() {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
+        }
         match self.payloads.borrow_mut().pop() {
             Some(b) => Ok(b),
             None => PayloadBuf::new(self.payload_size),
@@ -228,23 +331,33 @@ impl Queue {
         let mut head = [0u8; WRITE_HEADER_SIZE];
         let mut payload = match self.take_payload() {
             Ok(p) => p,
-            Err(e) => {
-                // Out of memory: leave the request in the kernel and try again next round.
-                log::error!("queue {}: no memory for a request buffer: {e}", self.index);
-                return;
-            }
+            Err(e) => return self.refuse_one(&format!("no memory for a request buffer: {e}")),
         };
         match sys::read_request(self.fd.as_fd(), &mut head, &mut payload) {
             Ok(n) => {
-                self.session.in_flight.fetch_add(1, Ordering::AcqRel);
                 self.session.served[self.index].fetch_add(1, Ordering::Relaxed);
                 let q = self.clone();
                 match self.session.engine {
                     Engine::Coroutine => {
-                        Coroutine::new(move || q.co_process(head, payload, n)).enter()
+                        let slot = self.start_request();
+                        match Coroutine::try_new(move || {
+                            let _slot = slot;
+                            q.co_process(head, payload, n)
+                        }) {
+                            Ok(co) => {
+                                self.session.in_flight.fetch_add(1, Ordering::AcqRel);
+                                co.enter()
+                            }
+                            // The closure (and with it the slot and the payload) is dropped.
+                            Err(e) => {
+                                self.answer_enomem(&head, n, &format!("no coroutine stack: {e}"))
+                            }
+                        }
                     }
                     Engine::Async => {
-                        let fut = q.process_async(head, payload, n);
+                        let slot = self.start_request();
+                        self.session.in_flight.fetch_add(1, Ordering::AcqRel);
+                        let fut = q.process_async(head, payload, n, slot);
                         log_future_size(std::mem::size_of_val(&fut));
                         runtime::spawn_detached(fut)
                     }
@@ -290,6 +403,7 @@ impl Queue {
         head: [u8; WRITE_HEADER_SIZE],
         payload: PayloadBuf,
         n: usize,
+        _slot: Slot,
     ) {
         let _in_flight = InFlight(&self.session);
         let mut contiguous = Vec::new();
@@ -297,10 +411,110 @@ impl Queue {
             let export = &self.session.export;
             let resp = runtime::executor::catch_unwind(export.handle_async(&req))
                 .await
-                .unwrap_or_else(|_| panicked(&req));
+                .unwrap_or_else(|p| {
+                    if p.message.starts_with(runtime::NO_STACK) {
+                        log::error!("queue {}: {}; replying ENOMEM", self.index, p.message);
+                        Response::Err(libc::ENOMEM)
+                    } else {
+                        panicked(&req)
+                    }
+                });
             self.send(req.unique(), resp);
         }
         self.give_back_payload(payload);
+    }
+
+    /// Counts a request in; at the bound, stops reading until one replies.
+    fn start_request(self: &Rc<Queue>) -> Slot {
+        let active = self.active.get() + 1;
+        self.active.set(active);
+        let peak = &self.session.peak_in_flight[self.index];
+        // Relaxed: a statistic, written by this queue's thread only and read after it stopped.
+        if active > peak.load(Ordering::Relaxed) {
+            peak.store(active, Ordering::Relaxed);
+        }
+        if active >= self.session.max_in_flight && !self.paused.get() {
+            self.paused.set(true);
+            log::trace!("queue {}: {active} requests in flight; pausing", self.index);
+            if let Err(e) = AioContext::current().set_fd_handler(self.fd.as_raw_fd(), None, None) {
+                log::warn!("queue {}: pausing the fd handler: {e}", self.index);
+            }
+        }
+        Slot(self.clone())
+    }
+
+    /// A request replied (its [`Slot`] dropped): below the bound again, resume reading.
+    fn finish_request(self: &Rc<Queue>) {
+        self.active.set(self.active.get() - 1);
+        if self.paused.get() && self.active.get() < self.session.max_in_flight {
+            self.paused.set(false);
+            if self.detached.load(Ordering::Acquire) {
+                return;
+            }
+            if let Err(e) = self.watch(&AioContext::current()) {
+                // Epoll refused (ENOMEM): without a handler this queue serves nothing more,
+                // and the others may be paused too; stop rather than hang.
+                log::error!(
+                    "queue {}: resuming the fd handler: {e}; stopping",
+                    self.index
+                );
+                self.session.stop(SessionState::Halted);
+            }
+        }
+    }
+
+    /// An allocation failed before the request could be read: read it into the reserve buffer
+    /// and answer ENOMEM, so the kernel does not wait for it and the fd does not stay readable.
+    #[cold]
+    fn refuse_one(self: &Rc<Queue>, why: &str) {
+        let Some(mut reserve) = self.reserve.borrow_mut().take() else {
+            log::error!("queue {}: {why}, and no reserve buffer", self.index);
+            return;
+        };
+        let mut head = [0u8; WRITE_HEADER_SIZE];
+        let read = sys::read_request(self.fd.as_fd(), &mut head, &mut reserve);
+        *self.reserve.borrow_mut() = Some(reserve);
+        match read {
+            Ok(n) => {
+                self.session.served[self.index].fetch_add(1, Ordering::Relaxed);
+                self.answer_enomem(&head, n, why);
+            }
+            Err(ReadError::WouldBlock | ReadError::Interrupted | ReadError::RequestGone) => {}
+            Err(ReadError::Unmounted) => {
+                self.detach(&AioContext::current());
+                self.session.stop(SessionState::Unmounted);
+            }
+            Err(ReadError::Io(e)) => {
+                log::error!("queue {}: reading /dev/fuse: {e}; stopping", self.index);
+                self.detach(&AioContext::current());
+                self.session.stop(SessionState::Halted);
+            }
+        }
+    }
+
+    /// Replies ENOMEM to the request in `head` (`n` bytes read), unless it takes no reply.
+    #[cold]
+    fn answer_enomem(&self, head: &[u8; WRITE_HEADER_SIZE], n: usize, why: &str) {
+        let Ok((h, _)) = fuse_in_header::read_from_prefix(&head[..n.min(WRITE_HEADER_SIZE)]) else {
+            log::error!(
+                "queue {}: {why}; the request is too short to answer",
+                self.index
+            );
+            return;
+        };
+        let name = crate::abi::opcode_name(h.opcode).unwrap_or("?");
+        if matches!(
+            h.opcode,
+            crate::abi::FUSE_FORGET | crate::abi::FUSE_BATCH_FORGET | crate::abi::FUSE_INTERRUPT
+        ) {
+            log::warn!(
+                "queue {}: {why}; dropping {name} (it takes no reply)",
+                self.index
+            );
+            return;
+        }
+        log::error!("queue {}: {why}; replying ENOMEM to {name}", self.index);
+        self.send(h.unique, Response::Err(libc::ENOMEM));
     }
 
     /// Parses a request (shared by both engines). A request the export cannot use is answered
@@ -409,6 +623,16 @@ impl Drop for InFlight<'_> {
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             runtime::kick();
         }
+    }
+}
+
+/// One request counted against its queue's bound; dropping it (after the reply) counts it out
+/// and may resume reading.
+struct Slot(Rc<Queue>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.finish_request();
     }
 }
 

@@ -52,6 +52,60 @@ pub struct ServerConfig {
     pub threads: usize,
     /// Coroutines or async tasks per request.
     pub engine: Engine,
+    /// Requests each queue may have in flight (`--max-in-flight`); also sets the kernel's
+    /// `max_background` (see [`max_background_for`]).
+    pub max_in_flight: usize,
+    /// Allocation failures to inject (tests only; the hidden `--inject-enomem`).
+    pub inject_enomem: Vec<InjectEnomem>,
+}
+
+/// `--inject-enomem WHAT:AFTER:COUNT`: after `after` allocations of `what`, fail `count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InjectEnomem {
+    pub what: Allocation,
+    pub after: usize,
+    pub count: usize,
+}
+
+/// What `--inject-enomem` makes fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    /// A request's coroutine stack (`runtime::inject_stack_failures`).
+    Stack,
+    /// A request's payload buffer (`queue::inject_payload_failures`).
+    Buffer,
+}
+
+impl std::str::FromStr for InjectEnomem {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = || format!("'{s}': expected stack|buffer:AFTER:COUNT");
+        let mut parts = s.split(':');
+        let what = match parts.next() {
+            Some("stack") => Allocation::Stack,
+            Some("buffer") => Allocation::Buffer,
+            _ => return Err(usage()),
+        };
+        let mut num = || -> Result<usize, String> {
+            parts.next().and_then(|p| p.parse().ok()).ok_or_else(usage)
+        };
+        let (after, count) = (num()?, num()?);
+        if parts.next().is_some() {
+            return Err(usage());
+        }
+        Ok(InjectEnomem { what, after, count })
+    }
+}
+
+/// The `max_background` announced in INIT for `queues` queues of `max_in_flight` each: their
+/// sum, so the kernel never holds more asynchronous requests (O_DIRECT AIO, readahead) than the
+/// queues can take at once — past it, submitters sleep in the kernel instead of piling
+/// requests (each pinning its caller's pages) into its pending list. Synchronous requests are
+/// not counted by the kernel; the per-queue bound covers them. At most `u16::MAX`, the ABI's
+/// field (and libfuse's and QEMU's value).
+pub fn max_background_for(queues: usize, max_in_flight: usize) -> u16 {
+    u16::try_from(queues.saturating_mul(max_in_flight)).unwrap_or(u16::MAX)
 }
 
 /// Why the export could not start or did not end cleanly.
@@ -164,7 +218,18 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         AllowOther::Auto => mount::allow_other_auto(),
     };
     let writable = !blk.is_read_only();
+    let threads = cfg.threads.max(1);
+    let max_in_flight = cfg.max_in_flight.max(1);
+    for rule in &cfg.inject_enomem {
+        match rule.what {
+            Allocation::Stack => runtime::inject_stack_failures(rule.after, rule.count),
+            Allocation::Buffer => crate::queue::inject_payload_failures(rule.after, rule.count),
+        }
+    }
     let mut init = InitConfig::default();
+    init.max_background = max_background_for(threads, max_in_flight);
+    // The kernel's own ratio (3/4), as before.
+    init.congestion_threshold = (u32::from(init.max_background) * 3 / 4) as u16;
     if let Some(mw) = std::env::var("CORO_FUSE_MAX_WRITE")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -191,8 +256,19 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
     };
     let mount = Mount::new(&cfg.mountpoint, &mount_opts).map_err(start_err)?;
     let ctx = AioContext::current();
-    let threads = cfg.threads.max(1);
-    let session = Arc::new(Session::new(export.clone(), threads, cfg.engine));
+    let session = Arc::new(
+        Session::new(export.clone(), threads, cfg.engine).with_max_in_flight(max_in_flight),
+    );
+    log::info!(
+        "at most {max_in_flight} requests in flight per queue ({threads} queue(s), \
+         max_background {}); requests in flight hold at most {}",
+        init.max_background,
+        human_size(crate::queue::rss_ceiling_bytes(
+            threads,
+            max_in_flight,
+            init.max_write as usize
+        ))
+    );
     log::info!(
         "engine: {}{}",
         cfg.engine.name(),
@@ -257,6 +333,10 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
     log::info!(
         "requests served per queue (engine: {}): {served:?}",
         cfg.engine.name()
+    );
+    log::info!(
+        "peak in flight per queue (bound {max_in_flight}): {:?}",
+        session.peak_in_flight()
     );
     drop(queue);
     // After an external umount this finds the session over and leaves the path alone.
