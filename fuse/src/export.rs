@@ -885,7 +885,11 @@ pub fn take_buffer(len: usize) -> std::io::Result<ReadBuf> {
     if len <= SMALL_READ {
         let mut v = SMALL.with(|b| b.borrow_mut().pop()).unwrap_or_default();
         if v.len() < len {
-            v.resize(SMALL_READ.min(len.next_power_of_two()).max(len), 0);
+            let want = SMALL_READ.min(len.next_power_of_two()).max(len);
+            // Fallible: no memory is an ENOMEM reply, not an abort.
+            v.try_reserve_exact(want - v.len())
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+            v.resize(want, 0);
         }
         Ok(ReadBuf::Small(v))
     } else {

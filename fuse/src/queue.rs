@@ -543,7 +543,10 @@ impl Queue {
         let parsed = if spill > 0 && opcode != Some(crate::abi::FUSE_WRITE) {
             // A non-WRITE request longer than the first iovec: make it one buffer (rare: LOOKUP,
             // SETATTR, INIT, BATCH_FORGET).
-            contiguous.reserve(n);
+            if contiguous.try_reserve_exact(n).is_err() {
+                self.answer_enomem(head, n, "no memory to join a request's arguments");
+                return None;
+            }
             contiguous.extend_from_slice(head);
             contiguous.extend_from_slice(&payload[..spill]);
             request::parse(contiguous, &[], minor)
