@@ -165,3 +165,27 @@ fn a_request_buffer_that_cannot_be_had_fails_one_request() {
         writes_with_injected_enomem("buffer:40:3", &engine, "no memory for a request buffer");
     assert_enomem_then_served(&results, "buffer");
 }
+
+/// fio with asynchronous O_DIRECT (background requests, which the kernel limits by the
+/// `max_background` of threads × bound = 4 we announce) against `--max-in-flight 2`: verified
+/// data, no queue over 2, a clean stop.
+#[test]
+fn fio_verify_through_a_bound_of_two() {
+    require!(fuse_available(), have_tools(&["fio"]));
+    let dir = workdir();
+    let img = dir.path().join("t.img");
+    sparse_image(&img, 64 << 20);
+    let mnt = dir.path().join("mnt");
+    fs::write(&mnt, b"").unwrap();
+    let mut e = Export::start(&img, &mnt, &["--max-in-flight", "2", "--threads", "2"]);
+    assert!(
+        e.stderr().contains("max_background 4"),
+        "max_background follows the bound: {}",
+        e.logs()
+    );
+    fio_randwrite_verify(dir.path(), &e, 16 << 20);
+    let x = e.stop_ok();
+    let (bound, peaks) = peak_per_queue(&x.stderr);
+    assert_eq!(bound, 2, "{x}");
+    assert!(peaks.iter().all(|&p| p <= 2), "over the bound: {peaks:?}");
+}
