@@ -356,7 +356,8 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    /// `len` zero bytes aligned to `align` (a power of two, else `EINVAL`).
+    /// `len` zero bytes aligned to `align` (a power of two, else `EINVAL`); `ENOMEM` when the
+    /// allocator has none (an error for one request, not an abort).
     pub fn zeroed(len: usize, align: usize) -> io::Result<AlignedBuf> {
         // A zero-sized allocation is not allowed; keep at least one alignment unit.
         let layout = Layout::from_size_align(len.max(align).max(1), align.max(1))
@@ -365,7 +366,8 @@ impl AlignedBuf {
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         match NonNull::new(raw) {
             Some(ptr) => Ok(AlignedBuf { ptr, len, layout }),
-            None => alloc::handle_alloc_error(layout),
+            // No memory is the caller's ENOMEM (a request's error), never an abort.
+            None => Err(io::Error::from_raw_os_error(libc::ENOMEM)),
         }
     }
 

@@ -189,3 +189,87 @@ fn fio_verify_through_a_bound_of_two() {
     assert_eq!(bound, 2, "{x}");
     assert!(peaks.iter().all(|&p| p <= 2), "over the bound: {peaks:?}");
 }
+
+/// The daemon's own value of a `/proc/PID/status` field, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Real exhaustion, no injection: the running daemon's address space is capped (`prlimit`
+/// RLIMIT_AS) a little above what it uses, and 32 clients write 1 MiB blocks, each needing a
+/// 2 MiB payload buffer. The requests that find no memory get ENOMEM; nothing aborts; the writes
+/// that succeeded are in the image; the daemon stops cleanly.
+#[test]
+fn an_address_space_limit_fails_requests_with_enomem_not_an_abort() {
+    require!(fuse_available());
+    let dir = workdir();
+    let img = dir.path().join("t.img");
+    const CLIENTS: usize = 32;
+    const BLOCKS: usize = 4;
+    sparse_image(&img, (CLIENTS * BLOCKS * MIB) as u64);
+    let mnt = dir.path().join("mnt");
+    fs::write(&mnt, b"").unwrap();
+    let args = ["--max-in-flight", "1024", "--threads", "1"];
+    let mut e = Export::start(&img, &mnt, &args);
+    let limit = (status_kib(e.pid(), "VmSize") + 24 * 1024) * 1024;
+    let rlim = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: prlimit with a valid pid, a pointer to a live rlimit, and no old-value pointer.
+    let r = unsafe {
+        libc::prlimit(
+            e.pid() as libc::pid_t,
+            libc::RLIMIT_AS,
+            &rlim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", io::Error::last_os_error());
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let p = e.path().to_path_buf();
+            thread::spawn(move || {
+                let f = open_rw(&p);
+                (0..BLOCKS)
+                    .map(|b| {
+                        let i = c * BLOCKS + b;
+                        let r = f.write_all_at(&random_bytes(i as u64, MIB), (i * MIB) as u64);
+                        (i, r.map_err(|e| e.raw_os_error()))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let results: Vec<(usize, Result<(), Option<i32>>)> = clients
+        .into_iter()
+        .flat_map(|c| c.join().expect("client"))
+        .collect();
+    assert!(
+        e.is_running(),
+        "the daemon died under the limit\n{}",
+        e.logs()
+    );
+    let x = e.stop_ok();
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    let ok = results.len() - failed.len();
+    eprintln!("{ok} writes succeeded, {} got ENOMEM", failed.len());
+    assert!(
+        failed.iter().all(|(_, r)| *r == Err(Some(libc::ENOMEM))),
+        "only ENOMEM may fail a write: {failed:?}"
+    );
+    assert!(!failed.is_empty(), "the limit should have bitten\n{x}");
+    assert!(x.stderr.contains("replying ENOMEM"), "{x}");
+    let image = read_all(&img);
+    for (i, r) in &results {
+        if r.is_ok() {
+            let want = random_bytes(*i as u64, MIB);
+            assert_same_bytes(&image[i * MIB..(i + 1) * MIB], &want, &format!("block {i}"));
+        }
+    }
+}
