@@ -205,7 +205,6 @@ fn main() -> ExitCode {
     let open = OpenOptions {
         format,
         read_only,
-        growable: cli.growable,
         cache: match cli.cache {
             CacheArg::Writeback => CacheMode::Writeback,
             CacheArg::None => CacheMode::None,
@@ -222,6 +221,7 @@ fn main() -> ExitCode {
         image: cli.image,
         mountpoint: cli.mountpoint,
         open,
+        growable: cli.growable,
         create: cli.create,
         allow_other: match cli.allow_other {
             AllowOtherArg::On => AllowOther::On,

@@ -96,7 +96,7 @@ pub mod thread_pool;
 pub mod timer;
 
 pub use aio::{AioContext, FdHandler, RemoteContext};
-pub use aio_wait::{kick, wait_while};
+pub use aio_wait::{kick, wait_while, InFlight, InFlightGuard};
 pub use bh::Bh;
 pub use coroutine::{
     co_yield, in_coroutine, spawn, CoPanic, CoWaker, Coroutine, JoinHandle, PoolConfig,
