@@ -44,7 +44,8 @@ struct Cli {
     #[arg(short = 'r', long)]
     read_only: bool,
 
-    /// Writes past the end grow the image.
+    /// Writes past the end grow the image (qcow2: to the next multiple of 512 bytes, the unit
+    /// QEMU keeps its size in; raw: to the end of the write).
     #[arg(long, conflicts_with = "read_only")]
     growable: bool,
 
