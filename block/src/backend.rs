@@ -10,8 +10,10 @@
 //!
 //! 1. count it in flight (every `co_` method, errors included, until it returns);
 //! 2. check permissions ([`BlockError::ReadOnly`]) and the range: a request past the end is the
-//!    caller's error ([`BlockError::OutOfRange`]) — the FUSE export clamps at EOF first — except
-//!    that a **growable** backend grows the image for a write that ends past it;
+//!    caller's error ([`BlockError::OutOfRange`]) — the FUSE export clamps at EOF, or grows the
+//!    image first (`Export::co_grow_to` owns the growth rules) — except on a backend that a
+//!    format driver holds on its file, where a write past the end extends the file
+//!    ([`BackendOptions::write_beyond_eof`]);
 //! 3. if the driver needs alignment (O_DIRECT), pad: an unaligned read goes through an aligned
 //!    bounce buffer, an unaligned write becomes read-modify-write of the edge blocks;
 //! 4. call the driver.
@@ -54,10 +56,10 @@
 //! driver then runs its syscalls on the calling thread.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use runtime::{AioContext, CoMutex, CoReadGuard, CoRwLock};
+use runtime::{AioContext, CoMutex, CoReadGuard, CoRwLock, InFlight, InFlightGuard};
 
 use crate::async_io::AsyncPath;
 use crate::sys::AlignedBuf;
@@ -68,9 +70,13 @@ use crate::{BlockDriver, BlockError, BlockStatus, Result};
 pub struct BackendOptions {
     /// Refuse every write, write-zeroes, discard and truncate with [`BlockError::ReadOnly`].
     pub read_only: bool,
-    /// A write or write-zeroes that ends past the end grows the image first (never shrinks it);
-    /// otherwise it is [`BlockError::OutOfRange`]. QEMU: the FUSE export's `growable` option.
-    pub growable: bool,
+    /// A write or write-zeroes that ends past the end first extends the node to exactly that
+    /// end, as `pwrite` extends a file; otherwise it is [`BlockError::OutOfRange`]. For a format
+    /// driver's handle on its file (qcow2 puts new clusters at the end of the file), not for
+    /// an export: growing the virtual disk has rules of its own (the format's size
+    /// granularity, one lock with truncate), and they are the export's (`Export::co_grow_to`).
+    /// QEMU: `blk_set_allow_write_beyond_eof()`.
+    pub write_beyond_eof: bool,
 }
 
 /// The export's handle on an image. `Send + Sync`: share it as `Arc<BlockBackend>`.
@@ -79,7 +85,7 @@ pub struct BackendOptions {
 pub struct BlockBackend {
     driver: Arc<dyn BlockDriver>,
     read_only: bool,
-    growable: bool,
+    write_beyond_eof: bool,
     /// Offset/length alignment the driver needs (≥ 1).
     align: u64,
     /// Buffer address alignment the driver needs (a power of two ≥ 1).
@@ -88,28 +94,14 @@ pub struct BlockBackend {
     /// read with Acquire: a thread that sees a new size also sees the driver state that the
     /// resize wrote before it (the null driver's size, a raw window's bookkeeping).
     size: AtomicU64,
-    /// Requests inside the backend. SeqCst, pairing with `runtime::wait_while()`'s SeqCst
-    /// waiter count (see `InFlight::drop`).
-    in_flight: AtomicUsize,
+    /// Requests inside the backend (the ordering is documented at [`runtime::InFlight`]).
+    in_flight: InFlight,
     /// Serialising requests; see the module documentation.
     serialise: CoRwLock<()>,
-    /// Serialises size changes (truncate, growth on write).
+    /// Serialises size changes (truncate, a write beyond EOF), so that the driver's size and
+    /// the cached one change together.
     resize: CoMutex<()>,
     closed: AtomicBool,
-}
-
-/// Decrements the in-flight count when a request leaves the backend, however it leaves.
-/// QEMU: `blk_dec_in_flight()`.
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        // SeqCst store-then-load against wait_while()'s "count me as a waiter, then check the
-        // condition": either the drainer sees zero, or `kick()` sees the drainer and wakes it.
-        if self.0.fetch_sub(1, Ordering::SeqCst) == 1 {
-            runtime::kick();
-        }
-    }
 }
 
 fn align_down(x: u64, a: u64) -> u64 {
@@ -138,11 +130,11 @@ impl BlockBackend {
         Ok(BlockBackend {
             driver,
             read_only: opts.read_only,
-            growable: opts.growable,
+            write_beyond_eof: opts.write_beyond_eof,
             align,
             mem_align,
             size: AtomicU64::new(size),
-            in_flight: AtomicUsize::new(0),
+            in_flight: InFlight::new(),
             serialise: CoRwLock::new(()),
             resize: CoMutex::new(()),
             closed: AtomicBool::new(false),
@@ -163,8 +155,11 @@ impl BlockBackend {
         self.read_only
     }
 
-    pub fn is_growable(&self) -> bool {
-        self.growable
+    /// The granularity of the size: every size the image can have and keep across a close and
+    /// reopen is a multiple of it (512 for qcow2, 1 for a raw file). Whoever grows the image
+    /// rounds up to it. QEMU: `BDRV_SECTOR_SIZE`, the unit of `bs->total_sectors`.
+    pub fn size_granularity(&self) -> u64 {
+        self.driver.size_granularity().max(1)
     }
 
     /// The alignment the driver needs; the backend pads requests to it. QEMU:
@@ -180,13 +175,12 @@ impl BlockBackend {
 
     /// Requests currently inside the backend. QEMU: `BlockBackend::in_flight`.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
+        self.in_flight.get()
     }
 
-    /// QEMU: `blk_inc_in_flight()`.
-    fn enter(&self) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight(&self.in_flight)
+    /// Counts a request in until the guard drops. QEMU: `blk_inc_in_flight()`.
+    fn enter(&self) -> InFlightGuard<'_> {
+        self.in_flight.enter()
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -205,7 +199,8 @@ impl BlockBackend {
         }
     }
 
-    /// The range check for writes: past the end is an error, or growth if growable.
+    /// The range check for writes: past the end is an error, or extends the node
+    /// ([`BackendOptions::write_beyond_eof`]).
     fn check_write_range(&self, offset: u64, len: u64) -> Result<()> {
         match self.write_range(offset, len)? {
             Some(end) => self.co_grow(end),
@@ -219,7 +214,7 @@ impl BlockBackend {
         let size = self.size();
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(None),
-            Some(end) if self.growable => Ok(Some(end)),
+            Some(end) if self.write_beyond_eof => Ok(Some(end)),
             _ => Err(BlockError::OutOfRange { offset, len, size }),
         }
     }
@@ -438,7 +433,7 @@ impl BlockBackend {
     /// Polls `ctx` until no request is in flight. Call it from the main loop, not from a
     /// coroutine. QEMU: `blk_drain()` / `AIO_WAIT_WHILE(ctx, blk->in_flight > 0)`.
     pub fn drain(&self, ctx: &AioContext) {
-        runtime::wait_while(ctx, || self.in_flight.load(Ordering::SeqCst) > 0);
+        self.in_flight.drain(ctx);
     }
 
     /// Flushes and closes the driver stack, once (later calls do nothing). Drain first; closing
@@ -597,7 +592,7 @@ impl fmt::Debug for BlockBackend {
             .field("format", &self.driver.format_name())
             .field("size", &self.size())
             .field("read_only", &self.read_only)
-            .field("growable", &self.growable)
+            .field("write_beyond_eof", &self.write_beyond_eof)
             .field("align", &self.align)
             .field("in_flight", &self.in_flight())
             .finish()

@@ -301,6 +301,10 @@ impl BlockDriver for BlkdebugDriver {
         self.child.request_alignment()
     }
 
+    fn size_granularity(&self) -> u64 {
+        self.child.size_granularity()
+    }
+
     fn min_mem_alignment(&self) -> u64 {
         self.child.min_mem_alignment()
     }

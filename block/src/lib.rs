@@ -260,8 +260,19 @@ pub trait BlockDriver: Send + Sync {
     /// QEMU: `bdrv_co_block_status`.
     fn co_block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)>;
 
-    /// Changes the size; growing makes the new range read as zeros. QEMU: `bdrv_co_truncate`.
+    /// Changes the size; growing makes the new range read as zeros. A size that is not a
+    /// multiple of [`BlockDriver::size_granularity`] is [`BlockError::Invalid`]. QEMU:
+    /// `bdrv_co_truncate`.
     fn co_truncate(&self, size: u64) -> Result<()>;
+
+    /// Every size this node can have and keep across a close and reopen is a multiple of this
+    /// (≥ 1): 512 for a format that stores its size in sectors, as QEMU reads qcow2's; 1 for a
+    /// raw file, whose size is the file's. Filters return their child's. QEMU:
+    /// `BDRV_SECTOR_SIZE` (QEMU rounds every node to sectors; we do so only where the format
+    /// would otherwise lose bytes at a reopen).
+    fn size_granularity(&self) -> u64 {
+        1
+    }
 
     /// Flushes and releases resources before the process exits. QEMU: `bdrv_close`.
     fn close(&self) -> Result<()> {
@@ -304,8 +315,6 @@ pub enum Format {
 pub struct OpenOptions {
     pub format: Format,
     pub read_only: bool,
-    /// Writes past the end grow the image (see [`BackendOptions::growable`]).
-    pub growable: bool,
     pub cache: CacheMode,
     /// No image locking (QEMU `-U`); implies `read_only`.
     pub force_share: bool,
@@ -350,7 +359,7 @@ pub fn open_image_with(
     let read_only = opts.read_only || opts.force_share;
     let backend_opts = BackendOptions {
         read_only,
-        growable: opts.growable,
+        write_beyond_eof: false,
     };
     if opts.format == Format::Null {
         if opts.offset != 0 {

@@ -52,7 +52,7 @@ pub fn probe(node: &Arc<dyn BlockDriver>) -> Result<Option<&'static str>> {
         node.clone(),
         BackendOptions {
             read_only: true,
-            growable: false,
+            write_beyond_eof: false,
         },
     )?;
     let len = blk.size();

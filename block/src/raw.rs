@@ -131,7 +131,7 @@ impl RawDriver {
                 self.child.clone(),
                 BackendOptions {
                     read_only: true,
-                    growable: false,
+                    write_beyond_eof: false,
                 },
             )?;
             let n = reader.size().min(PROBE_SECTOR) as usize;

@@ -7,8 +7,8 @@ mod common;
 use std::sync::Arc;
 
 use block::{
-    open_image, open_image_with, BlkdebugOp, BlockError, BlockStatus, CacheMode, Format,
-    OpenOptions, Rule,
+    open_image, open_image_with, BackendOptions, BlkdebugOp, BlockBackend, BlockError, BlockStatus,
+    CacheMode, FileDriver, FileOptions, Format, OpenOptions, Rule,
 };
 use common::{disk_dir, image, pattern};
 use runtime::block_on;
@@ -58,11 +58,12 @@ fn raw_file_reads_and_writes_natively() {
 fn growth_and_truncate_go_through_the_bridge() {
     let dir = disk_dir();
     let path = image(dir.path(), "g.img", &[7u8; 4096]);
-    let opts = OpenOptions {
-        growable: true,
-        ..OpenOptions::default()
+    let file = FileDriver::open(&path, &FileOptions::default()).expect("open");
+    let opts = BackendOptions {
+        read_only: false,
+        write_beyond_eof: true,
     };
-    let blk = open_image(&path, &opts).expect("open");
+    let blk = Arc::new(BlockBackend::new(Arc::new(file), opts).expect("backend"));
     block_on(async {
         blk.pwrite_async(8192, b"tail").await.expect("grow");
         assert_eq!(blk.size(), 8196);

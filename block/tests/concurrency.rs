@@ -117,7 +117,7 @@ fn drain_waits_for_requests_in_flight_on_another_thread() {
     });
     let opts = BackendOptions {
         read_only: true,
-        growable: false,
+        write_beyond_eof: false,
     };
     let blk = Arc::new(BlockBackend::new(slow.clone(), opts).expect("backend"));
     let io = IoThread::spawn("drain-io").expect("iothread");
@@ -194,7 +194,7 @@ fn in_flight_returns_to_zero_after_errors() {
         Arc::new(NullDriver::new(4096, false)),
         BackendOptions {
             read_only: true,
-            growable: false,
+            write_beyond_eof: false,
         },
     )
     .expect("backend");

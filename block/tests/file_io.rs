@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use block::{
-    open_image, BlockBackend, BlockDriver, BlockError, BlockStatus, CacheMode, FileDriver,
-    FileOptions, Format, OpenOptions, RawDriver, RawOptions,
+    open_image, BackendOptions, BlockBackend, BlockDriver, BlockError, BlockStatus, CacheMode,
+    FileDriver, FileOptions, Format, OpenOptions, RawDriver, RawOptions,
 };
 use common::{co, disk_dir, image, pattern, skip, Lcg};
 
@@ -106,18 +106,15 @@ fn requests_past_eof_are_out_of_range() {
 }
 
 #[test]
-fn growable_backend_grows_on_write_and_truncate_updates_size() {
+fn write_beyond_eof_extends_the_file_and_truncate_updates_size() {
     let dir = disk_dir();
     let path = image(dir.path(), "grow.img", &pattern(4096, 3));
-    let blk = open_image(
-        &path,
-        &OpenOptions {
-            growable: true,
-            ..raw_rw()
-        },
-    )
-    .expect("open");
-    let b = blk.clone();
+    let file = FileDriver::open(&path, &FileOptions::default()).expect("open");
+    let opts = BackendOptions {
+        read_only: false,
+        write_beyond_eof: true,
+    };
+    let b = BlockBackend::new(Arc::new(file), opts).expect("backend");
     co(move || {
         b.co_pwrite(10_000, b"tail").expect("write past EOF grows");
         assert_eq!(b.size(), 10_004);

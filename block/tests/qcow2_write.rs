@@ -503,15 +503,53 @@ fn grow_zeroes_the_old_tail() {
     let b = blk.clone();
     co(move || {
         b.co_pdiscard(65536, MIB - 65536).expect("discard");
-        b.co_truncate(1000).expect("shrink into the first cluster");
+        b.co_truncate(1024).expect("shrink into the first cluster");
         b.co_truncate(MIB).expect("grow again");
     });
     let mut oracle = vec![0u8; MIB as usize];
-    oracle[..1000].fill(0x77);
+    oracle[..1024].fill(0x77);
     assert!(read_back(&blk) == oracle);
     close(blk);
     check_clean(&path);
     compare(&path, &oracle);
+}
+
+/// qcow2 sizes are sectors, as QEMU reads them: a header size that is not a multiple of 512 is
+/// read rounded down (what `qemu-img info` shows for the same file), and a truncate to such a
+/// size is refused (EINVAL, as QEMU's "The new size must be a multiple of 512") and changes
+/// nothing, where writing the bytes to the header would lose them at the next open.
+#[test]
+fn sizes_are_sectors_as_qemu_reads_them() {
+    if !have_qemu("sizes_are_sectors_as_qemu_reads_them") {
+        return;
+    }
+    let dir = disk_dir();
+    let path = create_qcow2(dir.path(), "s.qcow2", "cluster_size=65536", MIB);
+    patch(&path, 24, &(MIB + 700).to_be_bytes());
+    // The first "virtual size: 1 MiB (1049088 bytes)" line is the image's (children follow).
+    let qemu_size = |path: &Path| -> u64 {
+        let info = run(Command::new("qemu-img").arg("info").arg(path));
+        let line = info.lines().find(|l| l.starts_with("virtual size:"));
+        let bytes = line.and_then(|l| l.split('(').nth(1)?.split(' ').next()?.parse().ok());
+        bytes.expect("qemu-img info prints the virtual size in bytes")
+    };
+    assert_eq!(qemu_size(&path), MIB + 512, "the oracle rounds down");
+    let blk = open_rw(&path);
+    assert_eq!(blk.size(), MIB + 512, "read as QEMU reads it");
+    assert_eq!(blk.size_granularity(), 512);
+    let b = blk.clone();
+    co(move || {
+        let e = b
+            .co_truncate(MIB + 1000)
+            .expect_err("not a multiple of 512");
+        assert_eq!(e.errno(), libc::EINVAL, "{e}");
+        assert_eq!(b.size(), MIB + 512, "a refused truncate changes nothing");
+        b.co_truncate(MIB + 1024).expect("a whole sector");
+    });
+    close(blk);
+    check_clean(&path);
+    assert_eq!(qemu_size(&path), MIB + 1024);
+    assert_eq!(be64_at(&path, 24), MIB + 1024);
 }
 
 /// Runs qemu-io on `path` with lazy refcounts and kills it (`abort`) after `cmds`: the image is

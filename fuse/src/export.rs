@@ -34,6 +34,11 @@
 //!   write-zeroes with unmap; ZERO_RANGE grows unless KEEP_SIZE; other modes EOPNOTSUPP;
 //! - LSEEK SEEK_DATA/SEEK_HOLE from block status, ENXIO past EOF;
 //! - a backend error is that request's errno (EIO); the export keeps serving.
+//!
+//! Growth (a growable write, fallocate or ZERO_RANGE past EOF) goes to the end of the request
+//! rounded up to the image's size granularity — 512 bytes on qcow2, whose size QEMU reads in
+//! sectors — so what was acknowledged is what a restart shows; a SETATTR size that the format
+//! cannot keep (not a multiple of 512 on qcow2) is EINVAL, as in QEMU.
 
 use std::cell::RefCell;
 use std::ffi::OsString;
@@ -115,7 +120,8 @@ pub struct Export {
     /// Protocol minor for parsing: 0 before INIT, then the negotiated one.
     minor: AtomicU32,
     /// Serialises size changes (growable writes, truncate, fallocate): check-then-grow must
-    /// not race with another queue's.
+    /// not race with another queue's. The growth rules live here, in `Export::co_grow_to`,
+    /// and nowhere in the block layer (QEMU: `fuse_co_write()` grows, not the BlockBackend).
     resize_lock: CoMutex<()>,
     /// Time of the last change, for mtime/ctime (seconds since the epoch).
     changed: AtomicU64,
@@ -649,12 +655,16 @@ impl Export {
         }
     }
 
-    /// Grows the image to at least `end` bytes (never shrinks: another queue may have grown
-    /// it further meanwhile).
+    /// Grows the image so that `[0, end)` is inside it: to `end` rounded up to the image's
+    /// size granularity (see [`Export::grown_size`]), and never shrinks (another queue may
+    /// have grown it further meanwhile). The only place the export grows the image: growable
+    /// writes, fallocate and ZERO_RANGE past EOF all come here; SETATTR's truncate takes the
+    /// same lock.
     fn co_grow_to(&self, end: u64) -> block::Result<()> {
         let _g = self.resize_lock.co_lock();
-        if end > self.blk.size() {
-            self.blk.co_truncate(end)?;
+        let new = self.grown_size(end)?;
+        if new > self.blk.size() {
+            self.blk.co_truncate(new)?;
         }
         Ok(())
     }
@@ -662,10 +672,23 @@ impl Export {
     /// [`Export::co_grow_to`] for the async engine (the same lock, the same queue).
     async fn grow_to_async(&self, end: u64) -> block::Result<()> {
         let _g = self.resize_lock.lock_async().await;
-        if end > self.blk.size() {
-            self.blk.truncate_async(end).await?;
+        let new = self.grown_size(end)?;
+        if new > self.blk.size() {
+            self.blk.truncate_async(new).await?;
         }
         Ok(())
+    }
+
+    /// The size that growing to `end` makes: `end` rounded up to
+    /// [`BlockBackend::size_granularity`]. qcow2 keeps sectors (QEMU reads its header size as
+    /// `size / 512`), so growing to a byte end would be acknowledged and then lose the tail of
+    /// the write at the next open; rounded up, the data is kept and zeros follow it, and the
+    /// size a client sees is the size a restart shows. (qemu-storage-daemon refuses such a
+    /// write with EINVAL instead.) A raw file keeps bytes and grows to `end` exactly.
+    fn grown_size(&self, end: u64) -> block::Result<u64> {
+        let g = self.blk.size_granularity();
+        end.checked_next_multiple_of(g)
+            .ok_or_else(|| block::BlockError::Invalid(format!("growing to {end} bytes overflows")))
     }
 
     fn plan_fallocate(&self, nodeid: u64, arg: &fuse_fallocate_in) -> Step<'static> {
@@ -957,14 +980,7 @@ mod tests {
         }
         data[64 * 1024..128 * 1024].fill(0);
         std::fs::write(&path, &data).expect("image");
-        let blk = open_image(
-            &path,
-            &OpenOptions {
-                growable,
-                ..OpenOptions::default()
-            },
-        )
-        .expect("open");
+        let blk = open_image(&path, &OpenOptions::default()).expect("open");
         Export::new(
             blk,
             ExportConfig {

@@ -44,7 +44,8 @@ struct Cli {
     #[arg(short = 'r', long)]
     read_only: bool,
 
-    /// Writes past the end grow the image.
+    /// Writes past the end grow the image (qcow2: to the next multiple of 512 bytes, the unit
+    /// QEMU keeps its size in; raw: to the end of the write).
     #[arg(long, conflicts_with = "read_only")]
     growable: bool,
 
@@ -224,7 +225,6 @@ fn main() -> ExitCode {
     let open = OpenOptions {
         format,
         read_only,
-        growable: cli.growable,
         cache: match cli.cache {
             CacheArg::Writeback => CacheMode::Writeback,
             CacheArg::None => CacheMode::None,
@@ -241,6 +241,7 @@ fn main() -> ExitCode {
         image: cli.image,
         mountpoint: cli.mountpoint,
         open,
+        growable: cli.growable,
         create: cli.create,
         allow_other: match cli.allow_other {
             AllowOtherArg::On => AllowOther::On,

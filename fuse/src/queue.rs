@@ -6,9 +6,10 @@
 //!
 //! The request lifecycle (DESIGN.md): fd readable → [`Queue::on_readable`] reads one request
 //! (header and fixed arguments into a small array, WRITE data into a pooled payload buffer) →
-//! `in_flight += 1` → a coroutine is created and entered → it parses, dispatches to
+//! a coroutine is created and entered → `in_flight += 1` (a `runtime::InFlight` guard, its first
+//! statement) → it parses, dispatches to
 //! [`Export::co_handle`] (which may yield in the block layer), and writes one reply with one
-//! `writev` on the same fd → `in_flight -= 1`, buffers back to the pool.
+//! `writev` on the same fd → the guard drops (`in_flight -= 1`), buffers back to the pool.
 //!
 //! With `--engine async` the same request is a task instead of a coroutine
 //! (`Queue::process_async`, spawned with `runtime::spawn_detached` and polled at once, as the
@@ -51,7 +52,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use runtime::{AioContext, Coroutine};
+use runtime::{AioContext, Coroutine, InFlight};
 use zerocopy::FromBytes;
 
 use crate::abi::fuse_in_header;
@@ -98,7 +99,8 @@ impl Engine {
 pub struct Session {
     pub export: Arc<Export>,
     pub engine: Engine,
-    in_flight: AtomicUsize,
+    /// Requests read and not yet replied to; the server's drain waits for zero.
+    in_flight: InFlight,
     state: AtomicU8,
     /// Requests served per queue (index = queue number).
     served: Vec<AtomicU64>,
@@ -113,7 +115,7 @@ impl Session {
         Session {
             export,
             engine,
-            in_flight: AtomicUsize::new(0),
+            in_flight: InFlight::new(),
             state: AtomicU8::new(SessionState::Running as u8),
             served: (0..queues).map(|_| AtomicU64::new(0)).collect(),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
@@ -166,7 +168,7 @@ impl Session {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.get()
     }
 
     /// Requests each queue has served so far.
@@ -344,10 +346,7 @@ impl Queue {
                             let _slot = slot;
                             q.co_process(head, payload, n)
                         }) {
-                            Ok(co) => {
-                                self.session.in_flight.fetch_add(1, Ordering::AcqRel);
-                                co.enter()
-                            }
+                            Ok(co) => co.enter(),
                             // The closure (and with it the slot and the payload) is dropped.
                             Err(e) => {
                                 self.answer_enomem(&head, n, &format!("no coroutine stack: {e}"))
@@ -356,7 +355,6 @@ impl Queue {
                     }
                     Engine::Async => {
                         let slot = self.start_request();
-                        self.session.in_flight.fetch_add(1, Ordering::AcqRel);
                         let fut = q.process_async(head, payload, n, slot);
                         log_future_size(std::mem::size_of_val(&fut));
                         runtime::spawn_detached(fut)
@@ -384,8 +382,9 @@ impl Queue {
 
     /// The request coroutine. QEMU: `fuse_co_process_request()`.
     fn co_process(self: Rc<Queue>, head: [u8; WRITE_HEADER_SIZE], payload: PayloadBuf, n: usize) {
-        // Counts the request out even if something below panics, so drain never waits forever.
-        let _in_flight = InFlight(&self.session);
+        // Counted in before `on_readable` returns (the coroutine is entered at once), and out
+        // even if something below panics, so a drain neither misses it nor waits forever.
+        let _in_flight = self.session.in_flight.enter();
         let mut contiguous = Vec::new();
         if let Some(req) = self.parse(&head, &payload, n, &mut contiguous) {
             let export = &self.session.export;
@@ -405,7 +404,7 @@ impl Queue {
         n: usize,
         _slot: Slot,
     ) {
-        let _in_flight = InFlight(&self.session);
+        let _in_flight = self.session.in_flight.enter(); // polled at once, as the coroutine
         let mut contiguous = Vec::new();
         if let Some(req) = self.parse(&head, &payload, n, &mut contiguous) {
             let export = &self.session.export;
@@ -615,18 +614,6 @@ fn panicked(req: &request::Request<'_>) -> Response {
         crate::abi::opcode_name(req.header.opcode).unwrap_or("?")
     );
     Response::Err(libc::EIO)
-}
-
-/// One request in flight; dropping it counts the request out and wakes a drain waiting for
-/// the last one.
-struct InFlight<'a>(&'a Session);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            runtime::kick();
-        }
-    }
 }
 
 /// One request counted against its queue's bound; dropping it (after the reply) counts it out

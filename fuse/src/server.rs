@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub image: PathBuf,
     pub mountpoint: PathBuf,
     pub open: OpenOptions,
+    /// Writes and fallocates past the end grow the image (the export's `growable`).
+    pub growable: bool,
     /// Create the image (sparse raw, this size) if it does not exist.
     pub create: Option<u64>,
     pub allow_other: AllowOther,
@@ -240,7 +242,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         blk.clone(),
         ExportConfig {
             writable,
-            growable: cfg.open.growable,
+            growable: cfg.growable,
             allow_other,
             dir_entry,
             init,

@@ -97,7 +97,7 @@ pub mod thread_pool;
 pub mod timer;
 
 pub use aio::{AioContext, FdHandler, RemoteContext};
-pub use aio_wait::{kick, wait_while};
+pub use aio_wait::{kick, wait_while, InFlight, InFlightGuard};
 pub use bh::Bh;
 pub use coroutine::{
     co_yield, in_coroutine, inject_stack_failures, spawn, CoPanic, CoWaker, Coroutine, JoinHandle,

@@ -379,3 +379,38 @@ fn fd_handlers_are_not_starved_by_a_busy_bottom_half() {
         .expect("remove");
     slot.borrow_mut().take();
 }
+
+/// `InFlight`: a drain on one thread returns once guards dropped on other threads bring the
+/// count to zero (the last one kicks), and not before; many rounds, so a lost kick would hang.
+#[test]
+fn in_flight_drain_waits_for_guards_dropped_on_other_threads() {
+    let counter = Arc::new(runtime::InFlight::new());
+    let ctx = AioContext::current();
+    for round in 0..2000 {
+        let guards = 1 + round % 3;
+        let started = Arc::new(Barrier::new(guards + 1));
+        let done = Arc::new(AtomicUsize::new(0));
+        let workers: Vec<_> = (0..guards)
+            .map(|_| {
+                let (counter, started, done) = (counter.clone(), started.clone(), done.clone());
+                thread::spawn(move || {
+                    let g = counter.enter();
+                    started.wait();
+                    done.fetch_add(1, Ordering::SeqCst);
+                    drop(g);
+                })
+            })
+            .collect();
+        started.wait();
+        counter.drain(&ctx);
+        assert_eq!(counter.get(), 0);
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            guards,
+            "drained before the last guard"
+        );
+        for w in workers {
+            w.join().expect("worker");
+        }
+    }
+}

@@ -255,8 +255,9 @@ fn qcow2_sigkill_mid_write_leaves_no_corruption() {
 }
 
 /// A growable qcow2 export: writes past the end grow the image (moving the L1 table of a
-/// small-cluster image), `truncate` through the mount shrinks it back where nothing is lost
-/// and is refused where data would be; `qemu-img` agrees afterwards.
+/// small-cluster image) to the next multiple of 512 bytes, `truncate` through the mount
+/// shrinks it back where nothing is lost and is refused where data would be, or where the size
+/// is no multiple of 512 (as in QEMU); `qemu-img` agrees afterwards.
 #[test]
 fn qcow2_growable_export() {
     require!(fuse_available(), have_tools(&["qemu-img"]));
@@ -270,18 +271,65 @@ fn qcow2_growable_export() {
     let data = random_bytes(9, 100 * KIB as usize);
     let at = 5 * MIB + 77;
     f.write_all_at(&data, at).unwrap();
-    let grown = at + data.len() as u64;
-    assert_eq!(file_size(e.path()), grown);
+    let end = at + data.len() as u64;
+    let grown = end.next_multiple_of(512);
+    assert!(grown > end, "the test needs an unaligned end");
+    assert_eq!(file_size(e.path()), grown, "grown to the next sector");
     let err = f.set_len(MIB).expect_err("shrinking over data is refused");
     assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+    let err = f.set_len(grown + 1).expect_err("a size qcow2 cannot keep");
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+    assert_eq!(
+        file_size(e.path()),
+        grown,
+        "a refused truncate changes nothing"
+    );
     f.set_len(grown + MIB).unwrap();
     drop(f);
     e.stop_ok();
     let mut oracle = vec![0u8; (grown + MIB) as usize];
-    oracle[at as usize..grown as usize].copy_from_slice(&data);
+    oracle[at as usize..end as usize].copy_from_slice(&data);
     let (code, out) = qemu_img_check(&q);
     assert_eq!(code, Some(0), "qemu-img check: {out}");
     compare_with_oracle(&q, &oracle);
+}
+
+/// Issue 12's data loss: a growable qcow2 export, 700 bytes written at the end of a 1 MiB
+/// image and fsync'ed, a clean stop. The size must not be rounded down at the restart (QEMU
+/// reads the header's size in 512-byte sectors): the export grows to 1 MiB + 1 KiB, so all
+/// 700 bytes are there — in `qemu-img`'s view and through a second export.
+#[test]
+fn qcow2_growing_write_survives_a_restart() {
+    require!(fuse_available(), have_tools(&["qemu-img"]));
+    let dir = disk_workdir();
+    let q = dir.path().join("g.qcow2");
+    create_qcow2(&q, "cluster_size=65536", MIB);
+    let mnt = dir.path().join("mnt");
+    fs::write(&mnt, b"").unwrap();
+    let data = random_bytes(700, 700);
+    let mut e = Export::start(&q, &mnt, &["--growable"]);
+    let f = open_rw(e.path());
+    f.write_all_at(&data, MIB).unwrap();
+    f.sync_all().unwrap();
+    let seen = file_size(e.path());
+    assert_eq!(seen, MIB + 1024, "grown to the next multiple of 512");
+    drop(f);
+    e.stop_ok();
+
+    let mut oracle = vec![0u8; seen as usize];
+    oracle[MIB as usize..][..700].copy_from_slice(&data);
+    let (code, out) = qemu_img_check(&q);
+    assert_eq!(code, Some(0), "qemu-img check: {out}");
+    compare_with_oracle(&q, &oracle);
+
+    let mut e = Export::start(&q, &mnt, &["--growable"]);
+    assert_eq!(
+        file_size(e.path()),
+        seen,
+        "the size a client saw is the size a restart shows"
+    );
+    assert_same_bytes(&read_all(e.path()), &oracle, "after the restart");
+    e.stop_ok();
 }
 
 /// A writable overlay over a raw backing file, through the export: odd-sized writes copy the

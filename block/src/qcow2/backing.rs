@@ -270,7 +270,7 @@ fn open_backing(
         node.clone(),
         BackendOptions {
             read_only: true,
-            growable: false,
+            write_beyond_eof: false,
         },
     )?;
     log::debug!(

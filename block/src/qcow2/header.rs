@@ -78,6 +78,9 @@ pub const COMPRESSION_DEFLATE: u8 = 0;
 pub const COMPRESSION_ZSTD: u8 = 1;
 /// QEMU's `QCOW_MAX_SNAPSHOTS`.
 pub const MAX_SNAPSHOTS: u32 = 65536;
+/// The unit of a qcow2 image's virtual size as QEMU reads it (`BDRV_SECTOR_SIZE`).
+pub const SECTOR_SIZE: u64 = 512;
+
 /// Longest backing file name QEMU accepts (`backing_file_size` ≤ 1023).
 pub const MAX_BACKING_NAME: u32 = 1023;
 
@@ -300,6 +303,9 @@ impl Header {
         if size > i64::MAX as u64 {
             return Err(corrupt(format!("virtual size {size} is too large")));
         }
+        // QEMU keeps the size in sectors (`bs->total_sectors = header.size / 512`): a header
+        // that says 1000 bytes is a 512-byte disk there, and so it is here.
+        let size = size - size % SECTOR_SIZE;
         let mut header = Header {
             version,
             cluster_bits,

@@ -180,7 +180,8 @@ pub(crate) struct Meta {
 /// The qcow2 format over a child (the file driver). QEMU: `BDRVQcow2State`.
 pub struct Qcow2Driver {
     child: Arc<dyn BlockDriver>,
-    /// View of the child that pads unaligned I/O (O_DIRECT); growable when writable.
+    /// View of the child that pads unaligned I/O (O_DIRECT); writes beyond its end extend the
+    /// file when writable (new clusters go there).
     file: BlockBackend,
     /// The child needs no alignment: talk to it directly (no padding, no growth bookkeeping).
     direct: bool,
@@ -231,7 +232,7 @@ impl Qcow2Driver {
             child.clone(),
             BackendOptions {
                 read_only,
-                growable: !read_only,
+                write_beyond_eof: !read_only,
             },
         )?;
         let direct = child.request_alignment() <= 1 && child.min_mem_alignment() <= 1;
@@ -597,6 +598,12 @@ impl BlockDriver for Qcow2Driver {
 
     fn co_truncate(&self, size: u64) -> Result<()> {
         self.co_resize(size)
+    }
+
+    /// The header stores bytes, but QEMU reads them as sectors (and so does
+    /// [`Header::parse`]).
+    fn size_granularity(&self) -> u64 {
+        header::SECTOR_SIZE
     }
 
     /// Flushes, returns the reserved clusters (and flushes again), so that a closed image

@@ -23,7 +23,7 @@
 use std::sync::atomic::Ordering;
 
 use super::cluster::Mapping;
-use super::header::{FIELD_L1_SIZE, FIELD_SIZE, MAX_L1_BYTES};
+use super::header::{FIELD_L1_SIZE, FIELD_SIZE, MAX_L1_BYTES, SECTOR_SIZE};
 use super::{Meta, Qcow2Driver};
 use crate::{BlockError, Result};
 
@@ -35,6 +35,14 @@ impl Qcow2Driver {
         }
         if self.is_corrupt() {
             return Err(super::corrupt_refusal("resizing is"));
+        }
+        if !size.is_multiple_of(SECTOR_SIZE) {
+            // The header would keep the bytes, but every reader (QEMU, and us at the next
+            // open) rounds them down to a sector: refuse rather than lose them. QEMU:
+            // "The new size must be a multiple of 512".
+            return Err(BlockError::Invalid(format!(
+                "qcow2: the new size {size} is not a multiple of {SECTOR_SIZE} bytes"
+            )));
         }
         // Waits for every write in flight, and keeps new ones out.
         let _claim = self.co_claim(0, u64::MAX - self.cluster_size());
