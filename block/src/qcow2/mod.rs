@@ -395,19 +395,39 @@ impl Qcow2Driver {
 
     /// Writes `buf` to the host file at `host` (data or metadata), growing the file as needed.
     fn co_write_host(&self, host: u64, buf: &[u8]) -> Result<()> {
-        if self.read_only {
-            return Err(BlockError::ReadOnly);
-        }
-        if self.direct {
-            self.child.co_pwritev(host, buf)?;
-        } else {
-            self.file.co_pwrite(host, buf)?;
-        }
+        self.co_write_file(host, buf)?;
         let end = host + buf.len() as u64;
         if end > self.host_len.load(Ordering::Relaxed) {
             self.host_len.fetch_max(end, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Writes `buf` at `host` without counting it in `host_len` (see [`Self::co_extend_file`]).
+    fn co_write_file(&self, host: u64, buf: &[u8]) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        if self.direct {
+            self.child.co_pwritev(host, buf)
+        } else {
+            self.file.co_pwrite(host, buf)
+        }
+    }
+
+    /// Makes the file at least `end` bytes long (`end` a multiple of 512) by writing its last
+    /// sector, before a reservation's `fdatasync` makes the length durable with the refcounts:
+    /// a power cut must not leave an L2 entry pointing past the end of the file (its data
+    /// write lost, the file shorter), which `qemu-img check` counts as corruption and we as
+    /// an entry outside the file. A write, not a truncate: it never shortens the file under a
+    /// data write in flight past it. The sector is not counted in `host_len` (the clusters
+    /// before it are holes, never written: see `co_write_alloc`); `close` trims the file back
+    /// to `host_len`.
+    pub(super) fn co_extend_file(&self, end: u64) -> Result<()> {
+        if end <= self.child.getlength() {
+            return Ok(());
+        }
+        self.co_write_file(end - 512, &[0u8; 512])
     }
 
     /// Writes metadata: refused once the image is known to be corrupt.
@@ -468,6 +488,14 @@ impl Qcow2Driver {
         };
         if returned {
             self.co_flush_host()?;
+            // The reservations' extensions of the file (`co_extend_file`) past what was
+            // written: nothing references them now.
+            let cs = self.cluster_size();
+            let keep = self.host_len.load(Ordering::Relaxed).div_ceil(cs) * cs;
+            if self.child.getlength() > keep {
+                self.file.co_truncate(keep)?;
+                self.co_flush_host()?;
+            }
         }
         Ok(())
     }

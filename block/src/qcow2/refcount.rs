@@ -435,7 +435,8 @@ impl Qcow2Driver {
             pos = s + l;
         };
         self.co_update_refcounts(m, start, len, 1)?;
-        if let Err(e) = self.co_flush_host() {
+        let extended = self.co_extend_file((start + len) * self.cluster_size());
+        if let Err(e) = extended.and_then(|()| self.co_flush_host()) {
             self.co_free_quietly(m, start * self.cluster_size(), len);
             return Err(e);
         }

@@ -145,11 +145,23 @@ impl Qcow2Driver {
         let total = (n * cs) as usize;
         let head = (pos - a.guest) as usize;
         let len = buf.len().min(total - head);
+        // Never written since open, and past the file as opened: a hole, reading as zeros.
+        let fresh = a.host >= self.host_len.load(Ordering::Relaxed);
         let res = if head == 0 && len == total {
             self.co_write_host(a.host, &buf[..len])
         } else {
-            self.co_cow_buffer(a, head, &buf[..len])
-                .and_then(|data| self.co_write_host(a.host, &data))
+            self.co_cow_buffer(a, head, &buf[..len]).and_then(|data| {
+                self.co_write_host(a.host, &data)?;
+                // The copied bytes were durable in the old cluster: they must be durable in
+                // the new one before the L2 entry can be, or a power cut loses them (the
+                // entry on disk, the data not). Unless the copy is zeros into a hole. QEMU:
+                // `qcow2_cache_depends_on_flush()` in `perform_cow()`.
+                let copied = [&data[..head], &data[head + len..]];
+                if !(fresh && copied.iter().all(|c| c.iter().all(|&b| b == 0))) {
+                    self.co_flush_host()?;
+                }
+                Ok(())
+            })
         };
         let mut m = self.meta.co_lock();
         if let Err(e) = res {
