@@ -140,6 +140,102 @@ fn l2_and_refcount_allocation() {
     );
 }
 
+/// Clusters freed by a discard come back as L2 tables and data once the reserve is used up
+/// (512-byte clusters, 1 MiB: a reserve of 256 clusters): a new table or a copy-on-write over
+/// such a cluster's stale bytes must not show them after a power cut.
+#[test]
+fn freed_clusters_reused_as_tables() {
+    if !have_qemu("freed_clusters_reused_as_tables") {
+        return;
+    }
+    let dir = disk_dir();
+    let size = MIB;
+    let path = create_qcow2(dir.path(), "reuse.qcow2", "cluster_size=512", size);
+    let mut g = Guest::open(&path, &ChainOptions::default());
+    g.write(0, pattern(96 * KIB as usize, 0x31));
+    g.flush();
+    g.discard(0, 96 * KIB);
+    g.flush();
+    let mut rng = Lcg(0x2e05e);
+    for i in 0..24u64 {
+        let len = 1 + rng.below(2 * KIB);
+        let off = 96 * KIB + rng.below(size - 96 * KIB - len);
+        g.write(off, pattern(len as usize, 0x50 + i as u8));
+        if i % 3 == 2 {
+            g.flush();
+        }
+    }
+    check_guest(
+        "freed_clusters_reused_as_tables",
+        dir.path(),
+        vec![0; size as usize],
+        g,
+        false,
+    );
+}
+
+/// An image whose refcount table (one 512-byte cluster: 64 blocks, 8 MiB of host) is almost
+/// full: the first logged reservation grows the table — blocks and table in a fresh area,
+/// flushed, then the header switched — while the logged writes go on. The fill (our driver,
+/// one session) is the largest that does not grow the table yet, found by bisection; the
+/// logged writes of whole L2 ranges (64 contiguous clusters) skip the small gaps it left.
+#[test]
+fn refcount_table_growth() {
+    if !have_qemu("refcount_table_growth") {
+        return;
+    }
+    let dir = disk_dir();
+    let size = 64 * MIB;
+    let empty = create_qcow2(dir.path(), "empty.qcow2", "cluster_size=512", size);
+    let path = dir.path().join("full.qcow2");
+    // Writes `len` bytes into a copy of the empty image: whether the table grew.
+    let fill = |len: u64| -> bool {
+        std::fs::copy(&empty, &path).expect("copy the image");
+        let blk = block::open_image(&path, &block::OpenOptions::default()).expect("open");
+        let b = blk.clone();
+        common::co(move || b.co_pwrite(0, &pattern(len as usize, 0x44)).expect("fill"));
+        blk.close().expect("close");
+        drop(blk);
+        let head = common::qemu::head(&path, 64);
+        u32::from_be_bytes(head[56..60].try_into().expect("4 bytes")) > 1
+    };
+    let (mut lo, mut hi) = (0, 8 * MIB / (4 * KIB)); // 4 KiB units: lo does not grow, hi does
+    assert!(fill(hi * 4 * KIB), "8 MiB of data must grow the table");
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if fill(mid * 4 * KIB) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    assert!(!fill(lo * 4 * KIB));
+    let base = oracle_bytes(&path);
+    let mut g = Guest::open(&path, &ChainOptions::default());
+    let mut rng = Lcg(0x7ab1e);
+    for i in 0..8u64 {
+        let (off, len) = if i % 2 == 0 {
+            (
+                8 * MIB + rng.below(size / (32 * KIB) - 256) * 32 * KIB,
+                32 * KIB,
+            )
+        } else {
+            let len = 1 + rng.below(3 * KIB);
+            (rng.below(size - len), len)
+        };
+        g.write(off, pattern(len as usize, 0x61 + i as u8));
+        if i % 2 == 1 {
+            g.flush();
+        }
+    }
+    let switched =
+        g.log.log().iter().any(
+            |op| matches!(op, block::LoggedOp::Write { offset: 48, data } if data.len() == 12),
+        );
+    assert!(switched, "the workload did not grow the refcount table");
+    check_guest("refcount_table_growth", dir.path(), base, g, false);
+}
+
 /// Data written and flushed, then whole-cluster discards and zero writes (whole and partial
 /// clusters) with flushes between, and new writes that reuse the freed clusters.
 #[test]
