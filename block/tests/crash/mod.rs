@@ -480,7 +480,7 @@ fn check_state(
     std::fs::write(path, file).expect("write the state");
     let (code, out) = qemu_img_check(path);
     let dirty = is_dirty(file);
-    if !check_ok(code, &out) && !(dirty_ok && dirty) {
+    if !(check_ok(code, &out) || dirty_ok && dirty) {
         return Err(format!("qemu-img check exit {code:?}:\n{out}"));
     }
     let got = read_ours(path)?;
