@@ -55,9 +55,12 @@
 //! power failure too (a disk may reorder writes between flushes):
 //!
 //! 1. **refcounts first**: clusters are *reserved* ahead in batches (16 MiB worth, doubling
-//!    up to 1 GiB while no flush comes; see [`refcount`]) — their refcounts written as 1, then
-//!    one `fdatasync` — and handed out from the reserve, so a
-//!    cluster's refcount is durable before anything references it. A new refcount block is
+//!    up to 1 GiB while no flush comes; see [`refcount`]) — their refcounts written as 1, the
+//!    file extended to cover them (its last sector written), then one `fdatasync` — and handed
+//!    out from the reserve, so a cluster's refcount, and a file long enough to hold it, are
+//!    durable before anything references it (without the extension a lost data write past
+//!    the end would leave an L2 entry pointing past a shorter file: corruption to
+//!    `qemu-img check`). `close` trims the file back to what was written. A new refcount block is
 //!    written and flushed before the refcount table points to it; a grown refcount table is
 //!    written and flushed before the header does.
 //! 2. **then contents**: guest data, or a new L2 table, is written into the new cluster. A new
@@ -65,7 +68,11 @@
 //!    does, and the header's L1 fields before a bigger size.
 //! 3. **then the reference**: the L2 entry (or L1 entry, or header field) is written. Guest data
 //!    is *not* flushed before its L2 entry (QEMU does not either): after a power failure an
-//!    unflushed write may show a cluster's old bytes, but never breaks the metadata. The L2
+//!    unflushed write may show a cluster's old bytes, but never breaks the metadata. Bytes
+//!    *copied* into a new cluster (copy-on-write of a partial cluster) are: they were durable
+//!    in the old cluster, and a power cut must not lose them — one `fdatasync` between the
+//!    data write and the L2 entry, skipped when the copy is zeros into a cluster never written
+//!    (a hole). QEMU: `qcow2_cache_depends_on_flush()` in `perform_cow()`. The L2
 //!    write that links new data clusters is issued after the metadata lock is released (the
 //!    entries change in the pinned cached table under it); the request completes — and may
 //!    drop the replaced entries' references — only once that write is done.
@@ -75,7 +82,8 @@
 //!    once 1024 have piled up).
 //!
 //! So a crash — SIGKILL, or power failure on a disk that honours `fdatasync` — at any moment
-//! leaves an image whose only defects are leaks: reserved clusters not used yet, deferred frees
+//! leaves an image whose only defects are leaks (`block/tests/qcow2_crash.rs` proves it by
+//! replaying every state a power cut could leave, with the `blklogwrites` filter): reserved clusters not used yet, deferred frees
 //! not applied, data clusters written but not linked. `qemu-img check` reports them (exit 3)
 //! and `-r leaks` repairs them. `co_flush` (a guest's fsync, the export's final flush)
 //! additionally applies the frees deferred before it started; it keeps the reserve for the

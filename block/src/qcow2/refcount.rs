@@ -17,7 +17,8 @@
 //!   written so far); a flush starts them small again. The reserve survives flushes (the next
 //!   allocating write would otherwise pay a reservation and its `fdatasync` after every guest
 //!   fsync) and is returned by `close`, so a crash — even right after a flush — leaks at most
-//!   one batch (mostly past the end of the file, where the clusters were never written). A
+//!   one batch (mostly past the old end of the file, where the clusters were never written:
+//!   the reservation extends the file over them, as holes, before its `fdatasync`). A
 //!   request that does not fit in the rest of the reserve
 //!   returns the rest and reserves anew (at least what it needs, in one run: one request's
 //!   clusters are contiguous).

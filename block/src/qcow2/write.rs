@@ -11,7 +11,8 @@
 //! write: the head and tail of a partially written cluster are first read from the cluster they
 //! replace (data, compressed data, zeros, or [`Qcow2Driver::co_read_below`]) — QEMU's
 //! copy-on-write, done here in one buffer so that a 1 MiB write into an empty image is one data
-//! write and one L2 update.
+//! write and one L2 update. When the copied bytes are not zeros into a hole, an `fdatasync`
+//! separates the data write from the L2 update (see the crash-safety section of `mod.rs`).
 
 use std::sync::atomic::Ordering;
 
