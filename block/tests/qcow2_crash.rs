@@ -378,5 +378,8 @@ fn the_checker_fails_a_driver_without_flushes() {
         dirty_ok: false,
     };
     let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&scenario)));
-    assert!(failed.is_err(), "the checker accepted a log without flushes");
+    assert!(
+        failed.is_err(),
+        "the checker accepted a log without flushes"
+    );
 }

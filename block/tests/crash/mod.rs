@@ -389,21 +389,39 @@ impl Expect {
         Ok(neither)
     }
 
-    /// Whether `bytes` at guest offset `a` are what some request since the flush wrote there.
+    /// Whether `bytes` at guest offset `a` (one sector or less) are a value the requests since
+    /// the flush could have left: the flushed bytes with one of them applied, or with all of
+    /// them up to one, in order.
     fn is_a_new_value(&self, a: usize, bytes: &[u8]) -> bool {
-        let (a, b) = (a as u64, (a + bytes.len()) as u64);
-        self.since.iter().any(|k| match k {
-            GuestKind::Write { offset, data }
-                if *offset <= a && b <= offset + data.len() as u64 =>
-            {
-                let o = (a - offset) as usize;
-                data[o..o + bytes.len()] == *bytes
-            }
-            GuestKind::Zeroes { .. } | GuestKind::Discard { .. } | GuestKind::Truncate { .. } => {
-                bytes.iter().all(|&x| x == 0)
-            }
-            _ => false,
+        let old = &self.required[a..a + bytes.len()];
+        let mut running = old.to_vec();
+        self.since.iter().any(|k| {
+            let mut single = old.to_vec();
+            apply_to_sector(&mut single, a as u64, k);
+            apply_to_sector(&mut running, a as u64, k);
+            single == bytes || running == bytes
         })
+    }
+}
+
+/// Applies the part of guest request `k` that falls in `sector` (guest bytes from `at`).
+fn apply_to_sector(sector: &mut [u8], at: u64, k: &GuestKind) {
+    let end = at + sector.len() as u64;
+    let mut fill = |from: u64, to: u64, src: Option<(&[u8], u64)>| {
+        let (lo, hi) = (from.max(at), to.min(end));
+        for p in lo..hi {
+            sector[(p - at) as usize] = src.map_or(0, |(d, o)| d[(p - o) as usize]);
+        }
+    };
+    match k {
+        GuestKind::Write { offset, data } => {
+            fill(*offset, offset + data.len() as u64, Some((data, *offset)))
+        }
+        GuestKind::Zeroes { offset, len } | GuestKind::Discard { offset, len } => {
+            fill(*offset, offset + len, None)
+        }
+        GuestKind::Truncate { size } => fill(*size, u64::MAX, None),
+        GuestKind::Flush => {}
     }
 }
 
@@ -416,7 +434,7 @@ fn hash_of(bytes: &[u8]) -> u64 {
 /// `qemu-img check`: exit code and output.
 fn qemu_img_check(path: &Path) -> (Option<i32>, String) {
     let out = Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
+        .args(["check", "-U", "-f", "qcow2"])
         .arg(path)
         .output()
         .expect("run qemu-img check");
@@ -431,8 +449,10 @@ fn check_ok(code: Option<i32>, out: &str) -> bool {
 
 /// Our driver's read-only view of a state.
 fn read_ours(path: &Path) -> Result<Vec<u8>, String> {
+    // No locks: the file of the last state may still be closing on a worker thread.
     let opts = OpenOptions {
         read_only: true,
+        force_share: true,
         ..OpenOptions::default()
     };
     let blk = open_image(path, &opts).map_err(|e| format!("our read-only open: {e}"))?;
@@ -462,6 +482,21 @@ fn read_qemu(path: &Path) -> Result<Vec<u8>, String> {
     let bytes = std::fs::read(&raw).expect("read the converted image");
     std::fs::remove_file(&raw).expect("remove the converted image");
     Ok(bytes)
+}
+
+/// A writable open, retried while the image is still locked: the last reference to a file
+/// just closed may be dropped by a thread-pool worker a moment after the request completed.
+fn open_writable(path: &Path) -> block::Result<Arc<BlockBackend>> {
+    let mut tries = 0;
+    loop {
+        match open_image(path, &OpenOptions::default()) {
+            Err(block::BlockError::Locked { .. }) if tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
 }
 
 fn is_dirty(file: &[u8]) -> bool {
@@ -497,7 +532,7 @@ fn check_state(
     drop(st);
     if dirty_ok && dirty {
         // A crash before the repair finished: the next writable open repairs it again.
-        let blk = open_image(path, &OpenOptions::default())
+        let blk = open_writable(path)
             .map_err(|e| format!("writable open (repair) of a dirty state: {e}"))?;
         blk.close()
             .map_err(|e| format!("close after repair: {e}"))?;
