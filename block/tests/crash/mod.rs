@@ -121,6 +121,35 @@ impl Guest {
         self.ops.push(GuestOp { kind, start, end });
     }
 
+    /// Writes that do not overlap, all in flight at once (coroutines on two iothreads): each
+    /// is recorded as issued before the first and completed after the last.
+    pub fn write_concurrently(&mut self, writes: Vec<(u64, Vec<u8>)>) {
+        let start = self.log.len();
+        let iothreads: Vec<runtime::IoThread> = (0..2)
+            .map(|t| runtime::IoThread::spawn(&format!("crash-w{t}")).expect("iothread"))
+            .collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (i, (offset, data)) in writes.iter().cloned().enumerate() {
+            let (b, tx) = (self.blk.clone(), tx.clone());
+            iothreads[i % 2].spawn_co(move || {
+                let res = b.co_pwrite(offset, &data);
+                let _ = tx.send(res.map_err(|e| format!("write {offset}+{}: {e}", data.len())));
+            });
+        }
+        drop(tx);
+        for r in rx.iter() {
+            r.expect("a concurrent write failed");
+        }
+        for t in iothreads {
+            t.stop();
+        }
+        let end = self.log.len();
+        for (offset, data) in writes {
+            let kind = GuestKind::Write { offset, data };
+            self.ops.push(GuestOp { kind, start, end });
+        }
+    }
+
     pub fn write(&mut self, offset: u64, data: Vec<u8>) {
         self.run(GuestKind::Write { offset, data });
     }
