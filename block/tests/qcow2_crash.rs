@@ -4,9 +4,14 @@
 //! ones after it, some torn) and checks each with `qemu-img check` and by reading it back.
 //!
 //! Scenarios: allocating writes into an empty image; copy-on-write of partial clusters from a
-//! backing file; L2 table, refcount block and refcount table allocation (512-byte clusters);
-//! discard and zero writes with freed clusters reused; truncate (grow with an L1 move, shrink);
-//! the repair of a dirty image left by a QEMU crash with lazy refcounts.
+//! backing file, serial and four writes at a time; L2 table, refcount block and refcount table
+//! allocation (512-byte clusters); freed clusters reused as tables and data; discard and zero
+//! writes; truncate (grow with an L1 move, shrink); the repair of a dirty image left by a QEMU
+//! crash with lazy refcounts. And the checker rejects a log with its flushes taken out.
+//!
+//! Two bugs it found are fixed in the driver: an L2 entry could reach the disk before the
+//! write that extended the file to its cluster (the file now grows with each reservation),
+//! and before the copied part of a copy-on-write cluster (now flushed first).
 //!
 //! `CORO_FUSE_CRASH_SAMPLES=256` tries more subsets per boundary (every subset of up to 9 ops)
 //! and reads every state with `qemu-img convert` too. Needs `qemu-img` and `qemu-io` (SKIPPED

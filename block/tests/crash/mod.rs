@@ -11,8 +11,12 @@
 //!   not at all;
 //! - all subsets when there are few ops after the flush, otherwise the important ones (none,
 //!   all, each op alone, each prefix, all but each op) and a fixed-seed random sample;
-//! - torn writes: for some subsets, one multi-sector write persists only some of its 512-byte
-//!   sectors (a disk writes sectors atomically, not requests).
+//! - torn writes: per boundary, up to two multi-sector writes (all of them in a long run), each
+//!   persisting a random part of its 512-byte sectors while every other op after the flush
+//!   persisted (a disk writes sectors atomically, not requests).
+//!
+//! Ops are logged as they complete; one in flight at the power cut is one of the later
+//! boundary's "after the flush" ops, so the subsets cover it.
 //!
 //! Each distinct file is checked: `qemu-img check` finds no corruption (exit 0, or 3 for leaks
 //! only); our driver opens it read-only and every guest sector that no request after the last
