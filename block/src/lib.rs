@@ -8,7 +8,8 @@
 //!                           │
 //!                           ▼
 //!                     format driver    raw (offset/size window) | qcow2 | null
-//!                           │          (blkdebug: an error-injecting filter, for tests)
+//!                           │          (blkdebug: an error-injecting filter, for tests;
+//!                           │           blklogwrites: a write-logging filter, for tests)
 //!                           ▼
 //!                    protocol driver   file (preadv/pwritev inline or on the thread pool)
 //! ```
@@ -52,12 +53,14 @@
 //! | [`chain`] | `block/io.c` `bdrv_co_common_block_status_above()` | block status through a backing chain |
 //! | [`null`] | `block/null.c` | `null-co`: zeros in, nothing out |
 //! | [`blkdebug`] | `block/blkdebug.c` | error injection for tests |
+//! | [`blklogwrites`] | `block/blklogwrites.c` | a log of every write and flush, for crash-consistency tests |
 //! | [`probe`] | `block.c` `bdrv_probe_all()`, each driver's `bdrv_probe` | image format detection |
 //! | `sys` (private) | the syscalls of the above | every `unsafe` of the crate |
 
 pub mod async_io;
 pub mod backend;
 pub mod blkdebug;
+pub mod blklogwrites;
 pub mod chain;
 pub mod file;
 pub mod image_lock;
@@ -75,6 +78,7 @@ use std::sync::Arc;
 pub use async_io::{AsyncLeaf, AsyncPath};
 pub use backend::{BackendOptions, BlockBackend};
 pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Gate, Rule, RuleId};
+pub use blklogwrites::{BlklogwritesDriver, LoggedOp};
 pub use file::{CacheMode, FileDriver, FileOptions, FileStats};
 pub use image_lock::Perm;
 pub use null::NullDriver;

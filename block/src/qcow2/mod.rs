@@ -55,9 +55,12 @@
 //! power failure too (a disk may reorder writes between flushes):
 //!
 //! 1. **refcounts first**: clusters are *reserved* ahead in batches (16 MiB worth, doubling
-//!    up to 1 GiB while no flush comes; see [`refcount`]) — their refcounts written as 1, then
-//!    one `fdatasync` — and handed out from the reserve, so a
-//!    cluster's refcount is durable before anything references it. A new refcount block is
+//!    up to 1 GiB while no flush comes; see [`refcount`]) — their refcounts written as 1, the
+//!    file extended to cover them (its last sector written), then one `fdatasync` — and handed
+//!    out from the reserve, so a cluster's refcount, and a file long enough to hold it, are
+//!    durable before anything references it (without the extension a lost data write past
+//!    the end would leave an L2 entry pointing past a shorter file: corruption to
+//!    `qemu-img check`). `close` trims the file back to what was written. A new refcount block is
 //!    written and flushed before the refcount table points to it; a grown refcount table is
 //!    written and flushed before the header does.
 //! 2. **then contents**: guest data, or a new L2 table, is written into the new cluster. A new
@@ -65,7 +68,11 @@
 //!    does, and the header's L1 fields before a bigger size.
 //! 3. **then the reference**: the L2 entry (or L1 entry, or header field) is written. Guest data
 //!    is *not* flushed before its L2 entry (QEMU does not either): after a power failure an
-//!    unflushed write may show a cluster's old bytes, but never breaks the metadata. The L2
+//!    unflushed write may show a cluster's old bytes, but never breaks the metadata. Bytes
+//!    *copied* into a new cluster (copy-on-write of a partial cluster) are: they were durable
+//!    in the old cluster, and a power cut must not lose them — one `fdatasync` between the
+//!    data write and the L2 entry, skipped when the copy is zeros into a cluster never written
+//!    (a hole). QEMU: `qcow2_cache_depends_on_flush()` in `perform_cow()`. The L2
 //!    write that links new data clusters is issued after the metadata lock is released (the
 //!    entries change in the pinned cached table under it); the request completes — and may
 //!    drop the replaced entries' references — only once that write is done.
@@ -75,7 +82,8 @@
 //!    once 1024 have piled up).
 //!
 //! So a crash — SIGKILL, or power failure on a disk that honours `fdatasync` — at any moment
-//! leaves an image whose only defects are leaks: reserved clusters not used yet, deferred frees
+//! leaves an image whose only defects are leaks (`block/tests/qcow2_crash.rs` proves it by
+//! replaying every state a power cut could leave, with the `blklogwrites` filter): reserved clusters not used yet, deferred frees
 //! not applied, data clusters written but not linked. `qemu-img check` reports them (exit 3)
 //! and `-r leaks` repairs them. `co_flush` (a guest's fsync, the export's final flush)
 //! additionally applies the frees deferred before it started; it keeps the reserve for the
@@ -396,19 +404,39 @@ impl Qcow2Driver {
 
     /// Writes `buf` to the host file at `host` (data or metadata), growing the file as needed.
     fn co_write_host(&self, host: u64, buf: &[u8]) -> Result<()> {
-        if self.read_only {
-            return Err(BlockError::ReadOnly);
-        }
-        if self.direct {
-            self.child.co_pwritev(host, buf)?;
-        } else {
-            self.file.co_pwrite(host, buf)?;
-        }
+        self.co_write_file(host, buf)?;
         let end = host + buf.len() as u64;
         if end > self.host_len.load(Ordering::Relaxed) {
             self.host_len.fetch_max(end, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Writes `buf` at `host` without counting it in `host_len` (see [`Self::co_extend_file`]).
+    fn co_write_file(&self, host: u64, buf: &[u8]) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        if self.direct {
+            self.child.co_pwritev(host, buf)
+        } else {
+            self.file.co_pwrite(host, buf)
+        }
+    }
+
+    /// Makes the file at least `end` bytes long (`end` a multiple of 512) by writing its last
+    /// sector, before a reservation's `fdatasync` makes the length durable with the refcounts:
+    /// a power cut must not leave an L2 entry pointing past the end of the file (its data
+    /// write lost, the file shorter), which `qemu-img check` counts as corruption and we as
+    /// an entry outside the file. A write, not a truncate: it never shortens the file under a
+    /// data write in flight past it. The sector is not counted in `host_len` (the clusters
+    /// before it are holes, never written: see `co_write_alloc`); `close` trims the file back
+    /// to `host_len`.
+    pub(super) fn co_extend_file(&self, end: u64) -> Result<()> {
+        if end <= self.child.getlength() {
+            return Ok(());
+        }
+        self.co_write_file(end - 512, &[0u8; 512])
     }
 
     /// Writes metadata: refused once the image is known to be corrupt.
@@ -469,6 +497,14 @@ impl Qcow2Driver {
         };
         if returned {
             self.co_flush_host()?;
+            // The reservations' extensions of the file (`co_extend_file`) past what was
+            // written: nothing references them now.
+            let cs = self.cluster_size();
+            let keep = self.host_len.load(Ordering::Relaxed).div_ceil(cs) * cs;
+            if self.child.getlength() > keep {
+                self.file.co_truncate(keep)?;
+                self.co_flush_host()?;
+            }
         }
         Ok(())
     }

@@ -17,7 +17,8 @@
 //!   written so far); a flush starts them small again. The reserve survives flushes (the next
 //!   allocating write would otherwise pay a reservation and its `fdatasync` after every guest
 //!   fsync) and is returned by `close`, so a crash — even right after a flush — leaks at most
-//!   one batch (mostly past the end of the file, where the clusters were never written). A
+//!   one batch (mostly past the old end of the file, where the clusters were never written:
+//!   the reservation extends the file over them, as holes, before its `fdatasync`). A
 //!   request that does not fit in the rest of the reserve
 //!   returns the rest and reserves anew (at least what it needs, in one run: one request's
 //!   clusters are contiguous).
@@ -435,7 +436,8 @@ impl Qcow2Driver {
             pos = s + l;
         };
         self.co_update_refcounts(m, start, len, 1)?;
-        if let Err(e) = self.co_flush_host() {
+        let extended = self.co_extend_file((start + len) * self.cluster_size());
+        if let Err(e) = extended.and_then(|()| self.co_flush_host()) {
             self.co_free_quietly(m, start * self.cluster_size(), len);
             return Err(e);
         }

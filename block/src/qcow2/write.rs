@@ -11,7 +11,8 @@
 //! write: the head and tail of a partially written cluster are first read from the cluster they
 //! replace (data, compressed data, zeros, or [`Qcow2Driver::co_read_below`]) — QEMU's
 //! copy-on-write, done here in one buffer so that a 1 MiB write into an empty image is one data
-//! write and one L2 update.
+//! write and one L2 update. When the copied bytes are not zeros into a hole, an `fdatasync`
+//! separates the data write from the L2 update (see the crash-safety section of `mod.rs`).
 
 use std::sync::atomic::Ordering;
 
@@ -145,11 +146,23 @@ impl Qcow2Driver {
         let total = (n * cs) as usize;
         let head = (pos - a.guest) as usize;
         let len = buf.len().min(total - head);
+        // Never written since open, and past the file as opened: a hole, reading as zeros.
+        let fresh = a.host >= self.host_len.load(Ordering::Relaxed);
         let res = if head == 0 && len == total {
             self.co_write_host(a.host, &buf[..len])
         } else {
-            self.co_cow_buffer(a, head, &buf[..len])
-                .and_then(|data| self.co_write_host(a.host, &data))
+            self.co_cow_buffer(a, head, &buf[..len]).and_then(|data| {
+                self.co_write_host(a.host, &data)?;
+                // The copied bytes were durable in the old cluster: they must be durable in
+                // the new one before the L2 entry can be, or a power cut loses them (the
+                // entry on disk, the data not). Unless the copy is zeros into a hole. QEMU:
+                // `qcow2_cache_depends_on_flush()` in `perform_cow()`.
+                let copied = [&data[..head], &data[head + len..]];
+                if !(fresh && copied.iter().all(|c| c.iter().all(|&b| b == 0))) {
+                    self.co_flush_host()?;
+                }
+                Ok(())
+            })
         };
         let mut m = self.meta.co_lock();
         if let Err(e) = res {
