@@ -7,8 +7,11 @@
 //! restarted export reads the same bytes as `qemu-img convert`.
 //!
 //! Raw and qcow2 × both engines, alternating 1 and 2 queue threads, `--cache writeback` and
-//! `none`, 4 KiB and 64 KiB clusters over the rounds. `CORO_FUSE_KILL_ROUNDS=N` runs N rounds per
-//! test (default 3); `CORO_FUSE_KILL_SEED=S` changes the seeds.
+//! `none`, 4 KiB and 64 KiB clusters, and (every third round) a growable export that starts at
+//! 1 MiB, over the rounds. `CORO_FUSE_KILL_ROUNDS=N` runs N rounds per
+//! test (default 4); `CORO_FUSE_KILL_SEED=S` changes the seeds (a failure prints the command
+//! line that replays it; test.sh's re-runs with `CORO_FUSE_THREADS`/`CORO_FUSE_ENGINE` get other
+//! seeds).
 //!
 //! A SIGKILL, unlike a power cut, does not lose what the daemon handed to the kernel: this
 //! finds writes acknowledged before they reached the image file, metadata (qcow2 L2 tables,
@@ -26,6 +29,7 @@ use std::time::Duration;
 use tests::*;
 
 const BLOCK: u64 = 4096;
+const MIB: u64 = 1024 * 1024;
 /// Blocks in the image (4 MiB).
 const BLOCKS: u64 = 1024;
 /// Writer threads; writer `t` owns a contiguous range of blocks, so each block has one writer.
@@ -80,16 +84,23 @@ struct Ledger {
     end: String,
 }
 
-/// Writes batches of stamped block runs into `[first, first + n)`, fsync after each batch,
-/// until `stop` or an error.
-fn writer(
-    path: &Path,
+/// What a writer does: blocks `[first, first + n)`; `growing`: from the start of its range
+/// upwards, a few more blocks after each fsync (so a growable export grows all the time).
+struct Job {
     seed: u64,
     first: u64,
     n: u64,
-    stop: &AtomicBool,
-    fsyncs: &AtomicU64,
-) -> Ledger {
+    growing: bool,
+}
+
+/// Writes batches of stamped block runs, fsync after each batch, until `stop` or an error.
+fn writer(path: &Path, job: Job, stop: &AtomicBool, fsyncs: &AtomicU64) -> Ledger {
+    let Job {
+        seed,
+        first,
+        n,
+        growing,
+    } = job;
     let mut l = Ledger {
         first,
         durable: vec![0; n as usize],
@@ -108,7 +119,12 @@ fn writer(
     let mut pending: Vec<(usize, u64)> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         for _ in 0..1 + rng.below(6) {
-            let at = rng.below(n);
+            let reach = if growing {
+                (4 + 2 * l.fsyncs).min(n)
+            } else {
+                n
+            };
+            let at = rng.below(reach);
             let run = (1 + rng.below(MAX_RUN)).min(n - at);
             let mut buf = Vec::with_capacity((run * BLOCK) as usize);
             for i in at..at + run {
@@ -180,11 +196,23 @@ fn env_u64(name: &str) -> Option<u64> {
     )
 }
 
+/// The fixed seed, changed by the suite-wide `CORO_FUSE_THREADS`/`CORO_FUSE_ENGINE` so that
+/// test.sh's re-runs of the suite kill at other moments instead of repeating these rounds.
+fn default_seed() -> u64 {
+    let mut s: u64 = 0x6b11_1000;
+    for var in ["CORO_FUSE_THREADS", "CORO_FUSE_ENGINE"] {
+        for b in std::env::var(var).unwrap_or_default().bytes() {
+            s = s.rotate_left(7) ^ u64::from(b);
+        }
+    }
+    s
+}
+
 fn kill_rounds(format: Format, engine: &str, combo: u64) {
     require!(fuse_available(), have_tools(&["qemu-img"]));
     let dir = disk_workdir();
-    let rounds = env_u64("CORO_FUSE_KILL_ROUNDS").unwrap_or(3);
-    let base = env_u64("CORO_FUSE_KILL_SEED").unwrap_or(0x6b11_1000);
+    let rounds = env_u64("CORO_FUSE_KILL_ROUNDS").unwrap_or(4);
+    let base = env_u64("CORO_FUSE_KILL_SEED").unwrap_or_else(default_seed);
     let o_direct = supports_o_direct(dir.path());
     for round in 0..rounds {
         let seed = base.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (combo << 32) ^ round;
@@ -196,6 +224,10 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
             "writeback"
         };
         let cluster = if round % 2 == 0 { 65536 } else { 4096 };
+        // Every third round starts small and grows: the writes past EOF grow the image (qcow2:
+        // new L1 entries, with 4 KiB clusters a bigger L1 table) while the kill may come.
+        let growable = round % 3 == 2;
+        let initial = if growable { MIB } else { BLOCKS * BLOCK };
         let kill_after_ms = 20 + rng.below(400);
         let img = dir.path().join(match format {
             Format::Raw => format!("k{round}.img"),
@@ -203,7 +235,7 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
         });
         let fmt = match format {
             Format::Raw => {
-                sparse_image(&img, BLOCKS * BLOCK);
+                sparse_image(&img, initial);
                 "raw"
             }
             Format::Qcow2 => {
@@ -216,24 +248,28 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
                     "-o",
                     format!("cluster_size={cluster}"),
                     &img,
-                    (BLOCKS * BLOCK).to_string()
+                    initial.to_string()
                 )
                 .ok();
                 "qcow2"
             }
         };
-        let what = format!(
-            "{format:?} --engine {engine} --threads {threads} --cache {cache}{}, round {round}, \
+        let what =
+            format!(
+            "{format:?} --engine {engine} --threads {threads} --cache {cache}{}{}, round {round}, \
              seed {seed:#x}, SIGKILL {kill_after_ms} ms after the first fsyncs \
-             (CORO_FUSE_KILL_SEED={base} CORO_FUSE_KILL_ROUNDS={rounds} to replay)",
+             (replay: CORO_FUSE_KILL_SEED={base} CORO_FUSE_KILL_ROUNDS={rounds} cargo test -p \
+             tests --test kill {})",
             if format == Format::Qcow2 {
                 format!(", cluster {cluster}")
             } else {
                 String::new()
-            }
+            },
+            if growable { " --growable from 1 MiB" } else { "" },
+            test_name()
         );
         let threads_arg = threads.to_string();
-        let args = [
+        let mut args = vec![
             "-f",
             fmt,
             "--engine",
@@ -243,6 +279,9 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
             "--cache",
             cache,
         ];
+        if growable {
+            args.push("--growable");
+        }
         let mnt = dir.path().join("mnt");
         fs::write(&mnt, b"").expect("mountpoint");
         let mut e = Export::start(&img, &mnt, &args);
@@ -258,7 +297,13 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
                 } else {
                     per
                 };
-                thread::spawn(move || writer(&path, seed, t * per, n, &stop, &fsyncs))
+                let job = Job {
+                    seed,
+                    first: t * per,
+                    n,
+                    growing: growable,
+                };
+                thread::spawn(move || writer(&path, job, &stop, &fsyncs))
             })
             .collect();
         let started = wait_until(Duration::from_secs(20), || {
@@ -277,8 +322,8 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
         assert!(started, "{what}: the writers completed no fsync in 20 s");
         let total: u64 = ledgers.iter().map(|l| l.fsyncs).sum();
         let ends: Vec<&str> = ledgers.iter().map(|l| l.end.as_str()).collect();
-        eprintln!("{what}: {total} fsyncs before the kill; writers ended with {ends:?}");
 
+        let mut check_code = None;
         let image = match format {
             Format::Raw => read_all(&img),
             Format::Qcow2 => {
@@ -288,6 +333,7 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
                     "{what}: qemu-img check after SIGKILL: exit {:?} (2 = corruption)\n{out}",
                     out.code()
                 );
+                check_code = out.code();
                 let raw = dir.path().join("converted.raw");
                 sh!("qemu-img", "convert", "-f", "qcow2", "-O", "raw", &img, &raw).ok();
                 let v = read_all(&raw);
@@ -295,12 +341,21 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
                 v
             }
         };
+        eprintln!(
+            "{what}: {total} fsyncs before the kill; writers ended with {ends:?}; image {} \
+             bytes{}",
+            image.len(),
+            check_code.map_or(String::new(), |c| format!(", qemu-img check exit {c}"))
+        );
         assert!(
-            image.len() as u64 >= BLOCKS * BLOCK,
+            image.len() as u64 >= initial,
             "{what}: the image shrank to {} bytes",
             image.len()
         );
-        let bad = verify(seed, &image, &ledgers);
+        // Past the end (a growable export that had not grown that far) reads as zeros.
+        let mut padded = image.clone();
+        padded.resize(padded.len().max((BLOCKS * BLOCK) as usize), 0);
+        let bad = verify(seed, &padded, &ledgers);
         assert!(
             bad.is_empty(),
             "{what}: {} blocks wrong after the kill, e.g.:\n  {}",
@@ -316,7 +371,7 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
         let mut e = Export::start(&img, &mnt, &args);
         assert_same_bytes(
             &read_all(e.path()),
-            &image[..(BLOCKS * BLOCK) as usize],
+            &image,
             &format!("{what}: the restarted export vs the image after the kill"),
         );
         e.stop_ok();
