@@ -574,11 +574,12 @@ fn exercise(format: Format, threads: u16, engine: &str, combo: u64) {
     }
     let ops = env_u64("CORO_FUSE_EXERCISER_OPS").unwrap_or(DEFAULT_OPS) as usize;
     let seed = seed_for(combo);
-    // Half the qcow2 runs with 4 KiB clusters, half with 64 KiB.
-    let cluster = if format == Format::Qcow2 && threads == 2 {
-        64 * KIB
-    } else {
-        4 * KIB
+    // qcow2 clusters: 64 KiB with two threads, 4 KiB (coroutine) or 512 bytes (async) with one.
+    let cluster = match (format, threads, engine) {
+        (Format::Raw, ..) => 4 * KIB,
+        (Format::Qcow2, 2, _) => 64 * KIB,
+        (Format::Qcow2, _, "async") => 512,
+        (Format::Qcow2, ..) => 4 * KIB,
     };
     let img = dir.path().join(match format {
         Format::Raw => "ex.img",
