@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use tests::*;
@@ -159,7 +159,11 @@ impl Model {
 
 /// One run: the open file, the model, the random source and the log of what was done.
 struct Run {
-    f: File,
+    /// The exported file opened twice: plainly and with O_DIRECT (the export replies
+    /// FOPEN_DIRECT_IO either way; O_DIRECT on the client takes another kernel path).
+    files: [File; 2],
+    /// Which of `files` the current operation uses.
+    cur: usize,
     model: Model,
     rng: Prng,
     log: VecDeque<String>,
@@ -186,11 +190,16 @@ impl Run {
         );
     }
 
+    fn f(&self) -> &File {
+        &self.files[self.cur]
+    }
+
     fn note(&mut self, s: String) {
         if self.log.len() == 40 {
             self.log.pop_front();
         }
-        self.log.push_back(format!("#{} {s}", self.done));
+        let fd = if self.cur == 1 { " [O_DIRECT fd]" } else { "" };
+        self.log.push_back(format!("#{} {s}{fd}", self.done));
     }
 
     /// An offset biased to the interesting places: around EOF, cluster and sector edges.
@@ -222,6 +231,7 @@ impl Run {
     }
 
     fn step(&mut self) {
+        self.cur = self.rng.below(2) as usize;
         match self.rng.below(100) {
             0..=19 => self.op_write(),
             20..=34 => self.op_read(),
@@ -265,7 +275,7 @@ impl Run {
         let len = self.pick_len(off);
         let buf = random_bytes(self.rng.next_u64(), len as usize);
         self.note(format!("pwrite {off}+{len} (size {})", self.model.size()));
-        match errno(self.f.write_at(&buf, off)) {
+        match errno(self.f().write_at(&buf, off)) {
             Ok(n) if n == buf.len() => {}
             r => self.fail(format!(
                 "pwrite {off}+{len} on a growable export: {r:?}, want {len} written"
@@ -289,7 +299,7 @@ impl Run {
         let len = self.pick_len(off);
         self.note(format!("pread {off}+{len} (size {})", self.model.size()));
         let mut buf = vec![0u8; len as usize];
-        let n = match errno(self.f.read_at(&mut buf, off)) {
+        let n = match errno(self.f().read_at(&mut buf, off)) {
             Ok(n) => n,
             Err(e) => self.fail(format!("pread {off}+{len}: errno {e}")),
         };
@@ -336,7 +346,7 @@ impl Run {
             self.punch(to, size - to);
         }
         self.note(format!("ftruncate {to} (size {size})"));
-        let got = errno(self.f.set_len(to));
+        let got = errno(self.f().set_len(to));
         match size_rule(self.model.format, size, SizeChange::Truncate { to }) {
             Err(e) if got == Err(e) => {}
             Err(e) => self.fail(format!("ftruncate {to}: {got:?}, want errno {e}")),
@@ -358,7 +368,7 @@ impl Run {
             self.model.size()
         ));
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        if let Err(e) = errno(fallocate(&self.f, mode, off, len)) {
+        if let Err(e) = errno(fallocate(self.f(), mode, off, len)) {
             self.fail(format!("punch hole {off}+{len}: errno {e}"));
         }
         let end = (off + len).min(self.model.size());
@@ -386,7 +396,7 @@ impl Run {
             "fallocate ZERO_RANGE{} {off}+{len} (size {size})",
             if keep_size { "|KEEP_SIZE" } else { "" }
         ));
-        if let Err(e) = errno(fallocate(&self.f, mode, off, len)) {
+        if let Err(e) = errno(fallocate(self.f(), mode, off, len)) {
             self.fail(format!("zero range {off}+{len}: errno {e}"));
         }
         let end = off + len;
@@ -413,7 +423,7 @@ impl Run {
         .min(MAX_SIZE - 1);
         let len = self.pick_len(off);
         self.note(format!("fallocate 0 {off}+{len} (size {size})"));
-        let got = errno(fallocate(&self.f, 0, off, len));
+        let got = errno(fallocate(self.f(), 0, off, len));
         if off < size {
             if got != Err(libc::EOPNOTSUPP) {
                 self.fail(format!(
@@ -438,7 +448,7 @@ impl Run {
         let off = self.pick_offset();
         let len = self.pick_len(off);
         self.note(format!("fallocate KEEP_SIZE {off}+{len}"));
-        let got = errno(fallocate(&self.f, libc::FALLOC_FL_KEEP_SIZE, off, len));
+        let got = errno(fallocate(self.f(), libc::FALLOC_FL_KEEP_SIZE, off, len));
         if got != Err(libc::EOPNOTSUPP) {
             self.fail(format!(
                 "fallocate(KEEP_SIZE) {off}+{len}: {got:?}, want EOPNOTSUPP"
@@ -458,7 +468,7 @@ impl Run {
             "SEEK_HOLE"
         };
         self.note(format!("lseek {off} {name} (size {size})"));
-        let got = errno(lseek(&self.f, off, whence));
+        let got = errno(lseek(self.f(), off, whence));
         let ok = match (whence, got) {
             (_, Err(libc::ENXIO)) if off > size => true,
             (_, _) if off > size => false,
@@ -482,9 +492,9 @@ impl Run {
         let data_only = self.rng.below(2) == 0;
         self.note(format!("f{}sync", if data_only { "data" } else { "" }));
         let r = if data_only {
-            self.f.sync_data()
+            self.f().sync_data()
         } else {
-            self.f.sync_all()
+            self.f().sync_all()
         };
         if let Err(e) = r {
             self.fail(format!("fsync: {e}"));
@@ -493,7 +503,7 @@ impl Run {
 
     fn op_stat(&mut self) {
         self.note("fstat".into());
-        let got = self.f.metadata().map(|m| m.len());
+        let got = self.f().metadata().map(|m| m.len());
         if got.as_ref().ok() != Some(&self.model.size()) {
             self.fail(format!(
                 "fstat size {got:?}, the model has {}",
@@ -508,7 +518,7 @@ impl Run {
         self.op_stat();
         let size = self.model.size() as usize;
         let mut buf = vec![0u8; size + 4096];
-        let n = match errno(self.f.read_at(&mut buf, 0)) {
+        let n = match errno(self.f().read_at(&mut buf, 0)) {
             Ok(n) => n,
             Err(e) => self.fail(format!("reading the whole file: errno {e}")),
         };
@@ -524,6 +534,15 @@ impl Run {
             ));
         }
     }
+}
+
+fn open_direct(path: &Path) -> File {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {} with O_DIRECT: {e}", path.display()))
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -647,7 +666,8 @@ fn exercise(format: Format, threads: u16, engine: &str, combo: u64) {
     fs::write(&mnt, b"").expect("mountpoint");
     let mut e = Export::start(&img, &mnt, &args);
     let mut run = Run {
-        f: open_rw(e.path()),
+        files: [open_rw(e.path()), open_direct(e.path())],
+        cur: 0,
         model: Model {
             format,
             data,
@@ -665,8 +685,8 @@ fn exercise(format: Format, threads: u16, engine: &str, combo: u64) {
         run.step();
     }
     run.check_all();
-    let Run { f, model, .. } = run;
-    drop(f);
+    let Run { files, model, .. } = run;
+    drop(files);
     e.stop_ok();
 
     if format == Format::Qcow2 {
