@@ -8,7 +8,9 @@
 //!
 //! Raw and qcow2 × both engines, alternating 1 and 2 queue threads, `--cache writeback` and
 //! `none`, 4 KiB and 64 KiB clusters, and (every third round) a growable export that starts at
-//! 1 MiB, over the rounds. `CORO_FUSE_KILL_ROUNDS=N` runs N rounds per
+//! 1 MiB, over the rounds; every fourth round overwrites blocks written before (qcow2: shared
+//! with an internal snapshot, so every write copies on write, and the snapshot must still hold
+//! the old blocks afterwards). `CORO_FUSE_KILL_ROUNDS=N` runs N rounds per
 //! test (default 4); `CORO_FUSE_KILL_SEED=S` changes the seeds (a failure prints the command
 //! line that replays it; test.sh's re-runs with `CORO_FUSE_THREADS`/`CORO_FUSE_ENGINE` get other
 //! seeds).
@@ -91,6 +93,8 @@ struct Job {
     first: u64,
     n: u64,
     growing: bool,
+    /// The generation every block already has (fsynced) when the writer starts.
+    start: u64,
 }
 
 /// Writes batches of stamped block runs, fsync after each batch, until `stop` or an error.
@@ -100,11 +104,12 @@ fn writer(path: &Path, job: Job, stop: &AtomicBool, fsyncs: &AtomicU64) -> Ledge
         first,
         n,
         growing,
+        start,
     } = job;
     let mut l = Ledger {
         first,
-        durable: vec![0; n as usize],
-        submitted: vec![0; n as usize],
+        durable: vec![start; n as usize],
+        submitted: vec![start; n as usize],
         fsyncs: 0,
         end: String::new(),
     };
@@ -183,6 +188,23 @@ fn verify(seed: u64, image: &[u8], ledgers: &[Ledger]) -> Vec<String> {
     bad
 }
 
+/// Writes generation 1 of every block through an export of `img` and stops it cleanly.
+fn prefill(img: &Path, mnt: &Path, args: &[&str], seed: u64) {
+    let mut e = Export::start(img, mnt, args);
+    let f = open_rw(e.path());
+    for chunk in 0..BLOCKS / MAX_RUN {
+        let mut buf = Vec::with_capacity((MAX_RUN * BLOCK) as usize);
+        for b in chunk * MAX_RUN..(chunk + 1) * MAX_RUN {
+            buf.extend_from_slice(&stamp(seed, b, 1));
+        }
+        f.write_all_at(&buf, chunk * MAX_RUN * BLOCK)
+            .expect("prefill write");
+    }
+    f.sync_all().expect("prefill fsync");
+    drop(f);
+    e.stop_ok();
+}
+
 fn qemu_img_check(img: &Path) -> Output {
     run(tool("qemu-img").args(["check", "-f", "qcow2"]).arg(img))
 }
@@ -228,6 +250,10 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
         // new L1 entries, with 4 KiB clusters a bigger L1 table) while the kill may come.
         let growable = round % 3 == 2;
         let initial = if growable { MIB } else { BLOCKS * BLOCK };
+        // Every fourth round (if not growable) first writes generation 1 of every block and,
+        // on qcow2, takes an internal snapshot: the writes then overwrite (raw) or copy shared
+        // clusters on write (qcow2: new clusters, refcount changes, COPIED flags).
+        let prefilled = round % 4 == 3 && !growable;
         let kill_after_ms = 20 + rng.below(400);
         let img = dir.path().join(match format {
             Format::Raw => format!("k{round}.img"),
@@ -256,7 +282,7 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
         };
         let what =
             format!(
-            "{format:?} --engine {engine} --threads {threads} --cache {cache}{}{}, round {round}, \
+            "{format:?} --engine {engine} --threads {threads} --cache {cache}{}{}{}, round {round}, \
              seed {seed:#x}, SIGKILL {kill_after_ms} ms after the first fsyncs \
              (replay: CORO_FUSE_KILL_SEED={base} CORO_FUSE_KILL_ROUNDS={rounds} cargo test -p \
              tests --test kill {})",
@@ -266,6 +292,11 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
                 String::new()
             },
             if growable { " --growable from 1 MiB" } else { "" },
+            match (prefilled, format) {
+                (false, _) => "",
+                (true, Format::Raw) => " over generation 1 of every block",
+                (true, Format::Qcow2) => " over generation 1 of every block in a snapshot",
+            },
             test_name()
         );
         let threads_arg = threads.to_string();
@@ -284,6 +315,12 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
         }
         let mnt = dir.path().join("mnt");
         fs::write(&mnt, b"").expect("mountpoint");
+        if prefilled {
+            prefill(&img, &mnt, &args, seed);
+            if format == Format::Qcow2 {
+                sh!("qemu-img", "snapshot", "-c", "before", &img).ok();
+            }
+        }
         let mut e = Export::start(&img, &mnt, &args);
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -302,6 +339,7 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
                     first: t * per,
                     n,
                     growing: growable,
+                    start: u64::from(prefilled),
                 };
                 thread::spawn(move || writer(&path, job, &stop, &fsyncs))
             })
@@ -366,6 +404,31 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
                 .collect::<Vec<_>>()
                 .join("\n  ")
         );
+
+        // The snapshot still holds generation 1 everywhere: copy on write never touched it.
+        if prefilled && format == Format::Qcow2 {
+            let raw = dir.path().join("snapshot.raw");
+            sh!(
+                "qemu-img",
+                "convert",
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                "-l",
+                "snapshot.name=before",
+                &img,
+                &raw
+            )
+            .ok();
+            let snap = read_all(&raw);
+            fs::remove_file(&raw).expect("remove the converted snapshot");
+            for b in 0..BLOCKS {
+                let at = (b * BLOCK) as usize;
+                let g = generation_in(seed, b, &snap[at..at + BLOCK as usize]);
+                assert_eq!(g, Some(1), "{what}: block {b} of the snapshot changed");
+            }
+        }
 
         // A restart opens the killed image and reads what qemu-img read.
         let mut e = Export::start(&img, &mnt, &args);
