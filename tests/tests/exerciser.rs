@@ -233,18 +233,19 @@ impl Run {
     fn step(&mut self) {
         self.cur = self.rng.below(2) as usize;
         match self.rng.below(100) {
-            0..=19 => self.op_write(),
-            20..=34 => self.op_read(),
-            35..=41 => self.op_truncate(),
-            42..=49 => self.op_punch(),
-            50..=56 => self.op_zero_range(true),
-            57..=62 => self.op_zero_range(false),
-            63..=67 => self.op_fallocate_grow(),
-            68..=77 => self.op_seek(libc::SEEK_DATA),
-            78..=87 => self.op_seek(libc::SEEK_HOLE),
-            88..=92 => self.op_fsync(),
-            93..=96 => self.op_stat(),
-            _ => self.op_unsupported_fallocate(),
+            0..=17 => self.op_write(),
+            18..=31 => self.op_read(),
+            32..=38 => self.op_truncate(),
+            39..=46 => self.op_punch(),
+            47..=52 => self.op_zero_range(true),
+            53..=58 => self.op_zero_range(false),
+            59..=63 => self.op_fallocate_grow(),
+            64..=72 => self.op_seek(libc::SEEK_DATA),
+            73..=81 => self.op_seek(libc::SEEK_HOLE),
+            82..=86 => self.op_fsync(),
+            87..=90 => self.op_stat(),
+            91 => self.op_unsupported_fallocate(),
+            _ => self.op_concurrent(),
         }
         if let Some(img) = &self.raw_image {
             let len = fs::metadata(img).map(|m| m.len());
@@ -441,6 +442,104 @@ impl Run {
             .expect("growth is always allowed");
         self.model.resize(new);
         self.model.mark_maybe_data(size, new);
+    }
+
+    /// Up to six requests at once from as many threads, on adjacent, disjoint ranges inside
+    /// the file around one spot (so they share clusters and sectors): writes, hole punches,
+    /// zero ranges and reads. Disjoint ranges make the order irrelevant to the model; the size
+    /// does not change.
+    fn op_concurrent(&mut self) {
+        let size = self.model.size();
+        let cs = self.model.cluster;
+        if size < 4 * cs {
+            return;
+        }
+        let r = &mut self.rng;
+        let start = r.below(size / cs - 3) * cs + r.below(cs);
+        let end = (start + 1 + r.below(3 * cs)).min(size);
+        let n = 2 + r.below(5) as usize;
+        let mut cuts: Vec<u64> = (1..n).map(|_| r.range(start, end)).collect();
+        cuts.extend([start, end]);
+        cuts.sort_unstable();
+        cuts.dedup();
+        #[derive(Clone, Copy, Debug)]
+        enum Kind {
+            Write(u64),
+            Punch,
+            Zero,
+            Read,
+        }
+        let jobs: Vec<(u64, u64, Kind)> = cuts
+            .windows(2)
+            .map(|w| {
+                let kind = match r.below(4) {
+                    0 => Kind::Punch,
+                    1 => Kind::Zero,
+                    2 => Kind::Read,
+                    _ => Kind::Write(r.next_u64()),
+                };
+                (w[0], w[1] - w[0], kind)
+            })
+            .collect();
+        self.note(format!("concurrently (size {size}): {jobs:?}"));
+        let files = &self.files;
+        let results: Vec<Result<Vec<u8>, i32>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = jobs
+                .iter()
+                .enumerate()
+                .map(|(i, &(off, len, kind))| {
+                    let f = &files[i % 2];
+                    sc.spawn(move || -> Result<Vec<u8>, i32> {
+                        match kind {
+                            Kind::Write(seed) => {
+                                let buf = random_bytes(seed, len as usize);
+                                errno(f.write_all_at(&buf, off)).map(|()| Vec::new())
+                            }
+                            Kind::Punch => {
+                                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                                errno(fallocate(f, mode, off, len)).map(|()| Vec::new())
+                            }
+                            Kind::Zero => {
+                                let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+                                errno(fallocate(f, mode, off, len)).map(|()| Vec::new())
+                            }
+                            Kind::Read => {
+                                let mut buf = vec![0u8; len as usize];
+                                errno(f.read_exact_at(&mut buf, off)).map(|()| buf)
+                            }
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a request thread panicked"))
+                .collect()
+        });
+        for (&(off, len, kind), res) in jobs.iter().zip(results) {
+            let got = match res {
+                Ok(v) => v,
+                Err(e) => self.fail(format!("concurrent {kind:?} {off}+{len}: errno {e}")),
+            };
+            match kind {
+                Kind::Write(seed) => self.model.write(off, &random_bytes(seed, len as usize)),
+                Kind::Punch => {
+                    self.model.zero(off, off + len);
+                    self.model.punch_clusters(off, off + len);
+                }
+                Kind::Zero => {
+                    self.model.zero(off, off + len);
+                    self.model.mark_maybe_data(off, off + len);
+                }
+                Kind::Read => {
+                    if got[..] != self.model.data[off as usize..(off + len) as usize] {
+                        self.fail(format!(
+                            "concurrent read {off}+{len} differs from the model"
+                        ));
+                    }
+                }
+            }
+        }
     }
 
     /// `fallocate(KEEP_SIZE)` alone (preallocation inside the file) is not supported.
