@@ -12,21 +12,6 @@ use tests::*;
 
 const MIB: u64 = 1024 * 1024;
 
-/// `qemu-img info`'s virtual size.
-fn virtual_size(img: &Path, fmt: &str) -> u64 {
-    let out = sh!("qemu-img", "info", "--output=json", "-f", fmt, img).ok();
-    let at = out
-        .stdout
-        .find("\"virtual-size\":")
-        .unwrap_or_else(|| panic!("no virtual-size in {out}"));
-    out.stdout[at + 15..]
-        .trim_start()
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("cannot parse virtual-size in {out}"))
-}
-
 /// `qemu-img convert -O raw`.
 fn qemu_read(img: &Path, fmt: &str) -> Vec<u8> {
     let raw = img.with_extension("converted.raw");
@@ -66,12 +51,9 @@ fn qcow2_growing_write_of_700_bytes_survives_a_restart() {
 
     let out = run(tool("qemu-img").args(["check", "-f", "qcow2"]).arg(&q));
     assert_eq!(out.code(), Some(0), "qemu-img check: {out}");
-    assert_eq!(
-        virtual_size(&q, "qcow2"),
-        want_size,
-        "qemu-img's virtual size"
-    );
-    assert_same_bytes(&qemu_read(&q, "qcow2"), &want, "qemu-img convert");
+    let back = qemu_read(&q, "qcow2");
+    assert_eq!(back.len() as u64, want_size, "the size qemu-img reads");
+    assert_same_bytes(&back, &want, "qemu-img convert");
 
     let mut e = Export::start(&q, &mnt, &["--growable"]);
     assert_eq!(file_size(e.path()), want_size, "size after a restart");
@@ -133,12 +115,9 @@ fn qcow2_growth_rounds_up_to_a_sector_and_unaligned_truncate_is_refused() {
     want[2 * MIB as usize..2 * MIB as usize + 5].copy_from_slice(&tail);
     let out = run(tool("qemu-img").args(["check", "-f", "qcow2"]).arg(&q));
     assert_eq!(out.code(), Some(0), "qemu-img check: {out}");
-    assert_eq!(
-        virtual_size(&q, "qcow2"),
-        want_size,
-        "qemu-img's virtual size"
-    );
-    assert_same_bytes(&qemu_read(&q, "qcow2"), &want, "qemu-img convert");
+    let back = qemu_read(&q, "qcow2");
+    assert_eq!(back.len() as u64, want_size, "the size qemu-img reads");
+    assert_same_bytes(&back, &want, "qemu-img convert");
     let mut e = Export::start(&q, &mnt, &["--growable"]);
     assert_eq!(file_size(e.path()), want_size, "size after a restart");
     assert_same_bytes(&read_all(e.path()), &want, "contents after a restart");
