@@ -5,7 +5,10 @@
 //! clean (qcow2), and a restarted export must show the same size and bytes.
 //!
 //! The matrix: raw and qcow2 × `--threads 1` and `2` × `--engine coroutine` and `async`, one
-//! test each, so every run covers both engines and both thread counts. Seeds are fixed;
+//! test each, so every run covers both engines and both thread counts; plus two qcow2 overlays
+//! over a raw backing file with data (shrinking into it and growing back must read zeros, the
+//! backing file is never written). Some operations run as concurrent batches on adjacent
+//! ranges, and every operation picks a plain or an O_DIRECT descriptor. Seeds are fixed;
 //! `CORO_FUSE_EXERCISER_OPS=N` runs N operations per test (default 600) and
 //! `CORO_FUSE_EXERCISER_SEED=S` replays seed S (a failure prints the command). When the
 //! suite is re-run with `CORO_FUSE_THREADS`/`CORO_FUSE_ENGINE` set (test.sh), the seeds change
@@ -171,6 +174,8 @@ struct Run {
     what: String,
     /// The image file, when it is raw: its length must follow the model after every operation.
     raw_image: Option<std::path::PathBuf>,
+    /// The length of the qcow2 image's backing file (0: none).
+    backing_end: u64,
 }
 
 fn errno<T>(r: io::Result<T>) -> Result<T, i32> {
@@ -244,6 +249,7 @@ impl Run {
             73..=81 => self.op_seek(libc::SEEK_HOLE),
             82..=86 => self.op_fsync(),
             87..=90 => self.op_stat(),
+            91 if self.backing_end > 0 => self.op_shrink_into_backing(),
             91 => self.op_unsupported_fallocate(),
             _ => self.op_concurrent(),
         }
@@ -331,11 +337,14 @@ impl Run {
         let size = self.model.size();
         let cs = self.model.cluster;
         let r = &mut self.rng;
-        let mut to = match r.below(5) {
+        let mut to = match r.below(6) {
             0 => size + r.below(5 * KIB),
             1 => size.saturating_sub(r.below(5 * KIB)),
             2 => r.below(size / cs + 2) * cs,
             3 => size / 2 + r.below(size),
+            // Small: into the initial data (and a backing file's), so growing again must show
+            // zeros there.
+            4 => r.below(MIB + 64 * KIB),
             _ => r.below(MAX_SIZE),
         };
         if self.model.format == Format::Qcow2 && r.below(4) != 0 {
@@ -542,6 +551,59 @@ impl Run {
         }
     }
 
+    /// Over a backing file: shrinks into the range the backing file covers, where the overlay
+    /// has nothing (so a shrink is not refused), and grows back: that range must read as zeros,
+    /// not as the backing file's data. The part past the backing file is punched first.
+    fn op_shrink_into_backing(&mut self) {
+        let size = self.model.size();
+        let cs = self.model.cluster;
+        if size > self.backing_end {
+            self.punch(self.backing_end, size - self.backing_end);
+        }
+        // The lowest cluster from which on nothing may hold data.
+        let free_from = self
+            .model
+            .maybe_data
+            .iter()
+            .rposition(|&b| b)
+            .map_or(0, |i| i as u64 + 1)
+            * cs;
+        let low = free_from.next_multiple_of(512);
+        let high = self.backing_end.min(size);
+        if low + 512 >= high {
+            self.note(format!(
+                "(no shrink into the backing file: data up to {free_from}, size {size})"
+            ));
+            return;
+        }
+        let to = self.rng.range(low / 512, high / 512) * 512;
+        self.note(format!(
+            "ftruncate {to} then {size} (into the backing file)"
+        ));
+        for (step, len) in [(1, to), (2, size)] {
+            if let Err(e) = errno(self.f().set_len(len)) {
+                self.fail(format!(
+                    "ftruncate {len} (step {step} of shrinking into the backing file): errno {e}"
+                ));
+            }
+            self.model.resize(len);
+        }
+        let mut buf = vec![0u8; (high - to) as usize];
+        match errno(self.f().read_at(&mut buf, to)) {
+            Ok(n) if n == buf.len() => {}
+            r => self.fail(format!("pread {to}+{}: {r:?}", buf.len())),
+        }
+        if buf.iter().any(|&b| b != 0) {
+            let i = buf.iter().position(|&b| b != 0).unwrap_or(0);
+            self.fail(format!(
+                "after shrinking to {to} and growing to {size}, byte {} reads {:#04x}: the \
+                 backing file shows through",
+                to + i as u64,
+                buf[i]
+            ));
+        }
+    }
+
     /// `fallocate(KEEP_SIZE)` alone (preallocation inside the file) is not supported.
     fn op_unsupported_fallocate(&mut self) {
         let off = self.pick_offset();
@@ -683,7 +745,9 @@ fn qemu_read(img: &Path, format: Format, dir: &Path) -> Vec<u8> {
     v
 }
 
-fn exercise(format: Format, threads: u16, engine: &str, combo: u64) {
+/// One test: `backing` puts the qcow2 image over a raw backing file with data (reads fall
+/// through to it where the overlay has nothing; zeroing, shrinking and growing must hide it).
+fn exercise(format: Format, threads: u16, engine: &str, combo: u64, backing: bool) {
     require!(fuse_available(), have_tools(&["qemu-img", "qemu-io"]));
     let dir = disk_workdir();
     if !supports_o_direct(dir.path()) {
@@ -718,18 +782,19 @@ fn exercise(format: Format, threads: u16, engine: &str, combo: u64) {
             data[initial.clone()].copy_from_slice(&fill);
         }
         Format::Qcow2 => {
-            sh!(
-                "qemu-img",
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                format!("cluster_size={cluster}"),
-                &img,
-                data.len().to_string()
-            )
-            .ok();
+            let mut create = tool("qemu-img");
+            create.args(["create", "-q", "-f", "qcow2", "-o"]);
+            create.arg(format!("cluster_size={cluster}"));
+            if backing {
+                // Data everywhere but for a hole at 512 KiB; the overlay is as big.
+                let base = dir.path().join("base.raw");
+                let len = data.len();
+                data.copy_from_slice(&random_bytes(seed ^ 1, len));
+                data[512 * KIB as usize..576 * KIB as usize].fill(0);
+                fs::write(&base, &data).expect("backing file");
+                create.args(["-F", "raw", "-b", "base.raw"]);
+            }
+            run(create.arg(&img).arg(data.len().to_string())).ok();
             sh!(
                 "qemu-io",
                 "-f",
@@ -742,13 +807,16 @@ fn exercise(format: Format, threads: u16, engine: &str, combo: u64) {
             data[initial.clone()].fill(0x5a);
         }
     }
+    let base_bytes = backing.then(|| read_all(&dir.path().join("base.raw")));
     let mut maybe_data = vec![false; data.len().div_ceil(cluster as usize)];
     maybe_data[initial.start / cluster as usize..initial.end.div_ceil(cluster as usize)].fill(true);
 
-    let what = format!(
-        "exerciser {format:?} --threads {threads} --engine {engine} (cluster {cluster}), {ops} \
+    let what =
+        format!(
+        "exerciser {format:?}{} --threads {threads} --engine {engine} (cluster {cluster}), {ops} \
          ops; replay: CORO_FUSE_EXERCISER_SEED={seed:#x} CORO_FUSE_EXERCISER_OPS={ops} cargo \
          test -p tests --test exerciser {}",
+        if backing { " over a raw backing file" } else { "" },
         test_name()
     );
     let threads_arg = threads.to_string();
@@ -778,8 +846,12 @@ fn exercise(format: Format, threads: u16, engine: &str, combo: u64) {
         done: 0,
         what: what.clone(),
         raw_image: (format == Format::Raw).then(|| img.clone()),
+        backing_end: if backing { MIB } else { 0 },
     };
     run.check_all();
+    if backing {
+        run.op_shrink_into_backing();
+    }
     while run.done < ops {
         run.step();
     }
@@ -822,6 +894,14 @@ fn exercise(format: Format, threads: u16, engine: &str, combo: u64) {
         &format!("{what}: qemu-img convert vs the model"),
     );
 
+    if let Some(base) = &base_bytes {
+        assert_same_bytes(
+            &read_all(&dir.path().join("base.raw")),
+            base,
+            &format!("{what}: the backing file (must never be written)"),
+        );
+    }
+
     // What a client saw is what a restart shows.
     let mut e = Export::start(&img, &mnt, &args);
     assert_eq!(
@@ -842,23 +922,25 @@ fn run_cmd_check(img: &Path) -> Output {
 }
 
 macro_rules! exerciser_tests {
-    ($($name:ident: $format:ident, $threads:expr, $engine:expr, $combo:expr;)*) => {
+    ($($name:ident: $format:ident, $threads:expr, $engine:expr, $combo:expr, $backing:expr;)*) => {
         $(
             #[test]
             fn $name() {
-                exercise(Format::$format, $threads, $engine, $combo);
+                exercise(Format::$format, $threads, $engine, $combo, $backing);
             }
         )*
     };
 }
 
 exerciser_tests! {
-    exerciser_raw_1_thread_coroutine: Raw, 1, "coroutine", 1;
-    exerciser_raw_2_threads_coroutine: Raw, 2, "coroutine", 2;
-    exerciser_raw_1_thread_async: Raw, 1, "async", 3;
-    exerciser_raw_2_threads_async: Raw, 2, "async", 4;
-    exerciser_qcow2_1_thread_coroutine: Qcow2, 1, "coroutine", 5;
-    exerciser_qcow2_2_threads_coroutine: Qcow2, 2, "coroutine", 6;
-    exerciser_qcow2_1_thread_async: Qcow2, 1, "async", 7;
-    exerciser_qcow2_2_threads_async: Qcow2, 2, "async", 8;
+    exerciser_raw_1_thread_coroutine: Raw, 1, "coroutine", 1, false;
+    exerciser_raw_2_threads_coroutine: Raw, 2, "coroutine", 2, false;
+    exerciser_raw_1_thread_async: Raw, 1, "async", 3, false;
+    exerciser_raw_2_threads_async: Raw, 2, "async", 4, false;
+    exerciser_qcow2_1_thread_coroutine: Qcow2, 1, "coroutine", 5, false;
+    exerciser_qcow2_2_threads_coroutine: Qcow2, 2, "coroutine", 6, false;
+    exerciser_qcow2_1_thread_async: Qcow2, 1, "async", 7, false;
+    exerciser_qcow2_2_threads_async: Qcow2, 2, "async", 8, false;
+    exerciser_qcow2_overlay_1_thread_coroutine: Qcow2, 1, "coroutine", 9, true;
+    exerciser_qcow2_overlay_2_threads_async: Qcow2, 2, "async", 10, true;
 }
