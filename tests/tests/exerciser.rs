@@ -83,6 +83,8 @@ struct Model {
     /// qcow2: clusters that may hold data (over-approximated: a write or a zeroing may allocate;
     /// only a whole-cluster hole punch or a shrink past it frees one).
     maybe_data: Vec<bool>,
+    /// The length of the qcow2 image's backing file (0: none).
+    backing_end: u64,
 }
 
 impl Model {
@@ -129,8 +131,20 @@ impl Model {
                 .any(|&b| b)
     }
 
-    /// Applies a size change that [`size_rule`] allowed: new bytes are zeros.
+    /// Applies a size change that [`size_rule`] allowed: new bytes are zeros. Growing zeroes
+    /// the old last cluster's tail and, over a backing file, the new range it covers (whole
+    /// clusters become zero clusters, not data); a partial cluster may become data (qcow2 writes
+    /// zeros into it).
     fn resize(&mut self, size: u64) {
+        let old = self.size();
+        if size > old {
+            let cs = self.cluster;
+            self.mark_maybe_data(old, old.next_multiple_of(cs).min(size));
+            let b = self.backing_end;
+            if old < b && b < size && !b.is_multiple_of(cs) {
+                self.mark_maybe_data(b - b % cs, b);
+            }
+        }
         self.data.resize(size as usize, 0);
         let keep = size.div_ceil(self.cluster) as usize;
         if self.maybe_data.len() > keep {
@@ -174,8 +188,6 @@ struct Run {
     what: String,
     /// The image file, when it is raw: its length must follow the model after every operation.
     raw_image: Option<std::path::PathBuf>,
-    /// The length of the qcow2 image's backing file (0: none).
-    backing_end: u64,
 }
 
 fn errno<T>(r: io::Result<T>) -> Result<T, i32> {
@@ -249,7 +261,7 @@ impl Run {
             73..=81 => self.op_seek(libc::SEEK_HOLE),
             82..=86 => self.op_fsync(),
             87..=90 => self.op_stat(),
-            91 if self.backing_end > 0 => self.op_shrink_into_backing(),
+            91 if self.model.backing_end > 0 => self.op_shrink_into_backing(),
             91 => self.op_unsupported_fallocate(),
             _ => self.op_concurrent(),
         }
@@ -557,8 +569,8 @@ impl Run {
     fn op_shrink_into_backing(&mut self) {
         let size = self.model.size();
         let cs = self.model.cluster;
-        if size > self.backing_end {
-            self.punch(self.backing_end, size - self.backing_end);
+        if size > self.model.backing_end {
+            self.punch(self.model.backing_end, size - self.model.backing_end);
         }
         // The lowest cluster from which on nothing may hold data.
         let free_from = self
@@ -569,7 +581,7 @@ impl Run {
             .map_or(0, |i| i as u64 + 1)
             * cs;
         let low = free_from.next_multiple_of(512);
-        let high = self.backing_end.min(size);
+        let high = self.model.backing_end.min(size);
         if low + 512 >= high {
             self.note(format!(
                 "(no shrink into the backing file: data up to {free_from}, size {size})"
@@ -840,13 +852,13 @@ fn exercise(format: Format, threads: u16, engine: &str, combo: u64, backing: boo
             data,
             cluster,
             maybe_data,
+            backing_end: if backing { MIB } else { 0 },
         },
         rng: Prng::new(seed),
         log: VecDeque::new(),
         done: 0,
         what: what.clone(),
         raw_image: (format == Format::Raw).then(|| img.clone()),
-        backing_end: if backing { MIB } else { 0 },
     };
     run.check_all();
     if backing {
