@@ -245,7 +245,7 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
         } else {
             "writeback"
         };
-        let cluster = if round % 2 == 0 { 65536 } else { 4096 };
+        let cluster = if (round / 2) % 2 == 0 { 65536 } else { 4096 };
         // Every third round starts small and grows: the writes past EOF grow the image (qcow2:
         // new L1 entries, with 4 KiB clusters a bigger L1 table) while the kill may come.
         let growable = round % 3 == 2;
