@@ -1,6 +1,7 @@
 //! External kills lose nothing acknowledged: writer threads in the test do fsync-heavy writes
-//! (small batches of 4 KiB blocks, each stamped with its block number and a generation, then
-//! fsync or fdatasync) and record which generation of each block a completed fsync covered.
+//! (small batches of 4 KiB blocks, each stamped with its block number and a generation, and
+//! some hole punches / zero ranges, which make a generation of zeros; then fsync or fdatasync)
+//! and record which generation of each block a completed fsync covered.
 //! The daemon is SIGKILLed at a seeded random moment. Afterwards, for qcow2, `qemu-img check`
 //! may find leaks (exit 3) but never corruption; every block holds the generation of its last
 //! completed fsync or a later one that was written (never an older one, never garbage); and a
@@ -81,6 +82,8 @@ struct Ledger {
     durable: Vec<u64>,
     /// The newest generation written (or being written) to each block.
     submitted: Vec<u64>,
+    /// The generations of each block that were zeroings (hole punch or zero range), not writes.
+    zeroed: Vec<Vec<u64>>,
     fsyncs: u64,
     /// Why it stopped (the daemon's death: an error on write or fsync).
     end: String,
@@ -110,6 +113,7 @@ fn writer(path: &Path, job: Job, stop: &AtomicBool, fsyncs: &AtomicU64) -> Ledge
         first,
         durable: vec![start; n as usize],
         submitted: vec![start; n as usize],
+        zeroed: vec![Vec::new(); n as usize],
         fsyncs: 0,
         end: String::new(),
     };
@@ -131,6 +135,31 @@ fn writer(path: &Path, job: Job, stop: &AtomicBool, fsyncs: &AtomicU64) -> Ledge
             };
             let at = rng.below(reach);
             let run = (1 + rng.below(MAX_RUN)).min(n - at);
+            if rng.below(5) == 0 {
+                // A zeroing: a new generation whose content is zeros.
+                for i in at..at + run {
+                    let g = l.submitted[i as usize] + 1;
+                    l.submitted[i as usize] = g;
+                    l.zeroed[i as usize].push(g);
+                    pending.push((i as usize, g));
+                }
+                let mode = if rng.below(2) == 0 {
+                    libc::FALLOC_FL_PUNCH_HOLE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE
+                };
+                let r = fallocate(
+                    &f,
+                    mode | libc::FALLOC_FL_KEEP_SIZE,
+                    (first + at) * BLOCK,
+                    run * BLOCK,
+                );
+                if let Err(e) = r {
+                    l.end = format!("fallocate: {e}");
+                    return l;
+                }
+                continue;
+            }
             let mut buf = Vec::with_capacity((run * BLOCK) as usize);
             for i in at..at + run {
                 let g = l.submitted[i as usize] + 1;
@@ -169,17 +198,24 @@ fn verify(seed: u64, image: &[u8], ledgers: &[Ledger]) -> Vec<String> {
         for (i, (&durable, &submitted)) in l.durable.iter().zip(&l.submitted).enumerate() {
             let b = l.first + i as u64;
             let at = (b * BLOCK) as usize;
+            let zeroed = &l.zeroed[i];
+            let state = format!(
+                "fsynced generation {durable}, last written {submitted}, zeroings {zeroed:?}"
+            );
             match generation_in(seed, b, &image[at..at + BLOCK as usize]) {
                 None => bad.push(format!(
-                    "block {b}: neither zeros nor a stamp of this block (fsynced generation \
-                     {durable}, last written {submitted})"
+                    "block {b}: neither zeros nor a stamp of this block ({state})"
+                )),
+                // Zeros: the initial content, or a zeroing not older than the fsynced state.
+                Some(0) if durable == 0 || zeroed.iter().any(|&z| z >= durable) => {}
+                Some(0) => bad.push(format!(
+                    "block {b}: zeros, but a newer generation was fsynced ({state})"
                 )),
                 Some(g) if g < durable => bad.push(format!(
-                    "block {b}: generation {g}, but generation {durable} was fsynced \
-                     (last written {submitted})"
+                    "block {b}: generation {g}, but a newer one was fsynced ({state})"
                 )),
-                Some(g) if g > submitted => bad.push(format!(
-                    "block {b}: generation {g} was never written (last {submitted})"
+                Some(g) if g > submitted || zeroed.contains(&g) => bad.push(format!(
+                    "block {b}: generation {g} was never written ({state})"
                 )),
                 Some(_) => {}
             }
