@@ -19,6 +19,9 @@
 //! another size is EINVAL (as in QEMU). A qcow2 shrink is refused (EINVAL) while a cluster past
 //! the new end may still hold data (see `block/src/qcow2/resize.rs`); the model tracks which
 //! clusters may, conservatively, and expects a whole-cluster hole punch to free a cluster.
+//! For raw, the image file's length must equal the model's size after every operation; QEMU
+//! reads a raw file rounded up to 512 bytes, so `qemu-img convert` is compared with the model
+//! padded with zeros to that.
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
