@@ -60,6 +60,8 @@ pub mod backend;
 pub mod blkdebug;
 pub mod chain;
 pub mod file;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image_lock;
 pub mod null;
 pub mod probe;

@@ -17,6 +17,7 @@
 //! | [`write`](mod@write) | write requests: serialising overlapping ones, copy-on-write, zeroing, discard |
 //! | [`resize`] | truncate: growing (and relocating) the L1 table, shrinking when nothing is lost |
 //! | [`repair`] | a dirty image's refcounts, rebuilt from the tables at a writable open |
+//! | [`snapshot`] | walking the internal snapshot table (for the repair) |
 //! | [`cache`] | the write-through LRU of L2 tables and refcount blocks |
 //! | `inflate` | decompressing deflate clusters |
 //!
@@ -114,6 +115,7 @@ mod inflate;
 pub mod refcount;
 mod repair;
 pub mod resize;
+pub mod snapshot;
 #[cfg(test)]
 mod test_image;
 pub mod write;
@@ -125,7 +127,7 @@ use runtime::{CoMutex, CoQueue};
 
 use crate::backend::{BackendOptions, BlockBackend};
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
-pub(crate) use backing::name_error;
+pub(crate) use backing::{has_protocol, name_error};
 pub use backing::{resolve_backing_path, ChainOptions, MAX_CHAIN_DEPTH};
 pub use cluster::Mapping;
 pub use header::Header;
