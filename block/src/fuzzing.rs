@@ -8,9 +8,10 @@
 //! - [`qcow2_header`]: [`Header::parse`] of the bytes as the first cluster of files of several
 //!   lengths, then the snapshot table walk ([`snapshot::read_table`]) over the same bytes;
 //! - [`qcow2_image`]: the bytes as a whole image in memory ([`MemDriver`]), opened by the qcow2
-//!   driver read-only (a few reads and block status queries; the bytes must not change), then
-//!   writable (the open may rebuild refcounts of a dirty image; then a few writes, zeroes,
-//!   a discard and a flush);
+//!   driver read-only (a few reads and block status queries; a range reported as zeros reads
+//!   as zeros; the bytes must not change), then writable (the open may rebuild refcounts of a
+//!   dirty image; then a few writes — each reads back as written unless the driver reported
+//!   the image corrupt —, zeroes, a discard and a flush);
 //! - [`backing_name`]: a header naming the bytes as its backing file, then the path resolution
 //!   of [`resolve_backing_path`] and the protocol check.
 //!
@@ -297,7 +298,8 @@ pub fn qcow2_image(data: &[u8]) {
         read_only: false,
         growable: false,
     };
-    let Ok(blk) = BlockBackend::new(Arc::new(driver), backend) else {
+    let driver = Arc::new(driver);
+    let Ok(blk) = BlockBackend::new(driver.clone(), backend) else {
         return;
     };
     let blk = Arc::new(blk);
@@ -308,7 +310,17 @@ pub fn qcow2_image(data: &[u8]) {
         let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 1) as u8).collect();
         for (k, &off) in offs.iter().enumerate() {
             let len = (size - off.min(size)).min(if k % 2 == 0 { 8192 } else { 700 });
-            let _ = b.co_pwrite(off, &pattern[..len as usize]);
+            let data = &pattern[..len as usize];
+            if b.co_pwrite(off, data).is_ok() {
+                // What was written reads back, unless the driver found the image corrupt.
+                let mut back = vec![0u8; data.len()];
+                if b.co_pread(off, &mut back).is_ok() && !driver.is_corrupt() {
+                    assert!(
+                        back == data,
+                        "a write of {len} bytes at {off} reads back otherwise"
+                    );
+                }
+            }
         }
         if let Some(&off) = offs.get(3) {
             let _ = b.co_pwrite_zeroes(off, (size - off).min(1 << 16), off % 2 == 0);
