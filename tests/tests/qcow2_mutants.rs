@@ -15,8 +15,9 @@
 //!    QEMU reads tables and clusters that lie past the end of the file as zeros, our driver
 //!    refuses them (`block/src/qcow2/mod.rs`, "Corruption"). When qemu-img cannot read a range,
 //!    only "no panic, no hang" is required. The image file's bytes must be unchanged.
-//! 2. **read-write export** of a copy: a few writes and an fsync (errors allowed), reads back,
-//!    then an external `umount`: the daemon must exit within seconds, without a panic.
+//! 2. **read-write export** of a copy: a few writes (errors allowed), each read back at once —
+//!    it must read as written unless the daemon reported the image corrupt —, an fsync, then an
+//!    external `umount`: the daemon must exit within seconds, without a panic.
 //!
 //! 24 mutants by default (well under a minute); `CORO_FUSE_FUZZ_MUTANTS=500` runs more,
 //! `CORO_FUSE_FUZZ_SEED=N` starts from another seed. A failure names the seed and the
@@ -481,27 +482,42 @@ fn read_write_export(dir: &Path, img: &Path, what: &str, t: &mut Tally) {
     };
     t.served_rw += 1;
     let path = e.path().to_path_buf();
-    bounded(
+    let mismatches = bounded(
         &format!("{what}: writing to the read-write export"),
         move || {
             let Ok(f) = fs::OpenOptions::new().read(true).write(true).open(&path) else {
-                return;
+                return Vec::new();
             };
             let size = f.metadata().map_or(0, |m| m.len()).min(COMPARE_LIMIT);
-            let data = vec![0x5au8; 8192];
-            for pos in [
+            let mut mismatches = Vec::new();
+            let spots = [
                 0,
                 size / 2,
                 size.saturating_sub(5000),
                 123_456 % size.max(1),
-            ] {
-                let _ = f.write_all_at(&data[..(size - pos.min(size)).min(8192) as usize], pos);
+            ];
+            for (k, pos) in spots.into_iter().enumerate() {
+                let data = vec![0x50 + k as u8; (size - pos.min(size)).min(8192) as usize];
+                if f.write_all_at(&data, pos).is_ok() {
+                    // Read back at once (O_DIRECT export: from the image, not a page cache).
+                    let mut back = vec![0u8; data.len()];
+                    if f.read_exact_at(&mut back, pos).is_ok() && back != data {
+                        mismatches.push(pos);
+                    }
+                }
             }
             let _ = f.sync_all();
-            let mut back = vec![0u8; 8192.min(size as usize)];
-            let _ = f.read_exact_at(&mut back, 0);
+            mismatches
         },
     );
+    // A write that reads back otherwise is allowed only once the image was reported corrupt.
+    if !mismatches.is_empty() {
+        assert!(
+            e.stderr().contains("image is corrupt"),
+            "{what}: writes at {mismatches:?} read back otherwise\n{}",
+            e.logs()
+        );
+    }
     // An external unmount ends the daemon (retry while the mount is briefly busy).
     let deadline = Instant::now() + IO_TIMEOUT;
     loop {
