@@ -137,7 +137,10 @@ fn negotiate(init: &fuse_init_in) {
             Ok(reply) => {
                 assert!(reply.as_bytes().len() <= size_of::<fuse_init_out>());
                 if let Some(n) = reply.negotiated() {
-                    assert!(n.minor <= FUSE_KERNEL_MINOR_VERSION && n.minor == init.minor.min(45));
+                    assert!(
+                        n.minor <= FUSE_KERNEL_MINOR_VERSION
+                            && n.minor == init.minor.min(FUSE_KERNEL_MINOR_VERSION)
+                    );
                     assert!(n.max_write >= 4096);
                 }
             }
