@@ -63,6 +63,8 @@ pub mod blkdebug;
 pub mod blklogwrites;
 pub mod chain;
 pub mod file;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image_lock;
 pub mod null;
 pub mod probe;

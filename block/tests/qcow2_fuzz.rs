@@ -2,14 +2,24 @@
 //! L1 or L2 tables say, opening, reading every cluster and asking block status return `Ok` or a
 //! clean error — never a panic, never a hang.
 //!
-//! Three properties:
+//! The properties:
 //! - `header_parse_never_panics_on_random_bytes`: `Header::parse` on random bytes (half of them
 //!   with the qcow2 magic) and a random file length;
 //! - `header_parse_never_panics_on_mutated_headers`: on a valid header (extensions, a backing
 //!   file name) with a few bytes overwritten, biased towards the fields;
 //! - `mutated_tables_never_panic`: a real image from `qemu-img` (data, zero and compressed
 //!   clusters, 4 KiB clusters so that tables are small) with random 8-byte entries written over
-//!   its L1 and L2 tables, then opened and read cluster by cluster with block status.
+//!   its L1 and L2 tables, then opened and read cluster by cluster with block status;
+//! - `snapshot_table_walk_never_panics`: `snapshot::read_table` over random tables, counts,
+//!   offsets and file lengths; what it returns lies inside the file;
+//! - `backing_names_round_trip_or_are_refused`: any bytes as a backing file name (the
+//!   `backing_name` fuzz body: a name without NUL of 1..=1023 bytes comes back unchanged, others
+//!   are refused; the resolved path stays under the image's directory unless absolute);
+//! - `mutated_refcounts_and_snapshots_never_panic`: a real image with an internal snapshot,
+//!   random values written over its refcount table, refcount blocks, snapshot table and the
+//!   snapshot's L1 table, the dirty bit set in half the cases (so that a writable open rebuilds
+//!   the refcounts from all of them), then the `qcow2_image` fuzz body in memory: opened
+//!   read-only (the bytes must not change) and writable, read and written.
 //!
 //! Case counts are kept small (the whole file runs in a few seconds); failing inputs are not
 //! persisted to files (no `proptest-regressions/` in the repository): proptest prints the
@@ -20,7 +30,7 @@ mod common;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use block::qcow2::Header;
+use block::qcow2::{snapshot, Header};
 use block::{open_image, Format, OpenOptions};
 use common::qemu::{have_qemu, qemu_img, qemu_io};
 use common::{co, disk_dir};
@@ -260,4 +270,133 @@ fn mutated_tables_never_panic() {
         failing > 0,
         "refused at open: {refused}, with failing reads: {failing}"
     );
+}
+
+proptest! {
+    #![proptest_config(config(300))]
+
+    #[test]
+    fn snapshot_table_walk_never_panics(
+        table in prop::collection::vec(any::<u8>(), 0..600),
+        small in prop::collection::vec((0usize..600, 0u8..16), 0..8),
+        count in prop_oneof![0u32..6, any::<u32>()],
+        start in prop_oneof![0u64..64, any::<u64>()],
+        file_len in prop_oneof![0u64..700, any::<u64>()],
+    ) {
+        // Small length bytes make long walks likely.
+        let mut table = table;
+        for (at, v) in small {
+            if at < table.len() {
+                table[at] = v;
+            }
+        }
+        let count = count.min(65536);
+        let read = |pos: u64, buf: &mut [u8]| {
+            buf.fill(0);
+            let from = (pos.saturating_sub(start)).min(table.len() as u64) as usize;
+            let n = (table.len() - from).min(buf.len());
+            buf[..n].copy_from_slice(&table[from..from + n]);
+            Ok(())
+        };
+        if let Ok((entries, end)) = snapshot::read_table(start, count, file_len, read) {
+            prop_assert_eq!(entries.len(), count as usize);
+            prop_assert!(end >= start && (count == 0 || end <= file_len));
+            for e in entries {
+                prop_assert!(e.offset >= start && e.offset + e.len <= end);
+            }
+        }
+    }
+
+    #[test]
+    fn backing_names_round_trip_or_are_refused(
+        name in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..1100),
+            "[a-z./:]{0,40}".prop_map(String::into_bytes),
+        ],
+    ) {
+        block::fuzzing::backing_name(&name);
+    }
+}
+
+/// A 256 KiB image with 4 KiB clusters and one internal snapshot (its L1 table and the clusters
+/// it shares with the active one), data written after the snapshot; the (offset, width) of every
+/// refcount table entry, refcount block entry, byte of the snapshot table and entry of the
+/// snapshot's L1 table.
+fn snapshot_image(dir: &Path) -> (Vec<u8>, Vec<(u64, u8)>) {
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "s.qcow2",
+            "256K",
+        ],
+    );
+    let path = dir.join("s.qcow2");
+    qemu_io(
+        "qcow2",
+        &path,
+        &["write -P 0x51 0 16k", "write -P 0x52 200k 8k"],
+    );
+    qemu_img(dir, &["snapshot", "-c", "snap1", "s.qcow2"]);
+    qemu_io("qcow2", &path, &["write -P 0x53 4k 8k", "write -z 200k 4k"]);
+    let b = std::fs::read(&path).expect("read the sample");
+    let be32 =
+        |off: u64| u32::from_be_bytes(b[off as usize..off as usize + 4].try_into().expect("4"));
+    let mut targets = Vec::new();
+    let rt = be64(&b, 48);
+    for i in 0..(4096 / 8) {
+        let at = rt + 8 * i;
+        let block = be64(&b, at);
+        if block == 0 && i > 0 {
+            break;
+        }
+        targets.push((at, 8));
+        if block != 0 && block + 4096 <= b.len() as u64 {
+            // The used part of the block: one entry per cluster of the file.
+            let used = (b.len() as u64 / 4096).min(2048);
+            targets.extend((0..used).map(|k| (block + 2 * k, 2)));
+        }
+    }
+    let (nb, snaps) = (be32(60), be64(&b, 64));
+    assert_eq!(nb, 1, "the sample has a snapshot");
+    targets.extend((0..48).map(|k| (snaps + k, 1)));
+    let (l1, l1_size) = (be64(&b, snaps), be32(snaps + 8));
+    targets.extend((0..u64::from(l1_size)).map(|k| (l1 + 8 * k, 8)));
+    (b, targets)
+}
+
+#[test]
+fn mutated_refcounts_and_snapshots_never_panic() {
+    if !have_qemu("mutated_refcounts_and_snapshots_never_panic") {
+        return;
+    }
+    let dir = disk_dir();
+    let (bytes, targets) = snapshot_image(dir.path());
+    block::fuzzing::qcow2_image(&bytes);
+    let file_len = bytes.len() as u64;
+    let mut runner = proptest::test_runner::TestRunner::new(config(64));
+    let strategy = (
+        prop::collection::vec((0..targets.len(), entry(file_len)), 1..6),
+        any::<bool>(),
+    );
+    runner
+        .run(&strategy, |(edits, dirty)| {
+            let mut b = bytes.clone();
+            for (t, value) in edits {
+                let (at, width) = targets[t];
+                let (at, width) = (at as usize, width as usize);
+                b[at..at + width].copy_from_slice(&value.to_be_bytes()[8 - width..]);
+            }
+            if dirty {
+                b[79] |= 1; // incompatible feature bit 0: the refcounts must be rebuilt
+            }
+            block::fuzzing::qcow2_image(&b);
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
 }

@@ -13,6 +13,8 @@
 
 pub mod abi;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mount;
 pub mod queue;
 pub mod reply;

@@ -180,7 +180,7 @@ pub(super) fn needs_chain(name: &Path) -> BlockError {
 }
 
 /// QEMU's `path_has_protocol()`: a colon before any slash (`nbd:host:port`, `json:{…}`).
-fn has_protocol(name: &Path) -> bool {
+pub(crate) fn has_protocol(name: &Path) -> bool {
     let bytes = name.as_os_str().as_bytes();
     let end = bytes.iter().position(|&c| c == b'/').unwrap_or(bytes.len());
     bytes[..end].contains(&b':')

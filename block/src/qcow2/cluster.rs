@@ -290,6 +290,7 @@ impl Qcow2Driver {
         let new = self.co_alloc_clusters(m, 1)?;
         let res = self
             .check_no_overlap(m, new, cs, "a new L2 table")
+            .and_then(|()| self.check_no_table_overlap(m, new, cs, "a new L2 table"))
             .and_then(|()| self.check_not_pinned(m, new, "a new L2 table"))
             .and_then(|()| self.co_write_meta(new, &contents))
             .and_then(|()| self.co_flush_host()); // contents durable before the L1 entry
@@ -337,6 +338,7 @@ impl Qcow2Driver {
                 self.check_host_cluster(host, "data cluster")?;
                 self.check_host_cluster(host + (n as u64 - 1) * cs, "data cluster")?;
                 self.check_no_overlap(m, host, n as u64 * cs, "a data cluster")?;
+                self.check_no_table_overlap(m, host, n as u64 * cs, "a data cluster")?;
                 return Ok(WritePlan::InPlace {
                     host: host + offset % cs,
                     len: bytes,
@@ -357,7 +359,11 @@ impl Qcow2Driver {
             self.decode_l2_entry(e)?; // a bad entry fails before anything is allocated
         }
         let host = self.co_alloc_clusters(m, old.len() as u64)?;
-        if let Err(e) = self.check_no_overlap(m, host, old.len() as u64 * cs, "new data clusters") {
+        let bytes = old.len() as u64 * cs;
+        if let Err(e) = self
+            .check_no_overlap(m, host, bytes, "new data clusters")
+            .and_then(|()| self.check_no_table_overlap(m, host, bytes, "new data clusters"))
+        {
             self.co_free_quietly(m, host, old.len() as u64);
             return Err(e);
         }

@@ -17,6 +17,7 @@
 //! | [`write`](mod@write) | write requests: serialising overlapping ones, copy-on-write, zeroing, discard |
 //! | [`resize`] | truncate: growing (and relocating) the L1 table, shrinking when nothing is lost |
 //! | [`repair`] | a dirty image's refcounts, rebuilt from the tables at a writable open |
+//! | [`snapshot`] | walking the internal snapshot table (for the repair) |
 //! | [`cache`] | the write-through LRU of L2 tables and refcount blocks |
 //! | `inflate` | decompressing deflate clusters |
 //!
@@ -102,7 +103,8 @@
 //! # Corruption
 //!
 //! A metadata entry that points outside the file, is misaligned, or would make us write over
-//! the header, L1 table or refcount table fails the request with [`BlockError::Corrupt`] (EIO)
+//! the header, the L1 table, the refcount table, an active L2 table or a refcount block (a data
+//! entry pointing at a table, or refcounts calling a table's cluster free) fails the request with [`BlockError::Corrupt`] (EIO)
 //! and marks the image corrupt (logged once, [`Qcow2Driver::is_corrupt`]). A writable image
 //! also gets the header's corrupt bit (v3, as `qcow2_signal_corruption()` does), and from then
 //! on every metadata write and every write request is refused; reads keep being served.
@@ -122,6 +124,7 @@ mod inflate;
 pub mod refcount;
 mod repair;
 pub mod resize;
+pub mod snapshot;
 #[cfg(test)]
 mod test_image;
 pub mod write;
@@ -133,7 +136,7 @@ use runtime::{CoMutex, CoQueue};
 
 use crate::backend::{BackendOptions, BlockBackend};
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
-pub(crate) use backing::name_error;
+pub(crate) use backing::{has_protocol, name_error};
 pub use backing::{resolve_backing_path, ChainOptions, MAX_CHAIN_DEPTH};
 pub use cluster::Mapping;
 pub use header::Header;
@@ -344,7 +347,8 @@ impl Qcow2Driver {
 
     /// Checks that `[host, host+len)`, about to be written as `what`, does not overlap the
     /// header, the L1 table or the refcount table. QEMU: `qcow2_check_metadata_overlap()`
-    /// (a subset: refcount blocks and snapshot tables are not checked).
+    /// (L2 tables and refcount blocks: [`Qcow2Driver::check_no_table_overlap`]; snapshot tables
+    /// are not checked).
     fn check_no_overlap(&self, m: &Meta, host: u64, len: u64, what: &str) -> Result<()> {
         let cs = self.cluster_size();
         let overlaps =
@@ -356,6 +360,37 @@ impl Qcow2Driver {
         if let Some(rc) = &m.rc {
             if overlaps(rc.table_offset, rc.table_clusters * cs) {
                 hit = Some("the refcount table");
+            }
+        }
+        match hit {
+            None => Ok(()),
+            Some(t) => {
+                Err(self.signal_corruption(format!("{what} at {host:#x} would overwrite {t}")))
+            }
+        }
+    }
+
+    /// Checks that `[host, host+len)`, about to be written as `what` (guest data, or a table
+    /// in a newly allocated cluster), is neither an active L2 table nor a refcount block: a
+    /// corrupt L2 entry (COPIED set, pointing at a table) or refcounts that call a table's
+    /// cluster free would otherwise make the write overwrite metadata. Scans the L1 table and
+    /// the refcount table (a few thousand entries for a TiB of 64 KiB clusters), as QEMU's
+    /// default `overlap-check=cached` does. QEMU: `QCOW2_OL_ACTIVE_L2`, `QCOW2_OL_REFCOUNT_BLOCK`
+    /// in `qcow2_check_metadata_overlap()`.
+    fn check_no_table_overlap(&self, m: &Meta, host: u64, len: u64, what: &str) -> Result<()> {
+        let cs = self.cluster_size();
+        let overlaps = |start: u64| start != 0 && host < start + cs && start < host + len;
+        let mut hit =
+            m.l1.iter()
+                .any(|&e| overlaps(e & OFFSET_MASK))
+                .then_some("an L2 table");
+        if let Some(rc) = &m.rc {
+            if rc
+                .table
+                .iter()
+                .any(|&e| overlaps(e & refcount::REFT_OFFSET_MASK))
+            {
+                hit = Some("a refcount block");
             }
         }
         match hit {

@@ -43,7 +43,7 @@ use super::{header, Meta, Qcow2Driver, OFFSET_MASK, OFLAG_COMPRESSED};
 use crate::{BlockError, Result};
 
 /// Refcount table entry: bits 9..=63 are the block's host offset. QEMU: `REFT_OFFSET_MASK`.
-const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+pub(super) const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 /// The largest refcount table we load or grow to (QEMU: `QCOW_MAX_REFTABLE_SIZE`, 8 MiB).
 pub(super) const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Host offsets must fit in an L2 entry's offset field.
@@ -171,6 +171,7 @@ impl Qcow2Driver {
         }
         // A range without a block cannot hold metadata: if it does, the table is corrupt.
         self.check_no_overlap(m, off, cs, "a new refcount block")?;
+        self.check_no_table_overlap(m, off, cs, "a new refcount block")?;
         self.check_not_pinned(m, off, "a new refcount block")?;
         let mut block = vec![0u8; cs as usize];
         set_u16(&mut block, 0, 1);

@@ -36,15 +36,12 @@
 use super::cache::{decode_table, get_u64, set_u16, set_u64};
 use super::header::{self, MAX_L1_BYTES};
 use super::refcount::MAX_REFTABLE_BYTES;
-use super::{Qcow2Driver, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use super::{snapshot, Qcow2Driver, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::{BlockError, Result};
 
 /// The most host clusters counted (2 bytes each in memory): 8 TiB of 64 KiB clusters, 64 GiB
 /// of 512-byte ones. The refcount table covering them stays within [`MAX_REFTABLE_BYTES`].
 const MAX_CLUSTERS: u64 = 1 << 27;
-
-/// The most extra data a snapshot table entry may have (QEMU's limit).
-const MAX_SNAPSHOT_EXTRA: u64 = 1024;
 
 fn unrepairable(why: String) -> BlockError {
     BlockError::Corrupt(format!(
@@ -118,13 +115,6 @@ impl Counts {
         }
         Ok(())
     }
-}
-
-/// The big-endian integer of `N` bytes at `at` in `b`.
-fn be<const N: usize>(b: &[u8], at: usize) -> u64 {
-    b[at..at + N]
-        .iter()
-        .fold(0, |v, &x| (v << 8) | u64::from(x))
 }
 
 impl Qcow2Driver {
@@ -214,37 +204,25 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// Counts the clusters of the snapshot table and returns each snapshot's L1 table (offset,
-    /// entries). Entries are 40 fixed bytes, extra data, the id and the name, each entry padded
-    /// to 8 bytes (the last one's padding may be missing at the end of the file).
+    /// Counts the clusters of the snapshot table ([`snapshot::read_table`]) and returns each
+    /// snapshot's L1 table (offset, entries).
     fn co_count_snapshot_table(&self, counts: &mut Counts) -> Result<Vec<(u64, u32)>> {
         let start = self.header.snapshots_offset;
-        let (mut pos, mut end) = (start, start);
-        let mut l1s = Vec::new();
-        for _ in 0..self.header.nb_snapshots {
-            let mut fixed = [0u8; 40];
-            self.co_read_host(pos, &mut fixed)?;
-            l1s.push((be::<8>(&fixed, 0), be::<4>(&fixed, 8) as u32));
-            let (id, name, extra) = (
-                be::<2>(&fixed, 12),
-                be::<2>(&fixed, 14),
-                be::<4>(&fixed, 36),
-            );
-            if extra > MAX_SNAPSHOT_EXTRA {
-                return Err(unrepairable(format!(
-                    "a snapshot has {extra} bytes of extra data"
-                )));
-            }
-            end = pos + 40 + extra + id + name;
-            if end > counts.file_len {
-                return Err(unrepairable(
-                    "the snapshot table runs past the end of the file".into(),
-                ));
-            }
-            pos = end.next_multiple_of(8);
-        }
+        let (entries, end) = snapshot::read_table(
+            start,
+            self.header.nb_snapshots,
+            counts.file_len,
+            |pos, buf| self.co_read_host(pos, buf),
+        )
+        .map_err(|e| match e {
+            BlockError::Corrupt(why) => unrepairable(why),
+            e => e,
+        })?;
         counts.add(start, end - start)?;
-        Ok(l1s)
+        Ok(entries
+            .iter()
+            .map(|e| (e.l1_table_offset, e.l1_size))
+            .collect())
     }
 
     /// Step 2: new refcount blocks and table after everything counted, then the header.

@@ -1,0 +1,407 @@
+//! The bodies of the block layer's fuzz targets, shared by cargo-fuzz (`fuzz/fuzz_targets/`)
+//! and the corpus replay test (`block/tests/fuzz_corpus.rs`), so that `cargo test` runs every
+//! committed corpus file through exactly the code libFuzzer runs.
+//!
+//! Not a public API (`#[doc(hidden)]`): the functions panic when an invariant breaks, which is
+//! how a fuzzer learns of a bug. What they exercise is the product code on untrusted bytes:
+//!
+//! - [`qcow2_header`]: [`Header::parse`] of the bytes as the first cluster of files of several
+//!   lengths, then the snapshot table walk ([`snapshot::read_table`]) over the same bytes;
+//! - [`qcow2_image`]: the bytes as a whole image in memory ([`MemDriver`]), opened by the qcow2
+//!   driver read-only (a few reads and block status queries; a range reported as zeros reads
+//!   as zeros; the bytes must not change), then writable (the open may rebuild refcounts of a
+//!   dirty image; then a few writes — each reads back as written unless the driver reported
+//!   the image corrupt —, zeroes, a discard and a flush);
+//! - [`backing_name`]: a header naming the bytes as its backing file, then the path resolution
+//!   of [`resolve_backing_path`] and the protocol check.
+//!
+//! Everything stays in memory: no file is created, no backing file is opened.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::backend::{BackendOptions, BlockBackend};
+use crate::qcow2::header::{MAX_BACKING_NAME, MAX_L1_BYTES};
+use crate::qcow2::{resolve_backing_path, snapshot, Header, Qcow2Driver, Qcow2Options};
+use crate::{BlockDriver, BlockError, BlockStatus, Result};
+
+/// An image held in memory: a protocol driver for fuzzing (and tests) that never touches a
+/// file. Reads past the end return zeros; a writable one grows up to `limit` bytes, and refuses
+/// writes beyond (an I/O error), which bounds what a crafted image can make the driver append.
+pub struct MemDriver {
+    bytes: Mutex<Vec<u8>>,
+    read_only: bool,
+    limit: u64,
+    /// Write-type requests that reached the driver (also the refused ones).
+    writes: AtomicU64,
+}
+
+impl MemDriver {
+    /// An image of `bytes`; writable ones may grow to `limit` bytes.
+    pub fn new(bytes: Vec<u8>, read_only: bool, limit: u64) -> MemDriver {
+        MemDriver {
+            bytes: Mutex::new(bytes),
+            read_only,
+            limit,
+            writes: AtomicU64::new(0),
+        }
+    }
+
+    /// The current contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+
+    /// How many write, write-zeroes, discard and truncate requests arrived.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.bytes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The bytes `[offset, offset+len)` for writing, grown as needed.
+    fn range(&self, offset: u64, len: u64) -> Result<(MutexGuard<'_, Vec<u8>>, usize, usize)> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.limit)
+            .ok_or_else(|| {
+                BlockError::Io(std::io::Error::other(format!(
+                    "memory image: {offset}+{len} beyond its limit of {} bytes",
+                    self.limit
+                )))
+            })?;
+        let mut bytes = self.lock();
+        if end as usize > bytes.len() {
+            bytes.resize(end as usize, 0);
+        }
+        Ok((bytes, offset as usize, end as usize))
+    }
+}
+
+impl BlockDriver for MemDriver {
+    fn format_name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn getlength(&self) -> u64 {
+        self.lock().len() as u64
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn co_preadv(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let bytes = self.lock();
+        buf.fill(0);
+        let start = (offset.min(bytes.len() as u64)) as usize;
+        let n = (bytes.len() - start).min(buf.len());
+        buf[..n].copy_from_slice(&bytes[start..start + n]);
+        Ok(())
+    }
+
+    fn co_pwritev(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let (mut bytes, start, end) = self.range(offset, buf.len() as u64)?;
+        bytes[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn co_flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn co_pwrite_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
+        let (mut bytes, start, end) = self.range(offset, len)?;
+        bytes[start..end].fill(0);
+        Ok(())
+    }
+
+    fn co_pdiscard(&self, offset: u64, len: u64) -> Result<()> {
+        self.co_pwrite_zeroes(offset, len, true)
+    }
+
+    fn co_block_status(&self, _offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
+        Ok((BlockStatus::Data, len.max(1)))
+    }
+
+    fn co_truncate(&self, size: u64) -> Result<()> {
+        let (mut bytes, _, _) = self.range(size, 0)?;
+        bytes.truncate(size as usize);
+        Ok(())
+    }
+}
+
+/// Runs `f` in a coroutine on this thread; a panic inside it is re-raised here, where the
+/// fuzzer (or the test) sees it.
+fn co<T: 'static>(f: impl FnOnce() -> T + 'static) -> T {
+    match runtime::spawn(f).join() {
+        Ok(v) => v,
+        Err(p) => panic!("{p}"),
+    }
+}
+
+/// File lengths to validate a header against: the bytes themselves, and files that are longer
+/// than the first cluster we were given.
+fn file_lengths(len: u64) -> [u64; 3] {
+    [len, len + (1 << 20), 1 << 40]
+}
+
+/// Fuzz target `qcow2_header`: the header parser and the snapshot table walk on `data`.
+pub fn qcow2_header(data: &[u8]) {
+    for file_len in file_lengths(data.len() as u64) {
+        let Ok(h) = Header::parse(data, file_len) else {
+            continue;
+        };
+        check_header(&h, file_len);
+        // The snapshot table, over the same bytes (zeros past their end, as MemDriver reads).
+        if h.nb_snapshots > 0 {
+            let read = |pos: u64, buf: &mut [u8]| {
+                buf.fill(0);
+                let start = pos.min(data.len() as u64) as usize;
+                let n = (data.len() - start).min(buf.len());
+                buf[..n].copy_from_slice(&data[start..start + n]);
+                Ok(())
+            };
+            if let Ok((entries, end)) =
+                snapshot::read_table(h.snapshots_offset, h.nb_snapshots, file_len, read)
+            {
+                assert_eq!(entries.len(), h.nb_snapshots as usize);
+                assert!(end <= file_len, "the table ends inside the file");
+                for e in &entries {
+                    assert!(e.offset >= h.snapshots_offset && e.offset + e.len <= end);
+                    assert!(e.len >= snapshot::FIXED_LEN as u64);
+                }
+            }
+        }
+    }
+}
+
+/// What a successful [`Header::parse`] promises.
+fn check_header(h: &Header, file_len: u64) {
+    assert!(h.version == 2 || h.version == 3);
+    assert!((9..=21).contains(&h.cluster_bits));
+    let cs = h.cluster_size();
+    assert!(u64::from(h.header_length) <= cs);
+    assert!(h.size <= i64::MAX as u64);
+    assert!(u64::from(h.l1_size) * 8 <= MAX_L1_BYTES);
+    assert_eq!(h.l1_table_offset % cs, 0);
+    if h.l1_size > 0 {
+        assert!(h.l1_table_offset > 0 && h.l1_table_offset + u64::from(h.l1_size) * 8 <= file_len);
+    }
+    // The L1 table covers the virtual size.
+    assert!(u64::from(h.l1_size) * (cs / 8) * cs >= h.size);
+    assert!(h.refcount_order <= 6);
+    if let Some(name) = &h.backing_file {
+        use std::os::unix::ffi::OsStrExt;
+        let b = name.as_os_str().as_bytes();
+        assert!(!b.is_empty() && b.len() <= MAX_BACKING_NAME as usize && !b.contains(&0));
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset` if the range is inside the image; an error is fine.
+fn read_some(blk: &BlockBackend, offset: u64, len: u64) -> Option<Vec<u8>> {
+    let size = blk.size();
+    let offset = offset.min(size);
+    let len = len.min(size - offset);
+    let mut buf = vec![0u8; len as usize];
+    blk.co_pread(offset, &mut buf).ok().map(|()| buf)
+}
+
+/// Offsets spread over the virtual size, picked by the data itself (so the fuzzer can steer):
+/// its last 32 bytes, which are rarely header or tables.
+fn offsets(data: &[u8], size: u64) -> Vec<u64> {
+    let mut v = vec![0, size / 2, size.saturating_sub(4096)];
+    for chunk in data.rchunks_exact(8).take(4) {
+        let x = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+        v.push(x % size.max(1));
+    }
+    v
+}
+
+/// The read-only part of [`qcow2_image`]: reads and block status must not fail by panicking,
+/// a range reported as zero must read as zeros.
+fn exercise_read_only(blk: &BlockBackend, data: &[u8]) {
+    let size = blk.size();
+    for off in offsets(data, size) {
+        let _ = read_some(blk, off, 65536);
+        let _ = read_some(blk, off | 511, 700);
+    }
+    // A bounded walk of block status from the start.
+    let mut pos = 0;
+    for _ in 0..64 {
+        if pos >= size {
+            break;
+        }
+        match blk.co_block_status(pos, size - pos) {
+            Ok((status, n)) => {
+                assert!(
+                    n >= 1 && n <= size - pos,
+                    "block status of {n} bytes at {pos}"
+                );
+                if status == BlockStatus::Zero {
+                    if let Some(bytes) = read_some(blk, pos, n.min(65536)) {
+                        assert!(
+                            bytes.iter().all(|&b| b == 0),
+                            "a zero range at {pos} reads data"
+                        );
+                    }
+                }
+                pos += n;
+            }
+            Err(_) => pos = pos.saturating_add(65536),
+        }
+    }
+}
+
+/// Fuzz target `qcow2_image`: `data` as a whole qcow2 image in memory, opened read-only and
+/// exercised (the bytes must stay as they are), then opened writable and written to.
+pub fn qcow2_image(data: &[u8]) {
+    let opts = Qcow2Options {
+        l2_cache_bytes: 1 << 16,
+        refcount_cache_bytes: 1 << 16,
+    };
+    // Read-only: nothing may be written, whatever the image says.
+    let child = Arc::new(MemDriver::new(data.to_vec(), true, 0));
+    if let Ok(driver) = Qcow2Driver::open_with(child.clone(), &opts) {
+        if let Ok(blk) = BlockBackend::new(
+            Arc::new(driver),
+            BackendOptions {
+                read_only: true,
+                write_beyond_eof: false,
+            },
+        ) {
+            let blk = Arc::new(blk);
+            let (b, d) = (blk.clone(), data.to_vec());
+            co(move || exercise_read_only(&b, &d));
+            let _ = blk.close();
+        }
+    }
+    assert_eq!(child.writes(), 0, "a read-only open wrote to the image");
+    assert!(
+        child.contents() == data,
+        "a read-only open changed the image"
+    );
+
+    // Writable: may repair a dirty image, grows by at most 16 MiB.
+    let limit = data.len() as u64 + (16 << 20);
+    let child = Arc::new(MemDriver::new(data.to_vec(), false, limit));
+    let Ok(driver) = Qcow2Driver::open_with(child, &opts) else {
+        return;
+    };
+    let backend = BackendOptions {
+        read_only: false,
+        write_beyond_eof: false,
+    };
+    let driver = Arc::new(driver);
+    let Ok(blk) = BlockBackend::new(driver.clone(), backend) else {
+        return;
+    };
+    let blk = Arc::new(blk);
+    let (b, d) = (blk.clone(), data.to_vec());
+    co(move || {
+        let size = b.size();
+        let offs = offsets(&d, size);
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 1) as u8).collect();
+        for (k, &off) in offs.iter().enumerate() {
+            let len = (size - off.min(size)).min(if k % 2 == 0 { 8192 } else { 700 });
+            let data = &pattern[..len as usize];
+            if b.co_pwrite(off, data).is_ok() {
+                // What was written reads back, unless the driver found the image corrupt.
+                let mut back = vec![0u8; data.len()];
+                if b.co_pread(off, &mut back).is_ok() && !driver.is_corrupt() {
+                    assert!(
+                        back == data,
+                        "a write of {len} bytes at {off} reads back otherwise"
+                    );
+                }
+            }
+        }
+        if let Some(&off) = offs.get(3) {
+            let _ = b.co_pwrite_zeroes(off, (size - off).min(1 << 16), off % 2 == 0);
+            let _ = b.co_pdiscard(off / 2, (size - off / 2).min(1 << 16));
+        }
+        let _ = b.co_flush();
+        exercise_read_only(&b, &d);
+    });
+    let _ = blk.close();
+}
+
+/// Fuzz target `backing_name`: `data` (up to [`MAX_BACKING_NAME`] + 1 bytes used) as the
+/// backing file name of an otherwise valid header, then resolved against a few image paths.
+pub fn backing_name(data: &[u8]) {
+    let name = &data[..data.len().min(MAX_BACKING_NAME as usize + 1)];
+    let head = header_with_backing(name);
+    let parsed = Header::parse(&head, 4 << 12);
+    let valid = !name.is_empty() && !name.contains(&0) && name.len() <= MAX_BACKING_NAME as usize;
+    match &parsed {
+        Ok(h) => {
+            use std::os::unix::ffi::OsStrExt;
+            match &h.backing_file {
+                Some(b) => assert!(valid && b.as_os_str().as_bytes() == name),
+                None => assert!(name.is_empty(), "a name was dropped"),
+            }
+        }
+        Err(_) => assert!(!valid || name.is_empty(), "a valid name was refused"),
+    }
+    let Ok(Header {
+        backing_file: Some(name),
+        ..
+    }) = parsed
+    else {
+        return;
+    };
+    for image in ["top.qcow2", "/images/top.qcow2", "a/b/c.qcow2", "/", ""] {
+        let image = Path::new(image);
+        let path = resolve_backing_path(image, &name);
+        if name.is_absolute() {
+            assert_eq!(path, name);
+        } else if let Some(dir) = image.parent() {
+            assert!(path.starts_with(dir), "{path:?} outside {dir:?}");
+        }
+    }
+    let _ = crate::qcow2::has_protocol(&name);
+    // The top image alone refuses to open without its path, naming the file.
+    let child = Arc::new(MemDriver::new(image_with_header(&head), true, 0));
+    if let Err(e) = Qcow2Driver::open(child) {
+        let _ = e.to_string();
+    }
+}
+
+/// A valid v3 header (512-byte clusters, 1 MiB) whose backing file name is `name`, stored
+/// after the header extensions at offset 1024 of a 4 KiB first cluster.
+fn header_with_backing(name: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    let mut put = |off: usize, bytes: &[u8]| b[off..off + bytes.len()].copy_from_slice(bytes);
+    put(0, b"QFI\xfb");
+    put(4, &3u32.to_be_bytes());
+    put(8, &1024u64.to_be_bytes());
+    put(16, &(name.len() as u32).to_be_bytes());
+    put(20, &12u32.to_be_bytes()); // 4 KiB clusters
+    put(24, &(1u64 << 20).to_be_bytes());
+    put(36, &1u32.to_be_bytes()); // l1_size
+    put(40, &(3u64 << 12).to_be_bytes()); // L1 at cluster 3
+    put(48, &(1u64 << 12).to_be_bytes()); // refcount table at cluster 1
+    put(56, &1u32.to_be_bytes());
+    put(96, &4u32.to_be_bytes());
+    put(100, &112u32.to_be_bytes());
+    put(112, &0xe279_2acau32.to_be_bytes()); // backing format "raw"
+    put(116, &3u32.to_be_bytes());
+    put(120, b"raw");
+    let n = name.len().min(4096 - 1024);
+    put(1024, &name[..n]);
+    b
+}
+
+/// The header as the first cluster of a 4-cluster image (refcount table, block, L1).
+fn image_with_header(head: &[u8]) -> Vec<u8> {
+    let mut b = head.to_vec();
+    b.resize(4 << 12, 0);
+    b
+}
