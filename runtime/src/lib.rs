@@ -109,7 +109,7 @@ pub use lock::{
     co_sleep, co_sleep_until, CoMutex, CoMutexGuard, CoMutexLock, CoQueue, CoQueueWait,
     CoReadGuard, CoRwLock, CoWriteGuard,
 };
-pub use thread_pool::{Lane, PoolFuture, ThreadPool};
+pub use thread_pool::{inject_spawn_failures, Lane, PoolFuture, ThreadPool};
 pub use timer::Timer;
 
 #[doc(hidden)]

@@ -217,16 +217,59 @@ impl ThreadPool {
     #[cold]
     fn spawn_worker(&self, name: String) {
         let inner = self.inner.clone();
-        if let Err(e) = thread::Builder::new()
-            .name(name)
-            .spawn(move || worker(inner))
-        {
-            // The job stays queued; an existing worker (if any) will take it.
+        let spawned = if FAIL_SPAWNS.fire() {
+            Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+        } else {
+            thread::Builder::new()
+                .name(name)
+                .spawn(move || worker(inner))
+                .map(drop)
+        };
+        if let Err(e) = spawned {
             log::error!(
                 "thread pool '{}': cannot start a worker: {e}",
                 self.inner.name
             );
-            self.inner.lock().threads -= 1;
+            let mut st = self.inner.lock();
+            st.threads -= 1;
+            if st.threads > 0 {
+                return; // the job stays queued; an existing worker will take it
+            }
+            drop(st);
+            self.run_queued_here();
+        }
+    }
+
+    /// No worker exists and none could be started (out of memory, threads, mappings): runs the
+    /// queued jobs on the calling thread, as a worker would, until one exists again. Slow — the
+    /// caller's loop blocks for each job — but every job completes; left queued, a job would
+    /// wait for a thread that may never come, and its request would hang.
+    #[cold]
+    fn run_queued_here(&self) {
+        log::warn!(
+            "thread pool '{}': no worker; running queued jobs on the submitting thread",
+            self.inner.name
+        );
+        loop {
+            let job = {
+                let mut st = self.inner.lock();
+                if st.threads > 0 {
+                    return;
+                }
+                match st.queue.pop_front() {
+                    Some(job) => job,
+                    None => return,
+                }
+            };
+            // A wake-up of a submitter on this thread is deferred until it yields (`co_wake`
+            // and task wakers are messages), so delivering it here is safe.
+            let waker = catch_unwind(AssertUnwindSafe(job)).unwrap_or_else(|_| {
+                log::error!("thread pool '{}': a job panicked", self.inner.name);
+                None
+            });
+            if let Some(w) = waker {
+                w.deliver(&self.inner.name);
+            }
         }
     }
 
@@ -388,6 +431,15 @@ impl<R> Future for PoolFuture<R> {
             }
         }
     }
+}
+
+/// Set by [`inject_spawn_failures`].
+static FAIL_SPAWNS: crate::fault::FailAfter = crate::fault::FailAfter::new();
+
+/// Test hook: after the next `after` worker threads started (any pool), the following `count`
+/// fail to start as if the system had no threads left.
+pub fn inject_spawn_failures(after: usize, count: usize) {
+    FAIL_SPAWNS.arm(after, count);
 }
 
 fn worker(inner: Arc<Inner>) {
