@@ -210,6 +210,7 @@ impl Qcow2Driver {
     pub(super) fn co_set_l1_entry(&self, m: &mut Meta, index: usize, entry: u64) -> Result<()> {
         self.co_write_meta(m.l1_offset + index as u64 * 8, &entry.to_be_bytes())?;
         m.l1[index] = entry;
+        m.tables_changed();
         Ok(())
     }
 

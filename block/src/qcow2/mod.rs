@@ -186,6 +186,31 @@ pub(crate) struct Meta {
     claims: Vec<(u64, u64)>,
     /// Requests waiting in `claim_waiters` (a released claim wakes them only if any).
     claim_waiters: usize,
+    /// Host offsets of the active L2 tables and the refcount blocks, sorted, for
+    /// [`Qcow2Driver::check_no_table_overlap`]; `None` after `l1` or the refcount table changed
+    /// (rebuilt at the next check: the tables change rarely, writes check often).
+    table_index: Option<Vec<u64>>,
+}
+
+impl Meta {
+    /// Call after changing `l1` or the refcount table.
+    fn tables_changed(&mut self) {
+        self.table_index = None;
+    }
+
+    /// The sorted host offsets of the active L2 tables and the refcount blocks.
+    fn table_index(&mut self) -> &[u64] {
+        let (l1, rc) = (&self.l1, &self.rc);
+        self.table_index.get_or_insert_with(|| {
+            let mut v: Vec<u64> = l1.iter().map(|&e| e & OFFSET_MASK).collect();
+            if let Some(rc) = rc {
+                v.extend(rc.table.iter().map(|&e| e & refcount::REFT_OFFSET_MASK));
+            }
+            v.retain(|&o| o != 0);
+            v.sort_unstable();
+            v
+        })
+    }
 }
 
 /// The qcow2 format over a child (the file driver). QEMU: `BDRVQcow2State`.
@@ -278,6 +303,7 @@ impl Qcow2Driver {
                 rc: None,
                 claims: Vec::new(),
                 claim_waiters: 0,
+                table_index: None,
             }),
             claim_waiters: CoQueue::new(),
             corrupt: AtomicBool::new(false),
@@ -289,7 +315,10 @@ impl Qcow2Driver {
                 driver.co_repair_dirty()?;
             }
             let rc = driver.load_refcount_table(tables(opts.refcount_cache_bytes))?;
-            driver.meta.co_lock().rc = Some(rc);
+            let mut m = driver.meta.co_lock();
+            m.rc = Some(rc);
+            m.tables_changed();
+            drop(m);
             if driver.header.autoclear_features != 0 {
                 // Bitmaps and other autoclear features become stale as soon as we write.
                 driver.co_write_host(header::FIELD_AUTOCLEAR, &[0u8; 8])?;
@@ -377,28 +406,24 @@ impl Qcow2Driver {
     /// the refcount table (a few thousand entries for a TiB of 64 KiB clusters), as QEMU's
     /// default `overlap-check=cached` does. QEMU: `QCOW2_OL_ACTIVE_L2`, `QCOW2_OL_REFCOUNT_BLOCK`
     /// in `qcow2_check_metadata_overlap()`.
-    fn check_no_table_overlap(&self, m: &Meta, host: u64, len: u64, what: &str) -> Result<()> {
+    fn check_no_table_overlap(&self, m: &mut Meta, host: u64, len: u64, what: &str) -> Result<()> {
         let cs = self.cluster_size();
-        let overlaps = |start: u64| start != 0 && host < start + cs && start < host + len;
-        let mut hit =
-            m.l1.iter()
-                .any(|&e| overlaps(e & OFFSET_MASK))
-                .then_some("an L2 table");
-        if let Some(rc) = &m.rc {
-            if rc
-                .table
-                .iter()
-                .any(|&e| overlaps(e & refcount::REFT_OFFSET_MASK))
-            {
-                hit = Some("a refcount block");
-            }
-        }
-        match hit {
-            None => Ok(()),
-            Some(t) => {
-                Err(self.signal_corruption(format!("{what} at {host:#x} would overwrite {t}")))
-            }
-        }
+        // A table at `start` overlaps [host, host + len) if start < host + len and
+        // start + cs > host: binary search in the sorted index (rebuilt only after the L1 or
+        // refcount table changed), not a scan of both tables on every write.
+        let index = m.table_index();
+        let first = index.partition_point(|&start| start.saturating_add(cs) <= host);
+        let Some(&start) = index.get(first).filter(|&&s| s < host.saturating_add(len)) else {
+            return Ok(());
+        };
+        let what_table = if m.l1.iter().any(|&e| e & OFFSET_MASK == start) {
+            "an L2 table"
+        } else {
+            "a refcount block"
+        };
+        Err(self.signal_corruption(format!(
+            "{what} at {host:#x} would overwrite {what_table} at {start:#x}"
+        )))
     }
 
     /// Fails, marking the image corrupt, if the cluster at `host`, which the refcounts say is

@@ -183,6 +183,7 @@ impl Qcow2Driver {
         let rc = rc(m)?;
         rc.table[index as usize] = off;
         rc.cache.insert(off, block.into());
+        m.tables_changed();
         Ok(off)
     }
 
@@ -254,6 +255,7 @@ impl Qcow2Driver {
                 rc.cache.insert(off, block);
             }
         }
+        m.tables_changed();
         self.defer_free(m, old_offset, old_clusters);
         Ok(())
     }

@@ -319,7 +319,9 @@ impl Qcow2Driver {
             if fixed != l1_entry {
                 let at = self.header.l1_table_offset + i as u64 * 8;
                 self.co_write_host(at, &fixed.to_be_bytes())?;
-                self.meta.co_lock().l1[i] = fixed;
+                let mut m = self.meta.co_lock();
+                m.l1[i] = fixed;
+                m.tables_changed();
             }
         }
         self.co_flush_host()

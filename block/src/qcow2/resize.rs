@@ -158,6 +158,7 @@ impl Qcow2Driver {
         let (old_offset, old_len) = (m.l1_offset, m.l1.len() as u64);
         m.l1.resize(entries as usize, 0);
         m.l1_offset = new;
+        m.tables_changed();
         if old_len > 0 && old_offset != 0 {
             self.defer_free(m, old_offset, (old_len * 8).div_ceil(cs));
         }
