@@ -27,6 +27,32 @@ fn size_depends_on_minor(opcode: u32) -> bool {
     )
 }
 
+/// The opcodes the parser decodes (the others are `Operation::Unknown`): every one has a corpus
+/// file (`fuse/tests/fuzz_corpus.rs` checks) and a round-trip property
+/// (`fuse/tests/request_props.rs`).
+pub const HANDLED_OPCODES: [u32; 20] = [
+    FUSE_INIT,
+    FUSE_DESTROY,
+    FUSE_STATFS,
+    FUSE_OPEN,
+    FUSE_RELEASE,
+    FUSE_LOOKUP,
+    FUSE_FORGET,
+    FUSE_BATCH_FORGET,
+    FUSE_GETATTR,
+    FUSE_SETATTR,
+    FUSE_READ,
+    FUSE_WRITE,
+    FUSE_FALLOCATE,
+    FUSE_FSYNC,
+    FUSE_FLUSH,
+    FUSE_LSEEK,
+    FUSE_INTERRUPT,
+    FUSE_OPENDIR,
+    FUSE_READDIR,
+    FUSE_RELEASEDIR,
+];
+
 /// Fuzz target `fuse_request`: [`request::parse`] of `data` under every minor, whole and split.
 pub fn fuse_request(data: &[u8]) {
     let mut first: Option<Result<Request<'_>, ParseError>> = None;

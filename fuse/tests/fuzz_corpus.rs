@@ -41,28 +41,7 @@ fn fuse_request_corpus_replays_cleanly() {
         .filter(|(_, b)| b.len() >= 8)
         .map(|(_, b)| u32::from_ne_bytes(b[4..8].try_into().expect("4 bytes")))
         .collect();
-    for op in [
-        FUSE_INIT,
-        FUSE_DESTROY,
-        FUSE_STATFS,
-        FUSE_OPEN,
-        FUSE_RELEASE,
-        FUSE_LOOKUP,
-        FUSE_FORGET,
-        FUSE_BATCH_FORGET,
-        FUSE_GETATTR,
-        FUSE_SETATTR,
-        FUSE_READ,
-        FUSE_WRITE,
-        FUSE_FALLOCATE,
-        FUSE_FSYNC,
-        FUSE_FLUSH,
-        FUSE_LSEEK,
-        FUSE_INTERRUPT,
-        FUSE_OPENDIR,
-        FUSE_READDIR,
-        FUSE_RELEASEDIR,
-    ] {
+    for op in fuse::fuzzing::HANDLED_OPCODES {
         assert!(opcodes.contains(&op), "no corpus file of opcode {op}");
     }
 }

@@ -19,6 +19,7 @@ use std::ffi::CString;
 use std::mem::size_of;
 
 use fuse::abi::*;
+use fuse::fuzzing::HANDLED_OPCODES as HANDLED;
 use fuse::request::{parse, Operation, ParseError};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
@@ -31,30 +32,6 @@ fn config(cases: u32) -> Config {
         ..Config::default()
     }
 }
-
-/// The opcodes the parser decodes (the others are `Unknown`).
-const HANDLED: [u32; 20] = [
-    FUSE_INIT,
-    FUSE_DESTROY,
-    FUSE_STATFS,
-    FUSE_OPEN,
-    FUSE_RELEASE,
-    FUSE_LOOKUP,
-    FUSE_FORGET,
-    FUSE_BATCH_FORGET,
-    FUSE_GETATTR,
-    FUSE_SETATTR,
-    FUSE_READ,
-    FUSE_WRITE,
-    FUSE_FALLOCATE,
-    FUSE_FSYNC,
-    FUSE_FLUSH,
-    FUSE_LSEEK,
-    FUSE_INTERRUPT,
-    FUSE_OPENDIR,
-    FUSE_READDIR,
-    FUSE_RELEASEDIR,
-];
 
 /// A `T` whose first `wire` bytes come from `bytes` and the rest are zero: what the parser
 /// must return for a struct the kernel sent `wire` bytes of.
