@@ -6,8 +6,6 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use fuse::abi::*;
-
 /// The files of `fuzz/corpus/<target>/`, sorted; panics if there are none.
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
