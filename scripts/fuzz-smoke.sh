@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../fuzz"
 secs=${FUZZ_SECONDS:-15}
 # nightly where it is installed; else the stable toolchain, with RUSTC_BOOTSTRAP=1 for the
 # sanitizer's -Z flags (a fresh machine has stable only).
-if cargo +nightly --version >/dev/null 2>&1; then
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   cargo=(cargo +nightly)
 else
   cargo=(env RUSTC_BOOTSTRAP=1 cargo)
