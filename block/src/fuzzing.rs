@@ -405,3 +405,21 @@ fn image_with_header(head: &[u8]) -> Vec<u8> {
     b.resize(4 << 12, 0);
     b
 }
+
+/// The files of a fuzz corpus directory, sorted, with their bytes, for the corpus replay tests
+/// (`block/tests/fuzz_corpus.rs`, `fuse/tests/fuzz_corpus.rs`); panics if there are none.
+pub fn corpus_files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("directory entry").path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} is empty", dir.display());
+    files
+        .into_iter()
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            (p, bytes)
+        })
+        .collect()
+}

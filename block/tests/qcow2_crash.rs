@@ -20,7 +20,7 @@
 mod common;
 mod crash;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use block::qcow2::ChainOptions;
@@ -50,6 +50,42 @@ fn check_guest(name: &str, dir: &Path, base: Vec<u8>, g: Guest, dirty_ok: bool) 
     });
 }
 
+/// `top.qcow2` (64 KiB clusters) over a raw `base.raw` of `size` bytes of pattern `tag`:
+/// the backing data and the image's path.
+fn backed_image(dir: &Path, size: u64, tag: u8) -> (Vec<u8>, PathBuf) {
+    let base = pattern(size as usize, tag);
+    std::fs::write(dir.join("base.raw"), &base).expect("write the backing file");
+    let path = dir.join("top.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw"])
+        .args(["-o", "cluster_size=65536"])
+        .arg(&path)
+        .arg(size.to_string()));
+    (base, path)
+}
+
+/// `count` random writes (1 byte to `max_len`, at byte offsets in `start..end`), the `i`-th
+/// of pattern `tag_base + i`, a guest flush after every `flush_every`-th.
+fn random_writes(
+    g: &mut Guest,
+    seed: u64,
+    count: u64,
+    max_len: u64,
+    (start, end): (u64, u64),
+    flush_every: u64,
+    tag_base: u8,
+) {
+    let mut rng = Lcg(seed);
+    for i in 0..count {
+        let len = 1 + rng.below(max_len);
+        let off = start + rng.below(end - start - len);
+        g.write(off, pattern(len as usize, tag_base + i as u8));
+        if i % flush_every == flush_every - 1 {
+            g.flush();
+        }
+    }
+}
+
 /// Random writes (1 byte to 40 KiB, at byte offsets) into an empty image with 4 KiB clusters,
 /// a guest flush after every third.
 #[test]
@@ -61,15 +97,7 @@ fn allocating_writes() {
     let size = 4 * MIB;
     let path = create_qcow2(dir.path(), "alloc.qcow2", "cluster_size=4096", size);
     let mut g = Guest::open(&path, &ChainOptions::default());
-    let mut rng = Lcg(0xa110c);
-    for i in 0..18u64 {
-        let len = 1 + rng.below(40 * KIB);
-        let off = rng.below(size - len);
-        g.write(off, pattern(len as usize, i as u8 + 1));
-        if i % 3 == 2 {
-            g.flush();
-        }
-    }
+    random_writes(&mut g, 0xa110c, 18, 40 * KIB, (0, size), 3, 1);
     check_guest(
         "allocating_writes",
         dir.path(),
@@ -89,14 +117,7 @@ fn cow_from_backing_file() {
     }
     let dir = disk_dir();
     let size = 4 * MIB;
-    let base = pattern(size as usize, 0x5a);
-    std::fs::write(dir.path().join("base.raw"), &base).expect("write the backing file");
-    let path = dir.path().join("top.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw"])
-        .args(["-o", "cluster_size=65536"])
-        .arg(&path)
-        .arg(size.to_string()));
+    let (base, path) = backed_image(dir.path(), size, 0x5a);
     let mut g = Guest::open(&path, &ChainOptions::default());
     let mut rng = Lcg(0xc0 ^ 0xba5e);
     for i in 0..12u64 {
@@ -125,14 +146,7 @@ fn concurrent_writes_over_backing_file() {
     }
     let dir = disk_dir();
     let size = 4 * MIB;
-    let base = pattern(size as usize, 0x3c);
-    std::fs::write(dir.path().join("base.raw"), &base).expect("write the backing file");
-    let path = dir.path().join("top.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw"])
-        .args(["-o", "cluster_size=65536"])
-        .arg(&path)
-        .arg(size.to_string()));
+    let (base, path) = backed_image(dir.path(), size, 0x3c);
     let mut g = Guest::open(&path, &ChainOptions::default());
     let mut rng = Lcg(0xc0c0);
     let clusters = size / (64 * KIB);
@@ -183,15 +197,7 @@ fn l2_and_refcount_allocation() {
     let size = 16 * MIB;
     let path = create_qcow2(dir.path(), "small.qcow2", "cluster_size=512", size);
     let mut g = Guest::open(&path, &ChainOptions::default());
-    let mut rng = Lcg(0x12);
-    for i in 0..14u64 {
-        let len = 1 + rng.below(3 * KIB);
-        let off = rng.below(size - len);
-        g.write(off, pattern(len as usize, i as u8 + 0x21));
-        if i % 2 == 1 {
-            g.flush();
-        }
-    }
+    random_writes(&mut g, 0x12, 14, 3 * KIB, (0, size), 2, 0x21);
     check_guest(
         "l2_and_refcount_allocation",
         dir.path(),
@@ -217,15 +223,7 @@ fn freed_clusters_reused_as_tables() {
     g.flush();
     g.discard(0, 96 * KIB);
     g.flush();
-    let mut rng = Lcg(0x2e05e);
-    for i in 0..24u64 {
-        let len = 1 + rng.below(2 * KIB);
-        let off = 96 * KIB + rng.below(size - 96 * KIB - len);
-        g.write(off, pattern(len as usize, 0x50 + i as u8));
-        if i % 3 == 2 {
-            g.flush();
-        }
-    }
+    random_writes(&mut g, 0x2e05e, 24, 2 * KIB, (96 * KIB, size), 3, 0x50);
     check_guest(
         "freed_clusters_reused_as_tables",
         dir.path(),
