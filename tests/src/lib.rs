@@ -1097,6 +1097,20 @@ pub fn allocated(path: &Path) -> u64 {
         * 512
 }
 
+/// `qemu-img create -f qcow2 -o OPTS PATH SIZE` (SIZE in bytes or with a suffix: `1M`).
+pub fn create_qcow2(path: &Path, opts: &str, size: impl ToString) {
+    run(tool("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", opts])
+        .arg(path)
+        .arg(size.to_string()))
+    .ok();
+}
+
+/// `qemu-img check -f qcow2 PATH`: exit 0 clean, 2 corruption, 3 leaks only.
+pub fn qemu_img_check(path: &Path) -> Output {
+    run(tool("qemu-img").args(["check", "-f", "qcow2"]).arg(path))
+}
+
 /// Opens `path` read-write.
 pub fn open_rw(path: &Path) -> File {
     fs::OpenOptions::new()

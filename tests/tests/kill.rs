@@ -241,10 +241,6 @@ fn prefill(img: &Path, mnt: &Path, args: &[&str], seed: u64) {
     e.stop_ok();
 }
 
-fn qemu_img_check(img: &Path) -> Output {
-    run(tool("qemu-img").args(["check", "-f", "qcow2"]).arg(img))
-}
-
 fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;
     Some(
@@ -301,18 +297,7 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
                 "raw"
             }
             Format::Qcow2 => {
-                sh!(
-                    "qemu-img",
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-o",
-                    format!("cluster_size={cluster}"),
-                    &img,
-                    initial.to_string()
-                )
-                .ok();
+                create_qcow2(&img, &format!("cluster_size={cluster}"), initial);
                 "qcow2"
             }
         };

@@ -16,27 +16,6 @@ use tests::*;
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
 
-fn create_qcow2(path: &Path, opts: &str, size: u64) {
-    sh!(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        opts,
-        path,
-        size.to_string()
-    )
-    .ok();
-}
-
-/// `qemu-img check`'s exit status (0 clean, 2 corruption, 3 leaks only) and its output.
-fn qemu_img_check(path: &Path) -> (Option<i32>, String) {
-    let out = run(tool("qemu-img").args(["check", "-f", "qcow2"]).arg(path));
-    (out.code(), out.all())
-}
-
 /// `qemu-img compare` of a raw oracle with the image must say identical.
 fn compare_with_oracle(path: &Path, oracle: &[u8]) {
     let raw = path.with_extension("oracle.raw");
@@ -159,7 +138,8 @@ fn qcow2_writes_through_the_export() {
         drop(f);
         e.stop_ok();
 
-        let (code, out) = qemu_img_check(&q);
+        let out = qemu_img_check(&q);
+        let code = out.code();
         assert_eq!(code, Some(0), "qemu-img check after a clean stop: {out}");
         compare_with_oracle(&q, &oracle);
     }
@@ -181,7 +161,8 @@ fn qcow2_fio_randwrite_verifies() {
     let mut e = Export::start(&q, &mnt, NO_ARGS);
     fio_randwrite_verify(dir.path(), &e, 16 * MIB);
     e.stop_ok();
-    let (code, out) = qemu_img_check(&q);
+    let out = qemu_img_check(&q);
+    let code = out.code();
     assert_eq!(code, Some(0), "qemu-img check: {out}");
 }
 
@@ -243,7 +224,8 @@ fn qcow2_sigkill_mid_write_leaves_no_corruption() {
             started,
             "round {round}: the writers allocated nothing in 20 s"
         );
-        let (code, out) = qemu_img_check(&q);
+        let out = qemu_img_check(&q);
+        let code = out.code();
         eprintln!("round {round}: qemu-img check exit {code:?}");
         assert!(
             matches!(code, Some(0) | Some(3)),
@@ -289,7 +271,8 @@ fn qcow2_growable_export() {
     e.stop_ok();
     let mut oracle = vec![0u8; (grown + MIB) as usize];
     oracle[at as usize..end as usize].copy_from_slice(&data);
-    let (code, out) = qemu_img_check(&q);
+    let out = qemu_img_check(&q);
+    let code = out.code();
     assert_eq!(code, Some(0), "qemu-img check: {out}");
     compare_with_oracle(&q, &oracle);
 }
@@ -347,7 +330,8 @@ fn qcow2_overlay_writes_through_the_export() {
     assert_same_bytes(&read_all(e.path()), &oracle, "overlay through the export");
     drop(f);
     e.stop_ok();
-    let (code, out) = qemu_img_check(&q);
+    let out = qemu_img_check(&q);
+    let code = out.code();
     assert_eq!(code, Some(0), "qemu-img check after a clean stop: {out}");
     compare_with_oracle(&q, &oracle);
     assert!(
@@ -373,7 +357,8 @@ fn qcow2_dirty_image_is_repaired_at_mount() {
         .args(["-f", "qcow2", "-c", "write -P 0x22 1M 3M", "-c", "abort"])
         .arg(&q))
     .fails();
-    let (code, out) = qemu_img_check(&q);
+    let out = qemu_img_check(&q);
+    let code = out.code();
     assert_eq!(code, Some(2), "the crash left refcount errors: {out}");
     let raw = dir.path().join("lazy.raw");
     sh!("qemu-img", "convert", "-f", "qcow2", "-O", "raw", &q, &raw).ok();
@@ -398,7 +383,8 @@ fn qcow2_dirty_image_is_repaired_at_mount() {
         "the repair is logged: {log}"
     );
 
-    let (code, out) = qemu_img_check(&q);
+    let out = qemu_img_check(&q);
+    let code = out.code();
     assert_eq!(
         code,
         Some(0),

@@ -75,18 +75,7 @@ fn qcow2_growth_rounds_up_to_a_sector_and_unaligned_truncate_is_refused() {
     require!(fuse_available(), have_tools(&["qemu-img"]));
     let dir = disk_workdir();
     let q = dir.path().join("g.qcow2");
-    sh!(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        &q,
-        "1M"
-    )
-    .ok();
+    create_qcow2(&q, "cluster_size=4096", "1M");
     let mnt = dir.path().join("mnt");
     fs::write(&mnt, b"").expect("mountpoint");
     let mut e = Export::start(&q, &mnt, &["--growable"]);

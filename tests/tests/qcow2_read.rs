@@ -203,18 +203,7 @@ fn seek_on_a_standalone_qcow2() {
     require!(fuse_available(), have_tools(&["qemu-img", "qemu-io"]));
     let dir = workdir();
     let img = dir.path().join("alone.qcow2");
-    sh!(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        &img,
-        "4M"
-    )
-    .ok();
+    create_qcow2(&img, "cluster_size=4096", "4M");
     qemu_io(
         "qcow2",
         &img,
