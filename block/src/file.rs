@@ -29,6 +29,19 @@
 //! the pool as before. O_DIRECT requests always go to the pool (with O_DIRECT, `RWF_NOWAIT` does not
 //! avoid waiting for the device). [`FileDriver::stats`] counts what happened.
 //!
+//! ## io_uring
+//!
+//! With [`AioMode::IoUring`] (or `Auto`, the default) and a thread whose
+//! [`runtime::AioContext`] waits through io_uring, what would go to the thread pool goes on
+//! that ring instead ([`runtime::uring`]): the coroutine yields, the loop's next
+//! `io_uring_enter` submits the request together with everything else of that round, and the
+//! completion enters the coroutine again on the same thread — no hop to a worker and back. The
+//! inline attempts above are kept (a page-cache hit is still one syscall and no yield);
+//! reads, writes, `fdatasync` and `fallocate` go through the ring, `ftruncate` stays on the
+//! pool. The kernel serialises buffered writes to one inode in its own workers, so the write
+//! lane is not used. When the ring cannot take a request (full, or the thread has none) it goes
+//! to the pool as before. QEMU: `aio=io_uring` (`block/io_uring.c`).
+//!
 //! `lseek(SEEK_DATA/SEEK_HOLE)` runs inline, as QEMU's `raw_co_block_status()` does. Outside a
 //! coroutine (opening, probing, closing at shutdown) every call simply runs on the calling
 //! thread.
@@ -72,12 +85,26 @@ pub enum CacheMode {
     None,
 }
 
+/// How requests that may block are done. QEMU: `aio=`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AioMode {
+    /// On the thread pool (QEMU `aio=threads`).
+    Threads,
+    /// On the calling thread's io_uring (QEMU `aio=io_uring`); the pool when the thread has
+    /// none. Whether it has one is the loop's choice ([`runtime::set_fd_monitor`]).
+    IoUring,
+    /// `IoUring` where the ring works (the default).
+    #[default]
+    Auto,
+}
+
 /// Options of the `file` driver.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FileOptions {
     /// Open `O_RDONLY`; writes fail with [`BlockError::ReadOnly`].
     pub read_only: bool,
     pub cache: CacheMode,
+    pub aio: AioMode,
     /// Take no image locks (QEMU `-U`/`--force-share`); implies `read_only`.
     pub force_share: bool,
 }
@@ -93,6 +120,8 @@ pub struct FileStats {
     pub inline_misses: u64,
     /// Syscalls handed to the thread pool.
     pub pool_requests: u64,
+    /// Requests completed through an io_uring.
+    pub ring_requests: u64,
 }
 
 #[derive(Default)]
@@ -101,6 +130,7 @@ struct Counters {
     inline_writes: AtomicU64,
     inline_misses: AtomicU64,
     pool_requests: AtomicU64,
+    ring_requests: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -116,6 +146,8 @@ pub struct FileDriver {
     kind: FileKind,
     read_only: bool,
     direct: bool,
+    /// Requests that would block go to the thread's io_uring when it has one.
+    uring: bool,
     request_alignment: u64,
     mem_alignment: u64,
     /// Whether this image holds lock bytes (false with force-share or without OFD support).
@@ -231,6 +263,7 @@ impl FileDriver {
             kind: st.kind,
             read_only,
             direct,
+            uring: opts.aio != AioMode::Threads,
             request_alignment,
             mem_alignment,
             locked,
@@ -271,6 +304,7 @@ impl FileDriver {
             inline_writes: c.inline_writes.load(Ordering::Relaxed),
             inline_misses: c.inline_misses.load(Ordering::Relaxed),
             pool_requests: c.pool_requests.load(Ordering::Relaxed),
+            ring_requests: c.ring_requests.load(Ordering::Relaxed),
         }
     }
 
@@ -313,6 +347,64 @@ impl FileDriver {
         } else {
             f()
         }
+    }
+
+    /// Runs `op` on the thread's ring if this file uses one: `None` when it does not, or the
+    /// ring could not take the request (the caller then uses the pool). `EINTR` is retried.
+    fn ring<R>(&self, mut op: impl FnMut() -> Option<io::Result<R>>) -> Option<io::Result<R>> {
+        if !self.uring {
+            return None;
+        }
+        loop {
+            match op()? {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => {
+                    bump(&self.counters.ring_requests);
+                    return Some(r);
+                }
+            }
+        }
+    }
+
+    /// Reads `buf` through the thread's ring, zeros past EOF as [`read_full`]; how many bytes
+    /// are done (all of them, or fewer if the ring stopped taking requests: the rest is the
+    /// caller's).
+    fn ring_read(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let Some(r) = self.ring(|| runtime::uring::co_read(self.fd(), &mut buf[done..], off))
+            else {
+                return Ok(done);
+            };
+            match r {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if self.direct && done > 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                    break // see read_full: the end of the file
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        buf[done..].fill(0);
+        Ok(buf.len())
+    }
+
+    /// Writes `buf` through the thread's ring; how many bytes are done (see `ring_read`).
+    fn ring_write(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let Some(r) = self.ring(|| runtime::uring::co_write(self.fd(), &buf[done..], off))
+            else {
+                return Ok(done);
+            };
+            match r? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => done += n,
+            }
+        }
+        Ok(done)
     }
 
     /// The inline attempt: `Some(n)` bytes done (possibly 0), `None` to go to the pool.
@@ -375,7 +467,10 @@ impl FileDriver {
             return Ok(false);
         }
         let fd = self.fd();
-        let res = self.blocking(move || retry_eintr(|| sys::fallocate(fd, mode, offset, len)));
+        let res = match self.ring(|| runtime::uring::co_fallocate(fd, mode.bits(), offset, len)) {
+            Some(res) => res,
+            None => self.blocking(move || retry_eintr(|| sys::fallocate(fd, mode, offset, len))),
+        };
         self.fallocate_result(flag, mode, res)
     }
 
@@ -657,25 +752,37 @@ impl BlockDriver for FileDriver {
     }
 
     fn co_preadv(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let done = match self.read_inline(offset, buf)? {
+        let mut done = match self.read_inline(offset, buf)? {
             Inline::Done => return Ok(()),
             Inline::Rest(n) => n,
         };
         let (fd, direct) = (self.fd(), self.direct);
+        if self.uring && runtime::in_coroutine() {
+            done += self.ring_read(&mut buf[done..], offset + done as u64)?;
+            if done == buf.len() {
+                return Ok(());
+            }
+        }
         let rest = &mut buf[done..];
         let off = offset + done as u64;
         Ok(self.blocking(move || read_full(fd, rest, off, direct))?)
     }
 
     fn co_pwritev(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        let done = match self.write_inline(offset, buf)? {
+        let mut done = match self.write_inline(offset, buf)? {
             Inline::Done => return Ok(()),
             Inline::Rest(n) => n,
         };
         let fd = self.fd();
+        let _busy = PoolWrite::enter(&self.pool_writes);
+        if self.uring && runtime::in_coroutine() {
+            done += self.ring_write(&buf[done..], offset + done as u64)?;
+            if done == buf.len() {
+                return Ok(());
+            }
+        }
         let rest = &buf[done..];
         let off = offset + done as u64;
-        let _busy = PoolWrite::enter(&self.pool_writes);
         Ok(self.blocking_in(self.write_lane.as_ref(), move || write_full(fd, rest, off))?)
     }
 
@@ -684,7 +791,10 @@ impl BlockDriver for FileDriver {
             return Ok(());
         }
         let fd = self.fd();
-        let res = self.blocking(move || retry_eintr(|| sys::fdatasync(fd)));
+        let res = match self.ring(|| runtime::uring::co_fsync(fd, true)) {
+            Some(res) => res,
+            None => self.blocking(move || retry_eintr(|| sys::fdatasync(fd))),
+        };
         self.flush_result(res)
     }
 
@@ -795,6 +905,90 @@ impl FileDriver {
             .await
     }
 
+    /// Reads `own[at..]` from `offset` through the thread's ring (zeros past EOF); the buffer
+    /// and how far it is done (all of it, or less if the ring stopped taking requests).
+    async fn ring_read_owned(
+        &self,
+        mut own: AlignedBuf,
+        mut at: usize,
+        offset: u64,
+    ) -> Result<(AlignedBuf, usize)> {
+        let start = at;
+        while at < own.len() {
+            let off = offset + (at - start) as u64;
+            let op = match runtime::uring::read_owned(self.fd.clone(), own, at, off) {
+                Ok(op) => op,
+                Err((_, buf)) => return Ok((buf, at)),
+            };
+            let ((_, buf), res) = op.await;
+            own = buf;
+            bump(&self.counters.ring_requests);
+            match res {
+                Ok(0) => break,
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if self.direct && at > start && e.raw_os_error() == Some(libc::EINVAL) => {
+                    break
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        own[at..].fill(0);
+        let len = own.len();
+        Ok((own, len))
+    }
+
+    /// Writes `own[at..]` at `offset` through the thread's ring; see `ring_read_owned`.
+    async fn ring_write_owned(
+        &self,
+        mut own: AlignedBuf,
+        mut at: usize,
+        offset: u64,
+    ) -> Result<(AlignedBuf, usize)> {
+        let start = at;
+        while at < own.len() {
+            let off = offset + (at - start) as u64;
+            let op = match runtime::uring::write_owned(self.fd.clone(), own, at, off) {
+                Ok(op) => op,
+                Err((_, buf)) => return Ok((buf, at)),
+            };
+            let ((_, buf), res) = op.await;
+            own = buf;
+            bump(&self.counters.ring_requests);
+            match res {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok((own, at))
+    }
+
+    /// A request without a buffer (`fdatasync`, `fallocate`) through the ring, `EINTR`
+    /// retried; `None` if the ring cannot take it.
+    async fn ring_call<O>(
+        &self,
+        op: impl Fn(Arc<OwnedFd>) -> std::result::Result<O, Arc<OwnedFd>>,
+    ) -> Option<io::Result<()>>
+    where
+        O: std::future::Future<Output = (Arc<OwnedFd>, io::Result<usize>)>,
+    {
+        if !self.uring {
+            return None;
+        }
+        loop {
+            let (_, res) = op(self.fd.clone()).ok()?.await;
+            match res {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => {
+                    bump(&self.counters.ring_requests);
+                    return Some(r.map(drop));
+                }
+            }
+        }
+    }
+
     pub(crate) async fn preadv_async(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let done = match self.read_inline(offset, buf)? {
             Inline::Done => return Ok(()),
@@ -804,9 +998,17 @@ impl FileDriver {
         let (off, direct) = (offset + done as u64, self.direct);
         let mut own = self.owned_buf(rest.len())?;
         let n = rest.len();
+        let mut at = 0;
+        if self.uring {
+            (own, at) = self.ring_read_owned(own, 0, off).await?;
+            if at == n {
+                rest.copy_from_slice(&own[..n]);
+                return Ok(());
+            }
+        }
         let (own, res) = self
             .pool(move |fd| {
-                let r = read_full(fd, &mut own[..n], off, direct);
+                let r = read_full(fd, &mut own[at..n], off + at as u64, direct);
                 (own, r)
             })
             .await;
@@ -826,9 +1028,16 @@ impl FileDriver {
         let n = rest.len();
         own[..n].copy_from_slice(rest);
         let _busy = PoolWrite::enter(&self.pool_writes);
+        let mut at = 0;
+        if self.uring {
+            (own, at) = self.ring_write_owned(own, 0, off).await?;
+            if at == n {
+                return Ok(());
+            }
+        }
         let lane = self.write_lane.as_ref();
         Ok(self
-            .pool_in(lane, move |fd| write_full(fd, &own[..n], off))
+            .pool_in(lane, move |fd| write_full(fd, &own[at..n], off + at as u64))
             .await?)
     }
 
@@ -836,7 +1045,13 @@ impl FileDriver {
         if !self.flush_needed()? {
             return Ok(());
         }
-        let res = self.pool(|fd| retry_eintr(|| sys::fdatasync(fd))).await;
+        let ring = self
+            .ring_call(|fd| runtime::uring::fsync_owned(fd, true))
+            .await;
+        let res = match ring {
+            Some(res) => res,
+            None => self.pool(|fd| retry_eintr(|| sys::fdatasync(fd))).await,
+        };
         self.flush_result(res)
     }
 
@@ -850,9 +1065,16 @@ impl FileDriver {
         if !flag.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        let res = self
-            .pool(move |fd| retry_eintr(|| sys::fallocate(fd, mode, offset, len)))
+        let ring = self
+            .ring_call(|fd| runtime::uring::fallocate_owned(fd, mode.bits(), offset, len))
             .await;
+        let res = match ring {
+            Some(res) => res,
+            None => {
+                self.pool(move |fd| retry_eintr(|| sys::fallocate(fd, mode, offset, len)))
+                    .await
+            }
+        };
         self.fallocate_result(flag, mode, res)
     }
 

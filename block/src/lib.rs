@@ -81,7 +81,7 @@ pub use async_io::{AsyncLeaf, AsyncPath};
 pub use backend::{BackendOptions, BlockBackend};
 pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Gate, Rule, RuleId};
 pub use blklogwrites::{BlklogwritesDriver, LoggedOp};
-pub use file::{CacheMode, FileDriver, FileOptions, FileStats};
+pub use file::{AioMode, CacheMode, FileDriver, FileOptions, FileStats};
 pub use image_lock::Perm;
 pub use null::NullDriver;
 pub use qcow2::{Qcow2Driver, Qcow2Options};
@@ -322,6 +322,8 @@ pub struct OpenOptions {
     pub format: Format,
     pub read_only: bool,
     pub cache: CacheMode,
+    /// How the file's blocking I/O is done (QEMU `aio=`).
+    pub aio: AioMode,
     /// No image locking (QEMU `-U`); implies `read_only`.
     pub force_share: bool,
     /// Raw window: start of the exported range in the file.
@@ -383,6 +385,7 @@ pub fn open_image_with(
     let file_opts = FileOptions {
         read_only,
         cache: opts.cache,
+        aio: opts.aio,
         force_share: opts.force_share,
     };
     let file: Arc<dyn BlockDriver> = Arc::new(FileDriver::open(path, &file_opts)?);
@@ -453,6 +456,7 @@ fn open_qcow2(
     }
     let chain = qcow2::ChainOptions {
         cache: opts.cache,
+        aio: opts.aio,
         force_share: opts.force_share,
         qcow2: opts.qcow2,
     };

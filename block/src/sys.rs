@@ -147,12 +147,19 @@ pub enum FallocMode {
     ZeroRange,
 }
 
+impl FallocMode {
+    /// The `mode` argument of `fallocate(2)`.
+    pub fn bits(self) -> i32 {
+        match self {
+            FallocMode::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            FallocMode::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
+        }
+    }
+}
+
 /// `fallocate(2)`. QEMU: `do_fallocate()`.
 pub fn fallocate(fd: BorrowedFd<'_>, mode: FallocMode, offset: u64, len: u64) -> io::Result<()> {
-    let mode = match mode {
-        FallocMode::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        FallocMode::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
-    };
+    let mode = mode.bits();
     let (off, len) = (off_t(offset)?, off_t(len)?);
     // SAFETY: plain syscall on a live descriptor; no memory is passed.
     cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off, len) }).map(drop)
@@ -354,6 +361,17 @@ pub struct AlignedBuf {
 unsafe impl Send for AlignedBuf {}
 // SAFETY: shared access only hands out `&[u8]`, like `Vec<u8>`.
 unsafe impl Sync for AlignedBuf {}
+
+// SAFETY: the bytes live in the heap allocation `ptr`, owned by the value until it is dropped
+// and never moved or reallocated; moving an `AlignedBuf` moves only the pointer.
+unsafe impl runtime::uring::StableBuf for AlignedBuf {
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
 
 impl AlignedBuf {
     /// `len` zero bytes aligned to `align` (a power of two, else `EINVAL`); `ENOMEM` when the

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 
-use block::{CacheMode, Format, OpenOptions};
+use block::{AioMode, CacheMode, Format, OpenOptions};
 use fuse::queue::Engine;
 use fuse::server::{self, AllowOther, ServerConfig};
 
@@ -57,6 +57,15 @@ struct Cli {
     /// Host page cache for the image: `writeback` (buffered) or `none` (O_DIRECT).
     #[arg(long, value_enum, default_value_t = CacheArg::Writeback)]
     cache: CacheArg,
+
+    /// How requests that may block (disk reads and writes, flushes, fallocate) are done:
+    /// `io_uring` submits them to an io_uring owned by each queue thread's event loop, which
+    /// also waits for the loop's fds, and resumes the request when the completion comes, on the
+    /// same thread; `threads` hands them to a thread pool, with epoll event loops (QEMU's
+    /// `aio=threads`). `auto`: io_uring where the kernel allows it (it may be disabled by
+    /// `kernel.io_uring_disabled` or seccomp), else threads with a warning.
+    #[arg(long, value_enum, default_value_t = AioArg::Auto)]
+    aio: AioArg,
 
     /// Open the image read-only without taking its locks, even if another process writes it.
     #[arg(short = 'U', long, conflicts_with_all = ["growable"])]
@@ -128,9 +137,21 @@ struct Cli {
     #[arg(long, hide = true, value_name = "RULE", value_parser = block::Rule::parse)]
     inject_error: Vec<block::Rule>,
 
+    /// Test hook: io_uring setup fails as on a kernel without it.
+    #[arg(long, hide = true)]
+    inject_no_io_uring: bool,
+
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
     verbose: u8,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AioArg {
+    Auto,
+    Threads,
+    #[value(name = "io_uring")]
+    IoUring,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -221,6 +242,24 @@ fn main() -> ExitCode {
         FormatArg::Qcow2 => Format::Qcow2,
         FormatArg::Null => Format::Null,
     };
+    if cli.inject_no_io_uring {
+        runtime::ring::inject_setup_failure(usize::MAX);
+    }
+    // Every event loop is created after this: the queue threads start in `server::run`.
+    let aio = match cli.aio {
+        AioArg::Threads => {
+            runtime::set_fd_monitor(runtime::FdMonitor::Epoll);
+            AioMode::Threads
+        }
+        AioArg::IoUring => {
+            if let Err(e) = runtime::io_uring_supported() {
+                eprintln!("coro-fuse: --aio io_uring: io_uring is not available: {e}");
+                return ExitCode::from(1);
+            }
+            AioMode::IoUring
+        }
+        AioArg::Auto => AioMode::Auto,
+    };
     let read_only = cli.read_only || cli.force_share;
     let open = OpenOptions {
         format,
@@ -229,6 +268,7 @@ fn main() -> ExitCode {
             CacheArg::Writeback => CacheMode::Writeback,
             CacheArg::None => CacheMode::None,
         },
+        aio,
         force_share: cli.force_share,
         offset: cli.offset.unwrap_or(0),
         size: cli.size,

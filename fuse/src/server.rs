@@ -280,6 +280,14 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
             (Engine::Async, false) => " (block layer: through the coroutine bridge)",
         }
     );
+    log::info!(
+        "event loops: {}",
+        if ctx.has_io_uring() {
+            "io_uring (disk I/O submitted to each queue thread's ring)"
+        } else {
+            "epoll (disk I/O on the thread pool)"
+        }
+    );
     let fd = mount.fd().try_clone_to_owned().map_err(start_err)?;
     let queue = Queue::new(0, fd, session.clone(), init.max_write as usize);
     queue.attach(&ctx).map_err(start_err)?;

@@ -40,12 +40,12 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::bh::{Bh, BhList};
-use crate::coroutine::{self, CoWaker};
+use crate::ring::{self, Cqe, Ring};
 use crate::sys::{Epoll, Event, EventFd, Interest};
 use crate::timer::{Timer, TimerList};
 
@@ -56,16 +56,70 @@ pub type FdHandler = Rc<dyn Fn()>;
 struct FdHandlers {
     read: Option<FdHandler>,
     write: Option<FdHandler>,
+    /// With the io_uring monitor: this registration's generation, and the `user_data` of its
+    /// poll in flight (0 while none is armed: between its completion and the re-arm).
+    gen: u32,
+    armed: Cell<u64>,
+}
+
+/// How a context waits for its fds. QEMU: the `FDMonOps` of an `AioContext`.
+enum Monitor {
+    /// `epoll_wait` ([`crate::sys`]); I/O cannot be submitted to the loop.
+    Epoll(RefCell<Epoll>),
+    /// `io_uring_enter` ([`crate::ring`]): polls for the fds, and I/O of this thread's
+    /// coroutines and tasks.
+    Ring(Ring),
+}
+
+/// Which fd monitor contexts created from now on use; see [`set_fd_monitor`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FdMonitor {
+    /// io_uring where it works (QEMU's default since 10.2), else epoll with a warning.
+    #[default]
+    IoUring,
+    /// epoll only: every blocking syscall goes to the thread pool.
+    Epoll,
+}
+
+static FD_MONITOR: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses the fd monitor of contexts created from now on, in every thread (a context that
+/// exists keeps its own). Call it before starting threads.
+pub fn set_fd_monitor(m: FdMonitor) {
+    FD_MONITOR.store(m as u8, Ordering::Relaxed);
+}
+
+fn fd_monitor() -> FdMonitor {
+    match FD_MONITOR.load(Ordering::Relaxed) {
+        0 => FdMonitor::IoUring,
+        _ => FdMonitor::Epoll,
+    }
+}
+
+/// Whether a context created now on this machine gets an io_uring: sets up (and drops) a
+/// ring. `Err` says why not.
+pub fn io_uring_supported() -> io::Result<()> {
+    Ring::new().map(drop)
+}
+
+/// What the loop resumes when another thread woke it: a coroutine to enter
+/// ([`crate::coroutine`]) or an async task to poll ([`crate::executor`]).
+///
+/// The loop knows them only through this trait, so the modules layer one way — `aio` below
+/// `coroutine` below `executor` below `aio_wait` — instead of naming each other in a cycle.
+/// QEMU's `aio_co_schedule()` names `Coroutine` directly; it has only one kind of waiter.
+pub(crate) trait Resume: Send + Sync {
+    /// Runs it on its home thread, from that context's `poll()`. Its wake-up was already
+    /// accounted for by whoever queued it (the `scheduled` flags).
+    fn resume(self: Arc<Self>);
 }
 
 /// Work sent from another thread. Kept in one queue so that its order is preserved.
 pub(crate) enum Remote {
     /// A one-shot bottom half (`aio_bh_schedule_oneshot` from another thread).
     Bh(Box<dyn FnOnce() + Send>),
-    /// A coroutine to enter (`aio_co_schedule`).
-    Wake(CoWaker),
-    /// An async task to poll (its waker was woken on another thread).
-    Task(Arc<crate::executor::TaskShared>),
+    /// A coroutine to enter (`aio_co_schedule`) or a task to poll.
+    Resume(Arc<dyn Resume>),
     /// Nothing to run, but counts as progress so that `AIO_WAIT_WHILE` loops re-check their
     /// condition (`aio_wait_kick`'s dummy BH).
     Kick,
@@ -158,9 +212,13 @@ impl RemoteContext {
 
 pub(crate) struct Inner {
     shared: Arc<Shared>,
-    epoll: RefCell<Epoll>,
+    monitor: Monitor,
     /// Spare buffer for `epoll_wait` results (taken during a poll; a nested poll makes its own).
     events: Cell<Vec<Event>>,
+    /// The same for io_uring completions.
+    cqes: Cell<Vec<Cqe>>,
+    /// Generation of the next fd registration (io_uring monitor).
+    next_gen: Cell<u32>,
     /// Indexed by fd number.
     handlers: RefCell<Vec<Option<Rc<FdHandlers>>>>,
     pub(crate) bhs: BhList,
@@ -168,6 +226,35 @@ pub(crate) struct Inner {
     remote_batch: Cell<Vec<Remote>>,
     /// Consecutive polls that skipped `epoll_wait` because bottom halves were pending.
     skipped_waits: Cell<u32>,
+}
+
+/// `POLL_ADD` events of a read handler (hang-ups and errors are always reported).
+const POLL_READ: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
+
+/// Arms the poll of registration `h` of `fd`.
+fn arm(ring: &Ring, fd: RawFd, h: &FdHandlers) -> io::Result<()> {
+    let mut events = 0;
+    if h.read.is_some() {
+        events |= POLL_READ;
+    }
+    if h.write.is_some() {
+        events |= libc::POLLOUT as u32;
+    }
+    let ud = ring::poll_user_data(fd, h.gen);
+    ring.arm_poll(fd, events, ud)?;
+    h.armed.set(ud);
+    Ok(())
+}
+
+/// Says once per process that contexts fall back to epoll, and why.
+#[cold]
+fn warn_no_ring(e: &io::Error) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        log::warn!(
+            "io_uring is not available ({e}); event loops use epoll and blocking I/O goes to the thread pool"
+        )
+    });
 }
 
 /// With bottom halves pending, a poll need not ask the kernel about fds every round: it does
@@ -188,6 +275,11 @@ thread_local! {
     /// Identity of this thread's context, or null before it exists. Lets hot paths ask "is this
     /// my context?" without creating one (a thread-pool worker that wakes a coroutine has none).
     static CURRENT_ID: Cell<*const Shared> = const { Cell::new(std::ptr::null()) };
+}
+
+/// [`AioContext::with_current`], or `None` during thread exit once the context is gone.
+pub(crate) fn try_with_current<R>(f: impl FnOnce(&AioContext) -> R) -> Option<R> {
+    CURRENT.try_with(f).ok()
 }
 
 /// Whether `shared` belongs to the calling thread's context (false if it has none yet).
@@ -211,15 +303,34 @@ impl AioContext {
     }
 
     fn new(name: String) -> io::Result<AioContext> {
-        let epoll = Epoll::new()?;
         let notifier = EventFd::new()?;
-        epoll.add(
-            notifier.as_raw_fd(),
-            Interest {
-                readable: true,
-                writable: false,
+        let monitor = match fd_monitor() {
+            FdMonitor::IoUring => match Ring::new() {
+                Ok(r) => {
+                    r.arm_poll(notifier.as_raw_fd(), POLL_READ, ring::TAG_NOTIFY)?;
+                    Some(Monitor::Ring(r))
+                }
+                Err(e) => {
+                    warn_no_ring(&e);
+                    None
+                }
             },
-        )?;
+            FdMonitor::Epoll => None,
+        };
+        let monitor = match monitor {
+            Some(m) => m,
+            None => {
+                let epoll = Epoll::new()?;
+                epoll.add(
+                    notifier.as_raw_fd(),
+                    Interest {
+                        readable: true,
+                        writable: false,
+                    },
+                )?;
+                Monitor::Epoll(RefCell::new(epoll))
+            }
+        };
         let shared = Arc::new(Shared {
             name,
             notifier,
@@ -230,8 +341,10 @@ impl AioContext {
         Ok(AioContext {
             inner: Rc::new(Inner {
                 shared,
-                epoll: RefCell::new(epoll),
+                monitor,
                 events: Cell::new(Vec::with_capacity(64)),
+                cqes: Cell::new(Vec::with_capacity(64)),
+                next_gen: Cell::new(1),
                 handlers: RefCell::new(Vec::new()),
                 bhs: BhList::default(),
                 timers: TimerList::default(),
@@ -289,16 +402,57 @@ impl AioContext {
             readable: read.is_some(),
             writable: write.is_some(),
         };
-        let epoll = self.inner.epoll.borrow();
-        match (&handlers[idx], read.is_some() || write.is_some()) {
-            (None, false) => {}
-            (None, true) => epoll.add(fd, interest)?,
-            (Some(_), true) => epoll.modify(fd, interest)?,
-            (Some(_), false) => epoll.delete(fd)?,
+        let wanted = read.is_some() || write.is_some();
+        match &self.inner.monitor {
+            Monitor::Epoll(epoll) => {
+                let epoll = epoll.borrow();
+                match (&handlers[idx], wanted) {
+                    (None, false) => {}
+                    (None, true) => epoll.add(fd, interest)?,
+                    (Some(_), true) => epoll.modify(fd, interest)?,
+                    (Some(_), false) => epoll.delete(fd)?,
+                }
+            }
+            Monitor::Ring(ring) => {
+                if let Some(old) = &handlers[idx] {
+                    if old.armed.get() != 0 {
+                        ring.disarm_poll(old.armed.replace(0))?;
+                    }
+                }
+            }
         }
-        handlers[idx] =
-            (read.is_some() || write.is_some()).then(|| Rc::new(FdHandlers { read, write }));
+        let gen = self.inner.next_gen.get();
+        self.inner.next_gen.set(gen.wrapping_add(1));
+        handlers[idx] = wanted.then(|| {
+            Rc::new(FdHandlers {
+                read,
+                write,
+                gen,
+                armed: Cell::new(0),
+            })
+        });
+        if let (Monitor::Ring(ring), Some(h)) = (&self.inner.monitor, &handlers[idx]) {
+            arm(ring, fd, h)?;
+        }
         Ok(())
+    }
+
+    /// The io_uring of this context, if its monitor is one.
+    pub(crate) fn ring(&self) -> Option<&Ring> {
+        match &self.inner.monitor {
+            Monitor::Ring(r) => Some(r),
+            Monitor::Epoll(_) => None,
+        }
+    }
+
+    /// Whether this context waits through io_uring (and so can take I/O submissions).
+    pub fn has_io_uring(&self) -> bool {
+        self.ring().is_some()
+    }
+
+    /// Counters of this context's ring, if it has one.
+    pub fn ring_stats(&self) -> Option<ring::RingStats> {
+        self.ring().map(Ring::stats)
     }
 
     /// Schedules nothing but makes the next `poll()` return; safe from this thread only. From
@@ -356,6 +510,10 @@ impl AioContext {
                 .map(|d| d.saturating_duration_since(Instant::now()))
         };
 
+        if let Monitor::Ring(ring) = &inner.monitor {
+            return self.poll_ring(ring, blocking, timeout);
+        }
+
         // Phase 2: wait — or, while bottom halves keep coming, skip the syscall for a few rounds.
         let mut events = inner.events.take();
         let skip = work_pending && inner.skipped_waits.get() < MAX_SKIPPED_WAITS;
@@ -364,7 +522,10 @@ impl AioContext {
             Ok(())
         } else {
             inner.skipped_waits.set(0);
-            inner.epoll.borrow_mut().wait(timeout, &mut events)
+            match &inner.monitor {
+                Monitor::Epoll(epoll) => epoll.borrow_mut().wait(timeout, &mut events),
+                Monitor::Ring(_) => unreachable!("a ring context polls in poll_ring"),
+            }
         };
         if blocking {
             shared.notify_me.store(false, Ordering::Relaxed);
@@ -386,13 +547,102 @@ impl AioContext {
         }
         inner.events.set(events);
 
+        progress | self.poll_bhs_and_timers()
+    }
+
+    /// Phases 4 and 5 of a poll.
+    fn poll_bhs_and_timers(&self) -> bool {
+        let inner = &*self.inner;
         // Phase 4: bottom halves, local then remote.
-        progress |= inner.bhs.poll();
+        let mut progress = inner.bhs.poll();
         progress |= self.poll_remote();
 
         // Phase 5: timers.
         if !inner.timers.is_empty() {
             progress |= inner.timers.run_expired(Instant::now());
+        }
+        progress
+    }
+
+    /// Phases 2 to 5 with the io_uring monitor: one `io_uring_enter` submits what this round
+    /// queued and waits; then fd handlers and I/O completions run in completion order.
+    fn poll_ring(&self, ring: &Ring, blocking: bool, timeout: Option<Duration>) -> bool {
+        let inner = &*self.inner;
+        let shared = &*inner.shared;
+        let mut cqes = inner.cqes.take();
+        let res = ring.wait(timeout, &mut cqes);
+        if blocking {
+            shared.notify_me.store(false, Ordering::Relaxed);
+        }
+        if let Err(e) = res {
+            // Errors other than EINTR/ETIME/EBUSY on our own ring are programming errors.
+            panic!("io_uring_enter failed on context {}: {e}", shared.name);
+        }
+        let mut progress = false;
+        for cqe in cqes.drain(..) {
+            match cqe.user_data & ring::TAG_MASK {
+                ring::TAG_IO => {
+                    ring.complete(cqe.user_data, cqe.result);
+                    progress = true;
+                }
+                ring::TAG_POLL => progress |= self.dispatch_poll(ring, cqe),
+                ring::TAG_NOTIFY => {
+                    shared.notifier.test_and_clear();
+                    if let Err(e) = ring.arm_poll(
+                        shared.notifier.as_raw_fd(),
+                        POLL_READ,
+                        ring::TAG_NOTIFY,
+                    ) {
+                        panic!("cannot re-arm the notifier of context {}: {e}", shared.name);
+                    }
+                }
+                _ => {} // a POLL_REMOVE's own completion
+            }
+        }
+        inner.cqes.set(cqes);
+        progress | self.poll_bhs_and_timers()
+    }
+
+    /// A poll completed: run the fd's handlers, then arm the next poll (level-triggered).
+    fn dispatch_poll(&self, ring: &Ring, cqe: Cqe) -> bool {
+        let (fd, gen) = ring::poll_target(cqe.user_data);
+        let handlers = {
+            let table = self.inner.handlers.borrow();
+            match table.get(fd as usize) {
+                Some(Some(h)) if h.gen & 0x3fff_ffff == gen => h.clone(),
+                _ => return false, // a poll of a removed or replaced registration
+            }
+        };
+        if handlers.armed.get() != cqe.user_data {
+            return false; // cancelled (its -ECANCELED) or already re-armed
+        }
+        handlers.armed.set(0);
+        let (readable, writable) = if cqe.result < 0 {
+            // An error on the fd (EBADF after a close we were not told about...): let the
+            // handlers see it from their own syscalls.
+            (true, true)
+        } else {
+            let ev = cqe.result as u32 as i16;
+            let err = ev & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0;
+            (
+                err || ev & (libc::POLLIN | libc::POLLRDHUP) != 0,
+                err || ev & libc::POLLOUT != 0,
+            )
+        };
+        let progress = self.dispatch_fd(Event {
+            fd,
+            readable,
+            writable,
+        });
+        // Re-arm unless a handler replaced or removed the registration meanwhile.
+        let still = matches!(
+            self.inner.handlers.borrow().get(fd as usize),
+            Some(Some(h)) if Rc::ptr_eq(h, &handlers)
+        );
+        if still && handlers.armed.get() == 0 {
+            if let Err(e) = arm(ring, fd, &handlers) {
+                log::error!("context {}: cannot re-arm fd {fd}: {e}", self.inner.shared.name);
+            }
         }
         progress
     }
@@ -433,8 +683,7 @@ impl AioContext {
         for work in batch.drain(..) {
             match work {
                 Remote::Bh(f) => f(),
-                Remote::Wake(co) => coroutine::enter_scheduled(co),
-                Remote::Task(t) => crate::executor::run_scheduled(t),
+                Remote::Resume(r) => r.resume(),
                 Remote::Kick => {}
             }
         }

@@ -68,7 +68,7 @@ use std::sync::Arc;
 use corosensei::stack::DefaultStack;
 use corosensei::{CoroutineResult, Yielder};
 
-use crate::aio::{self, AioContext, Remote, Shared};
+use crate::aio::{self, AioContext, Remote, Resume, Shared};
 
 type Body = corosensei::Coroutine<(), (), (), DefaultStack>;
 
@@ -435,10 +435,10 @@ fn wake_shared(co: &Arc<CoShared>) {
             "woke a coroutine that already has a wake-up pending"
         ));
     }
-    let waker = CoWaker { shared: co.clone() };
     if !aio::is_current(&co.home) {
-        co.home.push_remote(Remote::Wake(waker));
+        co.home.push_remote(Remote::Resume(co.clone()));
     } else {
+        let waker = CoWaker { shared: co.clone() };
         let now = TABLE.with(|t| {
             let mut t = t.borrow_mut();
             if t.current.is_none() {
@@ -453,9 +453,26 @@ fn wake_shared(co: &Arc<CoShared>) {
     }
 }
 
-/// Enters a coroutine whose wake-up came through its home context's queue.
-pub(crate) fn enter_scheduled(co: CoWaker) {
-    enter_shared(&co.shared);
+impl Resume for CoShared {
+    /// A coroutine whose wake-up came through its home context's queue: enter it.
+    fn resume(self: Arc<Self>) {
+        enter_shared(&self);
+    }
+}
+
+/// A coroutine's `Waker`, so that code written for futures (an io_uring completion, a
+/// `std::task::Waker` slot) can wake a coroutine: `wake()` is [`CoWaker::wake`].
+impl std::task::Wake for CoShared {
+    fn wake(self: Arc<Self>) {
+        wake_shared(&self);
+    }
+}
+
+impl From<CoWaker> for std::task::Waker {
+    /// No allocation: the waker is the coroutine's shared block.
+    fn from(w: CoWaker) -> std::task::Waker {
+        std::task::Waker::from(w.shared)
+    }
 }
 
 fn enter_shared(co: &Arc<CoShared>) {
@@ -643,8 +660,12 @@ impl<T> JoinHandle<T> {
                 co_yield();
             }
         } else {
+            // The coroutine lives on this thread, so whatever finishes it runs in this loop:
+            // a plain poll loop sees it (no `aio_wait` kick needed).
             let ctx = AioContext::current();
-            crate::aio_wait::wait_while(&ctx, || !self.is_finished());
+            while !self.is_finished() {
+                ctx.poll(true);
+            }
         }
         match self.state.result.borrow_mut().take() {
             Some(r) => r,

@@ -59,7 +59,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::aio::{self, AioContext, Remote, RemoteContext, Shared};
+use crate::aio::{self, AioContext, Remote, RemoteContext, Resume, Shared};
 use crate::coroutine::{CoPanic, Coroutine};
 
 type BoxFuture = Pin<Box<dyn Future<Output = ()>>>;
@@ -95,7 +95,7 @@ fn deliver(task: Arc<TaskShared>) {
         push_ready(task);
     } else {
         let home = task.home.clone();
-        home.push_remote(Remote::Task(task));
+        home.push_remote(Remote::Resume(task));
     }
 }
 
@@ -190,9 +190,11 @@ fn run_ready() {
     }
 }
 
-/// Runs a task whose wake came through its home context's remote queue.
-pub(crate) fn run_scheduled(task: Arc<TaskShared>) {
-    run_task(&task);
+impl Resume for TaskShared {
+    /// A task whose wake came through its home context's remote queue: poll it.
+    fn resume(self: Arc<Self>) {
+        run_task(&self);
+    }
 }
 
 /// Polls a task once, unless it finished (a stale wake) or is being polled (impossible: see

@@ -57,6 +57,8 @@ pub const MAX_CHAIN_DEPTH: usize = 16;
 pub struct ChainOptions {
     /// The cache mode of the top image (`none` opens every backing file with `O_DIRECT`).
     pub cache: CacheMode,
+    /// How the files' blocking I/O is done (QEMU `aio=`).
+    pub aio: crate::AioMode,
     /// Take no image locks (QEMU `-U`).
     pub force_share: bool,
     /// Cache sizes, for the top image and each qcow2 image below it.
@@ -235,6 +237,7 @@ fn open_backing(
     let file_opts = FileOptions {
         read_only: true,
         cache: opts.cache,
+        aio: opts.aio,
         force_share: opts.force_share,
     };
     let file: Arc<dyn BlockDriver> = Arc::new(FileDriver::open(&path, &file_opts)?);

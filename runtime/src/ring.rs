@@ -1,0 +1,430 @@
+//! The io_uring of one [`crate::AioContext`]: the fd monitor that waits for everything, and the
+//! submission queue that coroutines and async tasks put their I/O on.
+//!
+//! QEMU: `util/fdmon-io_uring.c` (`fdmon_io_uring_setup()`, `add_poll_add_sqe()`,
+//! `fdmon_io_uring_wait()`, `process_cqe()`) and `aio_add_sqe()` in `util/aio-posix.c`
+//! (QEMU 10.2).
+//!
+//! ## What goes through the ring
+//!
+//! - **fd handlers.** Each registered fd has one one-shot `POLL_ADD` in flight. When it
+//!   completes, the loop runs the handler and arms a new one; a one-shot poll checks readiness
+//!   when it is armed, so an fd the handler did not drain completes again at once — the
+//!   level-triggered behaviour of the epoll monitor, as in QEMU. Changing or removing a handler
+//!   sends a `POLL_REMOVE`; the completion of a removed poll is recognised by its generation and
+//!   ignored.
+//! - **The notifier** (the eventfd of `aio_notify()`), armed the same way.
+//! - **I/O.** [`Ring::submit`] takes an SQE and whom to wake ([`Waker`]: a coroutine's or a
+//!   task's) and returns a slot number; the completion stores its result in the slot and wakes
+//!   the waiter on this thread, during `poll()`. Nothing crosses threads: no eventfd, no thread
+//!   pool (the kernel may still use its own io-wq workers, invisibly).
+//!
+//! SQEs pushed during a round wait in the submission queue and go to the kernel together, in
+//! the `io_uring_enter` that also waits for the next completions (one syscall per round). The
+//! completion queue is shared memory, so a round that need not wait reads it without a syscall.
+//!
+//! ## Memory an SQE points at
+//!
+//! The kernel reads or writes a buffer until the completion is posted. A slot therefore keeps
+//! whatever must outlive the request (an async task's owned buffer and fd, see
+//! [`Ring::orphan`]) when its waiter went away; a ring dropped with requests in flight (thread
+//! exit) leaks those rather than free memory the kernel may still write.
+
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::Waker;
+use std::time::Duration;
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+/// One completion, copied out of the completion queue so that no borrow of the ring is held
+/// while handlers and coroutines run.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Cqe {
+    pub user_data: u64,
+    pub result: i32,
+}
+
+/// What a completion's `user_data` names: the top two bits say which kind.
+pub(crate) const TAG_MASK: u64 = 0b11 << 62;
+/// An fd handler's poll: generation in bits 32..62, fd in bits 0..32.
+pub(crate) const TAG_POLL: u64 = 0b01 << 62;
+/// An I/O request: its slot in bits 0..32.
+pub(crate) const TAG_IO: u64 = 0b10 << 62;
+/// The notifier's poll.
+pub(crate) const TAG_NOTIFY: u64 = 0b11 << 62;
+/// Completions nobody waits for (a `POLL_REMOVE`'s own).
+const UD_IGNORE: u64 = 0;
+
+/// The `user_data` of fd `fd`'s poll of generation `gen`.
+pub(crate) fn poll_user_data(fd: RawFd, gen: u32) -> u64 {
+    TAG_POLL | (u64::from(gen & 0x3fff_ffff) << 32) | u64::from(fd as u32)
+}
+
+/// The fd and generation of a poll's `user_data`.
+pub(crate) fn poll_target(user_data: u64) -> (RawFd, u32) {
+    (
+        user_data as u32 as RawFd,
+        ((user_data >> 32) & 0x3fff_ffff) as u32,
+    )
+}
+
+/// Entries in a new ring's submission queue (the completion queue gets four times as many).
+static RING_ENTRIES: AtomicU32 = AtomicU32::new(256);
+
+/// Sets the submission-queue size of rings created from now on (rounded up to a power of two
+/// by the kernel). For tests of a full ring.
+pub fn set_ring_entries(entries: u32) {
+    RING_ENTRIES.store(entries.max(1), Ordering::Relaxed);
+}
+
+/// Set by [`inject_setup_failure`].
+static FAIL_SETUP: crate::fault::FailAfter = crate::fault::FailAfter::new();
+
+/// Test hook: the next `count` ring setups fail with `ENOSYS`, as on a kernel without io_uring,
+/// so the contexts created meanwhile fall back to epoll. `0` disarms it.
+pub fn inject_setup_failure(count: usize) {
+    FAIL_SETUP.arm(0, count);
+}
+
+/// Counters of one ring, for tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingStats {
+    /// `io_uring_enter` calls.
+    pub enters: u64,
+    /// SQEs handed to the kernel.
+    pub submitted: u64,
+    /// Completions reaped.
+    pub completed: u64,
+    /// I/O submissions refused because the submission queue stayed full.
+    pub full: u64,
+}
+
+enum Slot {
+    Free,
+    /// A request in flight or completed and not yet collected.
+    Busy {
+        waker: Option<Waker>,
+        result: Option<i32>,
+        /// What must live until the completion, held here once its owner went away.
+        keep: Option<Box<dyn Any>>,
+    },
+}
+
+#[derive(Default)]
+struct Slots {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    in_flight: usize,
+}
+
+/// The io_uring instance of one context (owned by its thread: not `Send`).
+pub(crate) struct Ring {
+    uring: RefCell<IoUring>,
+    slots: RefCell<Slots>,
+    stats: Cell<RingStats>,
+}
+
+impl Ring {
+    /// Sets up a ring, or says why not (an old kernel, `kernel.io_uring_disabled`, seccomp,
+    /// a kernel without the features this loop needs).
+    pub(crate) fn new() -> io::Result<Ring> {
+        if FAIL_SETUP.fire() {
+            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        }
+        let entries = RING_ENTRIES.load(Ordering::Relaxed);
+        let uring = IoUring::builder()
+            .setup_cqsize(entries.saturating_mul(4))
+            .setup_clamp()
+            .build(entries)?;
+        let p = uring.params();
+        // EXT_ARG (5.11): a wait with a timeout needs no timeout SQE. NODROP (5.5): more
+        // requests in flight than the completion queue holds are kept, not lost.
+        if !p.is_feature_ext_arg() || !p.is_feature_nodrop() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the kernel's io_uring lacks EXT_ARG or NODROP (Linux 5.11+ needed)",
+            ));
+        }
+        let mut probe = io_uring::Probe::new();
+        uring.submitter().register_probe(&mut probe)?;
+        for (code, name) in [
+            (opcode::PollAdd::CODE, "POLL_ADD"),
+            (opcode::PollRemove::CODE, "POLL_REMOVE"),
+            (opcode::Read::CODE, "READ"),
+            (opcode::Write::CODE, "WRITE"),
+            (opcode::Fsync::CODE, "FSYNC"),
+            (opcode::Fallocate::CODE, "FALLOCATE"),
+        ] {
+            if !probe.is_supported(code) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("the kernel's io_uring has no {name}"),
+                ));
+            }
+        }
+        Ok(Ring {
+            uring: RefCell::new(uring),
+            slots: RefCell::new(Slots::default()),
+            stats: Cell::new(RingStats::default()),
+        })
+    }
+
+    pub(crate) fn stats(&self) -> RingStats {
+        self.stats.get()
+    }
+
+    fn count(&self, f: impl FnOnce(&mut RingStats)) {
+        let mut s = self.stats.get();
+        f(&mut s);
+        self.stats.set(s);
+    }
+
+    /// Puts `entry` on the submission queue; if the queue is full, first hands what it holds
+    /// to the kernel. `false` if it stays full (the kernel refused to take SQEs).
+    ///
+    /// # Safety
+    ///
+    /// Whatever `entry` points at (buffers, iovecs) must stay valid until its completion.
+    unsafe fn push(&self, entry: &squeue::Entry) -> bool {
+        let mut uring = self.uring.borrow_mut();
+        // SAFETY: the caller guarantees the entry's memory outlives the request.
+        if unsafe { uring.submission().push(entry) }.is_ok() {
+            return true;
+        }
+        let n = match uring.submit() {
+            Ok(n) => n,
+            Err(e) => {
+                log::debug!("io_uring: submitting a full queue failed: {e}");
+                0
+            }
+        };
+        self.count(|s| {
+            s.enters += 1;
+            s.submitted += n as u64;
+        });
+        // SAFETY: as above.
+        let pushed = unsafe { uring.submission().push(entry) }.is_ok();
+        pushed
+    }
+
+    /// Arms a one-shot poll of `fd` for `events` (`POLLIN`, `POLLOUT`...), completing with
+    /// `user_data`.
+    pub(crate) fn arm_poll(&self, fd: RawFd, events: u32, user_data: u64) -> io::Result<()> {
+        let entry = opcode::PollAdd::new(types::Fd(fd), events)
+            .build()
+            .user_data(user_data);
+        // SAFETY: a poll SQE points at no memory.
+        if unsafe { self.push(&entry) } {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EBUSY))
+        }
+    }
+
+    /// Cancels the poll armed with `user_data` (its completion, `-ECANCELED`, is then ignored
+    /// by generation).
+    pub(crate) fn disarm_poll(&self, user_data: u64) -> io::Result<()> {
+        let entry = opcode::PollRemove::new(user_data)
+            .build()
+            .user_data(UD_IGNORE);
+        // SAFETY: a poll-remove SQE points at no memory.
+        if unsafe { self.push(&entry) } {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EBUSY))
+        }
+    }
+
+    /// Submits an I/O request that wakes `waker` when it completes; returns its slot, or
+    /// `None` if the submission queue is full (the caller then does the I/O another way).
+    ///
+    /// # Safety
+    ///
+    /// What `entry` points at must stay valid until the slot completes: either the caller
+    /// waits for [`Ring::take_result`] (a suspended coroutine is never freed), or it hands
+    /// the memory to [`Ring::orphan`] before going away.
+    pub(crate) unsafe fn submit(&self, entry: squeue::Entry, waker: Waker) -> Option<u32> {
+        let idx = {
+            let mut s = self.slots.borrow_mut();
+            let busy = Slot::Busy {
+                waker: Some(waker),
+                result: None,
+                keep: None,
+            };
+            let idx = match s.free.pop() {
+                Some(i) => {
+                    s.slots[i as usize] = busy;
+                    i
+                }
+                None => {
+                    let i = u32::try_from(s.slots.len()).ok()?;
+                    s.slots.push(busy);
+                    i
+                }
+            };
+            s.in_flight += 1;
+            idx
+        };
+        let entry = entry.user_data(TAG_IO | u64::from(idx));
+        // SAFETY: forwarded from the caller.
+        if unsafe { self.push(&entry) } {
+            return Some(idx);
+        }
+        self.count(|s| s.full += 1);
+        self.release(idx);
+        None
+    }
+
+    fn release(&self, idx: u32) {
+        let mut s = self.slots.borrow_mut();
+        s.slots[idx as usize] = Slot::Free;
+        s.free.push(idx);
+        s.in_flight -= 1;
+    }
+
+    /// The result of slot `idx` if it completed (then the slot is free again).
+    pub(crate) fn take_result(&self, idx: u32) -> Option<i32> {
+        let r = {
+            let mut s = self.slots.borrow_mut();
+            match &mut s.slots[idx as usize] {
+                Slot::Busy { result, .. } => result.take()?,
+                Slot::Free => return None,
+            }
+        };
+        self.release(idx);
+        Some(r)
+    }
+
+    /// Replaces the waker of slot `idx` (an async task polled with another waker).
+    pub(crate) fn set_waker(&self, idx: u32, new: &Waker) {
+        if let Some(Slot::Busy {
+            waker: Some(w),
+            result: None,
+            ..
+        }) = self.slots.borrow_mut().slots.get_mut(idx as usize)
+        {
+            if !w.will_wake(new) {
+                *w = new.clone();
+            }
+        }
+    }
+
+    /// The waiter of slot `idx` went away (a future dropped before its completion): the slot
+    /// keeps `keep` — the memory the request uses — and frees both when the completion comes.
+    pub(crate) fn orphan(&self, idx: u32, keep: Box<dyn Any>) {
+        let done = {
+            let mut s = self.slots.borrow_mut();
+            match &mut s.slots[idx as usize] {
+                Slot::Busy {
+                    waker,
+                    result,
+                    keep: k,
+                } => {
+                    *waker = None;
+                    if result.is_some() {
+                        true
+                    } else {
+                        *k = Some(keep);
+                        return;
+                    }
+                }
+                Slot::Free => return,
+            }
+        };
+        if done {
+            self.release(idx);
+        }
+    }
+
+    /// Records the completion of an I/O slot and wakes its waiter (on this thread: a
+    /// coroutine is entered at once, a task queued for this round's bottom halves).
+    pub(crate) fn complete(&self, user_data: u64, result: i32) {
+        let idx = (user_data & 0xffff_ffff) as u32;
+        let (waker, orphaned) = {
+            let mut s = self.slots.borrow_mut();
+            match s.slots.get_mut(idx as usize) {
+                Some(Slot::Busy {
+                    waker,
+                    result: r,
+                    keep,
+                }) => {
+                    *r = Some(result);
+                    (waker.take(), keep.take())
+                }
+                _ => {
+                    log::warn!("io_uring: completion for free slot {idx}");
+                    return;
+                }
+            }
+        };
+        if let Some(keep) = orphaned {
+            self.release(idx);
+            drop(keep);
+        } else if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Hands queued SQEs to the kernel and waits up to `timeout` (`None`: forever) for at
+    /// least one completion, unless completions are already there; then appends all
+    /// completions to `out`. A wait with nothing to submit and a zero timeout makes no
+    /// syscall. `EINTR`, `ETIME` and `EBUSY` count as "nothing yet".
+    pub(crate) fn wait(&self, timeout: Option<Duration>, out: &mut Vec<Cqe>) -> io::Result<()> {
+        let mut uring = self.uring.borrow_mut();
+        let ready = !uring.completion().is_empty();
+        let queued = uring.submission().len();
+        let wait = !ready && timeout != Some(Duration::ZERO);
+        if queued > 0 || wait {
+            let res = if !wait {
+                uring.submit()
+            } else if let Some(t) = timeout {
+                let ts = types::Timespec::new()
+                    .sec(t.as_secs())
+                    .nsec(t.subsec_nanos());
+                let args = types::SubmitArgs::new().timespec(&ts);
+                uring.submitter().submit_with_args(1, &args)
+            } else {
+                uring.submit_and_wait(1)
+            };
+            let n = match res {
+                Ok(n) => n,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EINTR | libc::ETIME | libc::EBUSY) => 0,
+                    _ => return Err(e),
+                },
+            };
+            self.count(|s| {
+                s.enters += 1;
+                s.submitted += n as u64;
+            });
+        }
+        let before = out.len();
+        out.extend(uring.completion().map(|c| Cqe {
+            user_data: c.user_data(),
+            result: c.result(),
+        }));
+        let n = (out.len() - before) as u64;
+        self.count(|s| s.completed += n);
+        Ok(())
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        let s = self.slots.get_mut();
+        if s.in_flight > 0 {
+            // The kernel may still write into these requests' memory after the ring's fd is
+            // closed (cancellation finishes asynchronously): leak it, as suspended coroutines
+            // are leaked at thread exit.
+            log::warn!(
+                "io_uring: {} request(s) still in flight when the ring closed; leaking their buffers",
+                s.in_flight
+            );
+            std::mem::forget(std::mem::take(&mut s.slots));
+        }
+    }
+}
