@@ -98,7 +98,9 @@ pub mod thread_pool;
 pub mod timer;
 pub mod uring;
 
-pub use aio::{io_uring_supported, set_fd_monitor, AioContext, FdHandler, FdMonitor, RemoteContext};
+pub use aio::{
+    io_uring_supported, set_fd_monitor, AioContext, FdHandler, FdMonitor, RemoteContext,
+};
 pub use aio_wait::{kick, wait_while, InFlight, InFlightGuard};
 pub use bh::Bh;
 pub use coroutine::{

@@ -168,9 +168,8 @@ unsafe fn submit_owned<K: 'static>(
     let e = entry(&mut keep);
     // SAFETY: the entry points into `keep`, which the `Op` (or, once dropped, the ring) owns
     // until the completion.
-    let idx = AioContext::with_current(|ctx| unsafe {
-        ctx.ring()?.submit(e, Waker::noop().clone())
-    });
+    let idx =
+        AioContext::with_current(|ctx| unsafe { ctx.ring()?.submit(e, Waker::noop().clone()) });
     match idx {
         Some(idx) => Ok(Op {
             idx,
