@@ -371,14 +371,18 @@ impl Ring {
 
     /// Hands queued SQEs to the kernel and waits up to `timeout` (`None`: forever) for at
     /// least one completion, unless completions are already there; then appends all
-    /// completions to `out`. A wait with nothing to submit and a zero timeout makes no
-    /// syscall. `EINTR`, `ETIME` and `EBUSY` count as "nothing yet".
+    /// completions to `out`. A wait with nothing to submit, no overflowed completions and a
+    /// zero timeout makes no syscall. `EINTR`, `ETIME` and `EBUSY` count as "nothing yet".
     pub(crate) fn wait(&self, timeout: Option<Duration>, out: &mut Vec<Cqe>) -> io::Result<()> {
         let mut uring = self.uring.borrow_mut();
         let ready = !uring.completion().is_empty();
         let queued = uring.submission().len();
         let wait = !ready && timeout != Some(Duration::ZERO);
-        if queued > 0 || wait {
+        // Completions that did not fit in the completion queue wait in the kernel (NODROP)
+        // until an `io_uring_enter` with GETEVENTS flushes them; `submit()` sets that flag
+        // when the kernel says so. Without this a non-blocking poll would never see them.
+        let overflow = uring.submission().cq_overflow();
+        if queued > 0 || wait || overflow {
             let res = if !wait {
                 uring.submit()
             } else if let Some(t) = timeout {
