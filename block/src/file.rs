@@ -381,7 +381,7 @@ impl FileDriver {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if self.direct && done > 0 && e.raw_os_error() == Some(libc::EINVAL) => {
-                    break // see read_full: the end of the file
+                    break; // see read_full: the end of the file
                 }
                 Err(e) => return Err(e),
             }

@@ -11,8 +11,8 @@
 //! ranges, and every operation picks a plain or an O_DIRECT descriptor. Seeds are fixed;
 //! `CORO_FUSE_EXERCISER_OPS=N` runs N operations per test (default 600) and
 //! `CORO_FUSE_EXERCISER_SEED=S` replays seed S (a failure prints the command). When the
-//! suite is re-run with `CORO_FUSE_THREADS`/`CORO_FUSE_ENGINE` set (test.sh), the seeds change
-//! with them, so a re-run explores new sequences instead of repeating the same ones.
+//! suite is re-run with `CORO_FUSE_THREADS`/`CORO_FUSE_ENGINE`/`CORO_FUSE_AIO` set (test.sh),
+//! the seeds change with them, so a re-run explores new sequences instead of repeating the same ones.
 //!
 //! The size rules of the model are one function, [`size_rule`]: raw sizes are byte-granular;
 //! qcow2 stores sectors, so any growth rounds the size up to a multiple of 512 and a truncate to
@@ -732,14 +732,14 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 /// The seed of one test: `CORO_FUSE_EXERCISER_SEED` as it is (to replay a failure), else a
-/// fixed one per test, changed by the suite-wide `CORO_FUSE_THREADS`/`CORO_FUSE_ENGINE` (so
-/// test.sh's re-runs explore other sequences).
+/// fixed one per test, changed by the suite-wide `CORO_FUSE_THREADS`/`CORO_FUSE_ENGINE`/
+/// `CORO_FUSE_AIO` (so test.sh's re-runs explore other sequences).
 fn seed_for(combo: u64) -> u64 {
     if let Some(s) = env_u64("CORO_FUSE_EXERCISER_SEED") {
         return s;
     }
     let mut s: u64 = 0x5eed_0012;
-    for var in ["CORO_FUSE_THREADS", "CORO_FUSE_ENGINE"] {
+    for var in ["CORO_FUSE_THREADS", "CORO_FUSE_ENGINE", "CORO_FUSE_AIO"] {
         for b in std::env::var(var).unwrap_or_default().bytes() {
             s = s.rotate_left(7) ^ u64::from(b);
         }

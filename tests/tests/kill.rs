@@ -13,8 +13,8 @@
 //! with an internal snapshot, so every write copies on write, and the snapshot must still hold
 //! the old blocks afterwards). `CORO_FUSE_KILL_ROUNDS=N` runs N rounds per
 //! test (default 4); `CORO_FUSE_KILL_SEED=S` changes the seeds (a failure prints the command
-//! line that replays it; test.sh's re-runs with `CORO_FUSE_THREADS`/`CORO_FUSE_ENGINE` get other
-//! seeds).
+//! line that replays it; test.sh's re-runs with `CORO_FUSE_THREADS`/`CORO_FUSE_ENGINE`/
+//! `CORO_FUSE_AIO` get other seeds).
 //!
 //! A SIGKILL, unlike a power cut, does not lose what the daemon handed to the kernel: this
 //! finds writes acknowledged before they reached the image file, metadata (qcow2 L2 tables,
@@ -250,11 +250,12 @@ fn env_u64(name: &str) -> Option<u64> {
     )
 }
 
-/// The fixed seed, changed by the suite-wide `CORO_FUSE_THREADS`/`CORO_FUSE_ENGINE` so that
-/// test.sh's re-runs of the suite kill at other moments instead of repeating these rounds.
+/// The fixed seed, changed by the suite-wide `CORO_FUSE_THREADS`/`CORO_FUSE_ENGINE`/
+/// `CORO_FUSE_AIO` so that test.sh's re-runs of the suite kill at other moments instead of
+/// repeating these rounds.
 fn default_seed() -> u64 {
     let mut s: u64 = 0x6b11_1000;
-    for var in ["CORO_FUSE_THREADS", "CORO_FUSE_ENGINE"] {
+    for var in ["CORO_FUSE_THREADS", "CORO_FUSE_ENGINE", "CORO_FUSE_AIO"] {
         for b in std::env::var(var).unwrap_or_default().bytes() {
             s = s.rotate_left(7) ^ u64::from(b);
         }
