@@ -264,11 +264,18 @@ fn exercise(aio: AioMode, cache: CacheMode, engine: Engine) {
             assert_eq!(s.ring_requests, 0, "{what}: {s:?}");
             assert!(s.pool_requests > 0, "{what}: {s:?}");
         }
-        _ => {
-            // ext4 refuses buffered RWF_NOWAIT writes and O_DIRECT never tries: every write,
-            // flush and fallocate had to wait, and waited on the ring.
+        _ if cache == CacheMode::None => {
+            // O_DIRECT never tries inline: every write, flush and fallocate had to wait, and
+            // waited on the ring.
             assert!(s.ring_requests >= writes.len() as u64, "{what}: {s:?}");
             assert_eq!(s.pool_requests, 0, "{what}: {s:?}");
+        }
+        _ => {
+            // Buffered writes of a regular file go to the write lane on the pool even with
+            // io_uring (FileDriver::ring_writes, measured faster); ext4 refuses buffered
+            // RWF_NOWAIT writes, so each one did. Flushes and fallocates took the ring.
+            assert!(s.pool_requests >= writes.len() as u64, "{what}: {s:?}");
+            assert!(s.ring_requests > 0, "{what}: {s:?}");
         }
     }
 
@@ -287,7 +294,7 @@ fn exercise(aio: AioMode, cache: CacheMode, engine: Engine) {
     let after = file.stats();
     if aio == AioMode::Threads {
         assert_eq!(after.ring_requests, 0, "{what}: {after:?}");
-    } else {
+    } else if cache == CacheMode::None {
         assert_eq!(
             after.pool_requests - s.pool_requests,
             2,

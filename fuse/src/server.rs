@@ -328,7 +328,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         cfg.mountpoint.display()
     );
 
-    wait_while(&ctx, || session.state() == SessionState::Running);
+    session.wait_stopped(&ctx);
     let state = session.state();
 
     // Stop reading, drain, flush, unmount.

@@ -38,6 +38,11 @@
 //! assert_eq!(answer, 42);
 //! ```
 //!
+//! A context waits through an **io_uring** when the kernel allows it ([`ring`]; else epoll,
+//! [`FdMonitor`]): its fd handlers are polls on the ring, and a coroutine or task can put its own
+//! I/O on the same ring ([`uring::co_read`], [`uring::read_owned`]) and be resumed by the
+//! completion on its own thread — the yield on I/O without a thread-pool hop.
+//!
 //! An [`IoThread`] is a thread whose only job is to poll its context; [`wait_while`] blocks the
 //! main loop on a condition such as "requests still in flight" (QEMU: `AIO_WAIT_WHILE`).
 //!
@@ -79,7 +84,9 @@
 //! | [`thread_pool`] | `util/thread-pool.c` | `ThreadPool` |
 //! | [`iothread`] | `iothread.c` | `IoThread` |
 //! | [`aio_wait`] | `util/aio-wait.c` | `wait_while`, `kick` |
-//! | `sys` (private) | `util/fdmon-epoll.c` | the epoll and eventfd syscalls |
+//! | [`ring`] | `util/fdmon-io_uring.c`, `aio_add_sqe()` | the io_uring of a context: fd polls, SQEs, completions |
+//! | [`uring`] | `block/io_uring.c` | I/O on the thread's ring: `co_read` & co. for coroutines, `Op` futures for tasks |
+//! | `sys` (private) | `util/fdmon-epoll.c` | the epoll and eventfd syscalls (the fallback monitor) |
 //!
 //! `docs/runtime.md` at the repository root walks through the same material with diagrams and
 //! the measured costs.

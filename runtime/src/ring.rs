@@ -136,10 +136,24 @@ impl Ring {
             return Err(io::Error::from_raw_os_error(libc::ENOSYS));
         }
         let entries = RING_ENTRIES.load(Ordering::Relaxed);
-        let uring = IoUring::builder()
-            .setup_cqsize(entries.saturating_mul(4))
-            .setup_clamp()
-            .build(entries)?;
+        // COOP_TASKRUN + TASKRUN_FLAG (5.19): completions are not forced on us by an
+        // interrupt; the kernel flags them and our next `io_uring_enter` (or return to user
+        // space) runs them. SINGLE_ISSUER (6.0): only this thread submits, as it is. Older
+        // kernels refuse the flags (EINVAL): then a plain ring.
+        let build = |flags: bool| {
+            let mut b = IoUring::builder();
+            b.setup_cqsize(entries.saturating_mul(4)).setup_clamp();
+            if flags {
+                b.setup_single_issuer()
+                    .setup_coop_taskrun()
+                    .setup_taskrun_flag();
+            }
+            b.build(entries)
+        };
+        let uring = match build(true) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => build(false)?,
+            r => r?,
+        };
         let p = uring.params();
         // EXT_ARG (5.11): a wait with a timeout needs no timeout SQE. NODROP (5.5): more
         // requests in flight than the completion queue holds are kept, not lost.
@@ -382,7 +396,9 @@ impl Ring {
         // until an `io_uring_enter` with GETEVENTS flushes them; `submit()` sets that flag
         // when the kernel says so. Without this a non-blocking poll would never see them.
         let overflow = uring.submission().cq_overflow();
-        if queued > 0 || wait || overflow {
+        // Completions the kernel holds as task work (COOP_TASKRUN) until we enter.
+        let taskrun = uring.submission().taskrun();
+        if queued > 0 || wait || overflow || taskrun {
             let res = if !wait {
                 uring.submit()
             } else if let Some(t) = timeout {

@@ -1110,6 +1110,31 @@ pub fn create_qcow2(path: &Path, opts: &str, size: impl ToString) {
 }
 
 /// `qemu-img check -f qcow2 PATH`: exit 0 clean, 2 corruption, 3 leaks only.
+/// Waits (up to `timeout`) until nobody holds a QEMU-style lock byte of the image at `path`
+/// (bytes 100 to 299: the permission and shared-permission locks); returns whether it is free.
+///
+/// After a SIGKILL, `waitpid` can return before the kernel has let go of the image: requests
+/// that were in flight on the dead process's io_uring are cancelled and reaped by a kernel
+/// worker afterwards (`io_ring_exit_work`), and the open file — with its OFD locks — is
+/// released only when the last of them is done (an `fdatasync` to finish, for example). A
+/// restart or a `qemu-img check` in that window finds the image locked.
+pub fn wait_image_unlocked(path: &Path, timeout: Duration) -> bool {
+    let Ok(f) = File::open(path) else {
+        return true; // no image, no lock
+    };
+    wait_until(timeout, || {
+        // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = 100;
+        fl.l_len = 200;
+        // SAFETY: F_OFD_GETLK reads and writes the `flock` we pass, which lives for the call.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+        r == 0 && fl.l_type == libc::F_UNLCK as libc::c_short
+    })
+}
+
 pub fn qemu_img_check(path: &Path) -> Output {
     run(tool("qemu-img").args(["check", "-f", "qcow2"]).arg(path))
 }

@@ -375,6 +375,10 @@ fn kill_rounds(format: Format, engine: &str, combo: u64) {
         stop.store(true, Ordering::Relaxed);
         assert!(x.is_some(), "{what}: coro-fuse did not die of SIGKILL");
         drop(e); // detaches the dead mount: blocked writers fail
+        assert!(
+            wait_image_unlocked(&img, Duration::from_secs(30)),
+            "{what}: the image is still locked 30 s after the daemon died"
+        );
         let ledgers: Vec<Ledger> = writers
             .into_iter()
             .map(|w| w.join().expect("a writer thread panicked"))

@@ -217,6 +217,10 @@ fn qcow2_sigkill_mid_write_leaves_no_corruption() {
         stop.store(true, Ordering::Relaxed);
         assert!(x.is_some(), "coro-fuse did not die of SIGKILL");
         drop(e); // detaches the dead mount: blocked writers fail
+        assert!(
+            wait_image_unlocked(&q, Duration::from_secs(30)),
+            "round {round}: the image is still locked 30 s after the daemon died"
+        );
         for w in writers {
             w.join().expect("a writer thread panicked");
         }
