@@ -219,6 +219,8 @@ pub(crate) struct Inner {
     events: Cell<Vec<Event>>,
     /// The same for io_uring completions.
     cqes: Cell<Vec<Cqe>>,
+    /// Completions reaped and not yet dispatched (see `poll_ring`).
+    pending: RefCell<std::collections::VecDeque<Cqe>>,
     /// Generation of the next fd registration (io_uring monitor).
     next_gen: Cell<u32>,
     /// Indexed by fd number.
@@ -234,7 +236,7 @@ pub(crate) struct Inner {
 const POLL_READ: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
 
 /// Arms the poll of registration `h` of `fd`.
-fn arm(ring: &Ring, fd: RawFd, h: &FdHandlers) -> io::Result<()> {
+fn arm(ring: &Ring, fd: RawFd, h: &FdHandlers) {
     let mut events = 0;
     if h.read.is_some() {
         events |= POLL_READ;
@@ -243,9 +245,8 @@ fn arm(ring: &Ring, fd: RawFd, h: &FdHandlers) -> io::Result<()> {
         events |= libc::POLLOUT as u32;
     }
     let ud = ring::poll_user_data(fd, h.gen);
-    ring.arm_poll(fd, events, ud)?;
+    ring.arm_poll(fd, events, ud);
     h.armed.set(ud);
-    Ok(())
 }
 
 /// Says once per process that contexts fall back to epoll, and why.
@@ -279,6 +280,34 @@ thread_local! {
     static CURRENT_ID: Cell<*const Shared> = const { Cell::new(std::ptr::null()) };
 }
 
+thread_local! {
+    /// How many polls of async tasks (or `block_on` futures) run on this thread. Kept here,
+    /// below both engines, so that coroutine code can refuse to block inside a task without
+    /// naming the executor.
+    static TASK_POLLS: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Whether the caller runs inside the poll of an async task (or of a `block_on` future).
+pub(crate) fn in_task_poll() -> bool {
+    TASK_POLLS.with(|p| p.get() > 0)
+}
+
+/// Counts a task poll in while it lives ([`crate::executor`] holds one around each poll).
+pub(crate) struct TaskPollGuard;
+
+impl TaskPollGuard {
+    pub(crate) fn new() -> TaskPollGuard {
+        TASK_POLLS.with(|p| p.set(p.get() + 1));
+        TaskPollGuard
+    }
+}
+
+impl Drop for TaskPollGuard {
+    fn drop(&mut self) {
+        TASK_POLLS.with(|p| p.set(p.get() - 1));
+    }
+}
+
 /// [`AioContext::with_current`], or `None` during thread exit once the context is gone.
 pub(crate) fn try_with_current<R>(f: impl FnOnce(&AioContext) -> R) -> Option<R> {
     CURRENT.try_with(f).ok()
@@ -309,7 +338,7 @@ impl AioContext {
         let monitor = match fd_monitor() {
             FdMonitor::IoUring => match Ring::new() {
                 Ok(r) => {
-                    r.arm_poll(notifier.as_raw_fd(), POLL_READ, ring::TAG_NOTIFY)?;
+                    r.arm_poll(notifier.as_raw_fd(), POLL_READ, ring::TAG_NOTIFY);
                     Some(Monitor::Ring(r))
                 }
                 Err(e) => {
@@ -346,6 +375,7 @@ impl AioContext {
                 monitor,
                 events: Cell::new(Vec::with_capacity(64)),
                 cqes: Cell::new(Vec::with_capacity(64)),
+                pending: RefCell::new(std::collections::VecDeque::with_capacity(64)),
                 next_gen: Cell::new(1),
                 handlers: RefCell::new(Vec::new()),
                 bhs: BhList::default(),
@@ -418,7 +448,7 @@ impl AioContext {
             Monitor::Ring(ring) => {
                 if let Some(old) = &handlers[idx] {
                     if old.armed.get() != 0 {
-                        ring.disarm_poll(old.armed.replace(0))?;
+                        ring.disarm_poll(old.armed.replace(0));
                     }
                 }
             }
@@ -434,7 +464,7 @@ impl AioContext {
             })
         });
         if let (Monitor::Ring(ring), Some(h)) = (&self.inner.monitor, &handlers[idx]) {
-            arm(ring, fd, h)?;
+            arm(ring, fd, h);
         }
         Ok(())
     }
@@ -568,20 +598,36 @@ impl AioContext {
 
     /// Phases 2 to 5 with the io_uring monitor: one `io_uring_enter` submits what this round
     /// queued and waits; then fd handlers and I/O completions run in completion order.
+    ///
+    /// Completions wait in `Inner::pending` and are taken one at a time, and a poll is re-armed
+    /// *before* its handler runs (as QEMU's `process_cqe()` does): a handler or a coroutine
+    /// that runs a nested `poll()` (a `wait_while` inside a handler) then sees the rest of the
+    /// batch and every fd still armed, instead of waiting for completions an outer loop holds.
     fn poll_ring(&self, ring: &Ring, blocking: bool, timeout: Option<Duration>) -> bool {
         let inner = &*self.inner;
         let shared = &*inner.shared;
-        let mut cqes = inner.cqes.take();
-        let res = ring.wait(timeout, &mut cqes);
+        let mut fresh = inner.cqes.take();
+        let timeout = if inner.pending.borrow().is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO) // an outer poll left completions: run them, do not sleep
+        };
+        let res = ring.wait(timeout, &mut fresh);
         if blocking {
             shared.notify_me.store(false, Ordering::Relaxed);
         }
         if let Err(e) = res {
-            // Errors other than EINTR/ETIME/EBUSY on our own ring are programming errors.
+            // `wait` absorbs the transient errors (EINTR, ETIME, EBUSY, EAGAIN, ENOMEM); what is
+            // left (EBADF, EFAULT, EINVAL on our own ring) means the ring itself is broken.
             panic!("io_uring_enter failed on context {}: {e}", shared.name);
         }
+        inner.pending.borrow_mut().extend(fresh.drain(..));
+        inner.cqes.set(fresh);
         let mut progress = false;
-        for cqe in cqes.drain(..) {
+        loop {
+            let Some(cqe) = inner.pending.borrow_mut().pop_front() else {
+                break;
+            };
             match cqe.user_data & ring::TAG_MASK {
                 ring::TAG_IO => {
                     ring.complete(cqe.user_data, cqe.result);
@@ -589,21 +635,17 @@ impl AioContext {
                 }
                 ring::TAG_POLL => progress |= self.dispatch_poll(ring, cqe),
                 ring::TAG_NOTIFY => {
+                    ring.arm_poll(shared.notifier.as_raw_fd(), POLL_READ, ring::TAG_NOTIFY);
                     shared.notifier.test_and_clear();
-                    if let Err(e) =
-                        ring.arm_poll(shared.notifier.as_raw_fd(), POLL_READ, ring::TAG_NOTIFY)
-                    {
-                        panic!("cannot re-arm the notifier of context {}: {e}", shared.name);
-                    }
                 }
                 _ => {} // a POLL_REMOVE's own completion
             }
         }
-        inner.cqes.set(cqes);
         progress | self.poll_bhs_and_timers()
     }
 
-    /// A poll completed: run the fd's handlers, then arm the next poll (level-triggered).
+    /// A poll completed: arm the next one (level-triggered: it completes at once if the fd is
+    /// still ready), then run the fd's handlers.
     fn dispatch_poll(&self, ring: &Ring, cqe: Cqe) -> bool {
         let (fd, gen) = ring::poll_target(cqe.user_data);
         let handlers = {
@@ -618,10 +660,17 @@ impl AioContext {
         }
         handlers.armed.set(0);
         let (readable, writable) = if cqe.result < 0 {
-            // An error on the fd (EBADF after a close we were not told about...): let the
-            // handlers see it from their own syscalls.
+            // The fd cannot be polled (EBADF: closed without removing its handler; EINVAL):
+            // run the handlers once so they see the error from their own syscalls, and stop
+            // polling it — re-arming would fail the same way every round.
+            log::warn!(
+                "context {}: polling fd {fd} failed ({}); its handlers stop being called",
+                self.inner.shared.name,
+                io::Error::from_raw_os_error(-cqe.result)
+            );
             (true, true)
         } else {
+            arm(ring, fd, &handlers);
             let ev = cqe.result as u32 as i16;
             let err = ev & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0;
             (
@@ -629,25 +678,11 @@ impl AioContext {
                 err || ev & libc::POLLOUT != 0,
             )
         };
-        let progress = self.dispatch_fd(Event {
+        self.dispatch_fd(Event {
             fd,
             readable,
             writable,
-        });
-        // Re-arm unless a handler replaced or removed the registration meanwhile.
-        let still = matches!(
-            self.inner.handlers.borrow().get(fd as usize),
-            Some(Some(h)) if Rc::ptr_eq(h, &handlers)
-        );
-        if still && handlers.armed.get() == 0 {
-            if let Err(e) = arm(ring, fd, &handlers) {
-                log::error!(
-                    "context {}: cannot re-arm fd {fd}: {e}",
-                    self.inner.shared.name
-                );
-            }
-        }
-        progress
+        })
     }
 
     fn dispatch_fd(&self, ev: Event) -> bool {

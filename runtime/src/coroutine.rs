@@ -468,10 +468,13 @@ impl std::task::Wake for CoShared {
     }
 }
 
-impl From<CoWaker> for std::task::Waker {
-    /// No allocation: the waker is the coroutine's shared block.
-    fn from(w: CoWaker) -> std::task::Waker {
-        std::task::Waker::from(w.shared)
+impl CoWaker {
+    /// The coroutine's wake as a `std::task::Waker`, for a slot that holds one (an io_uring
+    /// completion). No allocation: the waker is the coroutine's shared block. Crate-private:
+    /// waking a coroutine twice, or after it finished, aborts, which generic future code does
+    /// not expect of a `Waker`.
+    pub(crate) fn into_waker(self) -> std::task::Waker {
+        std::task::Waker::from(self.shared)
     }
 }
 
@@ -660,6 +663,10 @@ impl<T> JoinHandle<T> {
                 co_yield();
             }
         } else {
+            assert!(
+                !aio::in_task_poll(),
+                "JoinHandle::join() inside an async task would poll its own loop from inside a poll"
+            );
             // The coroutine lives on this thread, so whatever finishes it runs in this loop:
             // a plain poll loop sees it (no `aio_wait` kick needed).
             let ctx = AioContext::current();

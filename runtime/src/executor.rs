@@ -135,29 +135,14 @@ impl Drop for Executor {
 
 thread_local! {
     static EXEC: RefCell<Executor> = RefCell::new(Executor::default());
-    /// How many polls (task or `block_on`) are running on this thread.
-    static POLLING: Cell<u32> = const { Cell::new(0) };
 }
 
 /// Whether the caller runs inside the poll of a task (or of a `block_on` future).
 pub fn in_task() -> bool {
-    POLLING.with(|p| p.get() > 0)
+    aio::in_task_poll()
 }
 
-struct PollingGuard;
-
-impl PollingGuard {
-    fn new() -> PollingGuard {
-        POLLING.with(|p| p.set(p.get() + 1));
-        PollingGuard
-    }
-}
-
-impl Drop for PollingGuard {
-    fn drop(&mut self) {
-        POLLING.with(|p| p.set(p.get() - 1));
-    }
-}
+use aio::TaskPollGuard as PollingGuard;
 
 fn push_ready(task: Arc<TaskShared>) {
     // `try_with`: a wake during thread exit (a destructor waking a task of this thread) finds

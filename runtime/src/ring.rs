@@ -8,9 +8,10 @@
 //! ## What goes through the ring
 //!
 //! - **fd handlers.** Each registered fd has one one-shot `POLL_ADD` in flight. When it
-//!   completes, the loop runs the handler and arms a new one; a one-shot poll checks readiness
-//!   when it is armed, so an fd the handler did not drain completes again at once — the
-//!   level-triggered behaviour of the epoll monitor, as in QEMU. Changing or removing a handler
+//!   completes, the loop arms a new one and then runs the handler (QEMU's order, so that a
+//!   nested `poll()` in a handler still watches the fd); a one-shot poll checks readiness when
+//!   it is submitted, so an fd the handler did not drain completes again at once — the
+//!   level-triggered behaviour of the epoll monitor. Changing or removing a handler
 //!   sends a `POLL_REMOVE`; the completion of a removed poll is recognised by its generation and
 //!   ignored.
 //! - **The notifier** (the eventfd of `aio_notify()`), armed the same way.
@@ -126,6 +127,8 @@ pub(crate) struct Ring {
     uring: RefCell<IoUring>,
     slots: RefCell<Slots>,
     stats: Cell<RingStats>,
+    /// Poll SQEs that did not fit in a full submission queue (see [`Ring::arm_poll`]).
+    deferred: RefCell<Vec<squeue::Entry>>,
 }
 
 impl Ring {
@@ -184,6 +187,7 @@ impl Ring {
             uring: RefCell::new(uring),
             slots: RefCell::new(Slots::default()),
             stats: Cell::new(RingStats::default()),
+            deferred: RefCell::new(Vec::new()),
         })
     }
 
@@ -226,31 +230,51 @@ impl Ring {
     }
 
     /// Arms a one-shot poll of `fd` for `events` (`POLLIN`, `POLLOUT`...), completing with
-    /// `user_data`.
-    pub(crate) fn arm_poll(&self, fd: RawFd, events: u32, user_data: u64) -> io::Result<()> {
+    /// `user_data`. Cannot fail: if the submission queue stays full the SQE waits in
+    /// `deferred` and goes first in the next [`Ring::wait`] (a lost poll would be an fd
+    /// handler that is never called again).
+    pub(crate) fn arm_poll(&self, fd: RawFd, events: u32, user_data: u64) {
         let entry = opcode::PollAdd::new(types::Fd(fd), events)
             .build()
             .user_data(user_data);
-        // SAFETY: a poll SQE points at no memory.
-        if unsafe { self.push(&entry) } {
-            Ok(())
-        } else {
-            Err(io::Error::from_raw_os_error(libc::EBUSY))
-        }
+        self.push_or_defer(entry);
     }
 
     /// Cancels the poll armed with `user_data` (its completion, `-ECANCELED`, is then ignored
-    /// by generation).
-    pub(crate) fn disarm_poll(&self, user_data: u64) -> io::Result<()> {
+    /// by generation). Deferred like [`Ring::arm_poll`] when the queue is full.
+    pub(crate) fn disarm_poll(&self, user_data: u64) {
         let entry = opcode::PollRemove::new(user_data)
             .build()
             .user_data(UD_IGNORE);
-        // SAFETY: a poll-remove SQE points at no memory.
-        if unsafe { self.push(&entry) } {
-            Ok(())
-        } else {
-            Err(io::Error::from_raw_os_error(libc::EBUSY))
+        self.push_or_defer(entry);
+    }
+
+    /// Pushes a poll or poll-remove SQE (they point at no memory), or keeps it for later.
+    fn push_or_defer(&self, entry: squeue::Entry) {
+        // SAFETY: poll and poll-remove SQEs point at no memory.
+        if !unsafe { self.push(&entry) } {
+            self.deferred.borrow_mut().push(entry);
         }
+    }
+
+    /// Moves deferred poll SQEs into the submission queue, as many as fit.
+    fn push_deferred(&self) {
+        let mut deferred = self.deferred.borrow_mut();
+        if deferred.is_empty() {
+            return;
+        }
+        let mut uring = self.uring.borrow_mut();
+        let mut sq = uring.submission();
+        let mut n = 0;
+        for e in deferred.iter() {
+            // SAFETY: poll and poll-remove SQEs point at no memory.
+            if unsafe { sq.push(e) }.is_err() {
+                break;
+            }
+            n += 1;
+        }
+        drop(sq);
+        deferred.drain(..n);
     }
 
     /// Submits an I/O request that wakes `waker` when it completes; returns its slot, or
@@ -388,6 +412,7 @@ impl Ring {
     /// completions to `out`. A wait with nothing to submit, no overflowed completions and a
     /// zero timeout makes no syscall. `EINTR`, `ETIME` and `EBUSY` count as "nothing yet".
     pub(crate) fn wait(&self, timeout: Option<Duration>, out: &mut Vec<Cqe>) -> io::Result<()> {
+        self.push_deferred();
         let mut uring = self.uring.borrow_mut();
         let ready = !uring.completion().is_empty();
         let queued = uring.submission().len();
@@ -414,6 +439,21 @@ impl Ring {
                 Ok(n) => n,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR | libc::ETIME | libc::EBUSY) => 0,
+                    // Out of kernel memory for requests: what was queued stays queued and the
+                    // next round tries again; pause a little rather than spin on it.
+                    Some(libc::EAGAIN | libc::ENOMEM) => {
+                        log::debug!("io_uring_enter: {e}; retrying next round");
+                        if wait {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        0
+                    }
+                    // The kernel dropped completions (EBADR, a CQ overflow it could not keep):
+                    // their waiters will never be woken. Say so; the loop itself can go on.
+                    Some(libc::EBADR) => {
+                        log::error!("io_uring: the kernel dropped completions; some requests will never finish");
+                        0
+                    }
                     _ => return Err(e),
                 },
             };

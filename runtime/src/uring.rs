@@ -59,7 +59,7 @@ pub unsafe fn co_submit(entry: squeue::Entry) -> Option<i32> {
     let co = Coroutine::current()?;
     // SAFETY: forwarded from the caller; we do not return before the completion.
     let idx = AioContext::with_current(|ctx| unsafe {
-        ctx.ring()?.submit(entry, Waker::from(co.waker()))
+        ctx.ring()?.submit(entry, co.waker().into_waker())
     })?;
     loop {
         co_yield();
@@ -67,7 +67,8 @@ pub unsafe fn co_submit(entry: squeue::Entry) -> Option<i32> {
         if let Some(r) = r {
             return Some(r);
         }
-        // Woken by something else: the completion will wake us again.
+        // Woken by someone else who held our waker (a spurious wake): the completion will
+        // wake us again; only then does the slot hold a result.
     }
 }
 
@@ -256,6 +257,11 @@ impl<K: 'static> Future for Op<K> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        if this.keep.is_none() {
+            // Its slot may already serve another request: touching it would steal that one's
+            // result or waker.
+            panic!("io_uring Op polled after it completed");
+        }
         let r = AioContext::with_current(|ctx| {
             let ring = ctx.ring()?;
             let r = ring.take_result(this.idx);
@@ -267,7 +273,7 @@ impl<K: 'static> Future for Op<K> {
         match r {
             Some(r) => match this.keep.take() {
                 Some(k) => Poll::Ready((k, to_result(r))),
-                None => panic!("io_uring Op polled after it completed"),
+                None => unreachable!("checked above"),
             },
             None => Poll::Pending,
         }

@@ -7,6 +7,7 @@
 //! test on its own libtest thread and so with its own context.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -625,4 +626,102 @@ fn eintr_in_a_blocking_poll_is_not_an_error() {
         polls >= 2,
         "the signal did not interrupt the wait ({polls} polls)"
     );
+}
+
+/// A handler that runs a nested `wait_while` (allowed outside coroutines and tasks) must still
+/// see the other completions of the batch its own came in, and its own fd must stay watched:
+/// the loop keeps unprocessed completions in the context and re-arms a poll before running its
+/// handler. Both pipes are ready before the first poll, so their completions arrive together;
+/// whichever handler runs first waits (nested) for the other one. A 2 s timer ends the nested
+/// wait if it would otherwise hang, and the test then fails.
+#[test]
+fn nested_poll_in_a_handler_sees_the_rest_of_the_batch() {
+    let ctx = AioContext::current();
+    let (ra, mut wa) = nonblocking_pipe();
+    let (rb, mut wb) = nonblocking_pipe();
+    let ran: Rc<RefCell<Vec<char>>> = Rc::default();
+    let timed_out = Rc::new(Cell::new(false));
+    let t = timed_out.clone();
+    let timer = ctx.timer_new(move || t.set(true));
+    timer.modify(Instant::now() + Duration::from_secs(2));
+    for (name, r) in [('a', ra), ('b', rb)] {
+        let (ran2, to, c) = (ran.clone(), timed_out.clone(), ctx.clone());
+        let r = Rc::new(RefCell::new(r));
+        let fd = r.borrow().as_raw_fd();
+        let rr = r.clone();
+        ctx.set_fd_handler(
+            fd,
+            Some(Rc::new(move || {
+                let mut b = [0u8; 1];
+                if rr.borrow_mut().read(&mut b).is_err() {
+                    return;
+                }
+                ran2.borrow_mut().push(name);
+                if ran2.borrow().len() == 1 {
+                    // The first handler waits for the other one, inside its own dispatch.
+                    let seen = ran2.clone();
+                    let t = to.clone();
+                    runtime::wait_while(&c, || seen.borrow().len() < 2 && !t.get());
+                }
+            })),
+            None,
+        )
+        .unwrap();
+        // Keep the read end alive as long as the handler (it owns `rr`).
+        std::mem::forget(r);
+    }
+    wa.write_all(b"x").unwrap();
+    wb.write_all(b"y").unwrap();
+    poll_until(&ctx, 50, || ran.borrow().len() == 2 || timed_out.get());
+    assert!(
+        !timed_out.get(),
+        "the nested wait never saw the other handler: {:?}",
+        ran.borrow()
+    );
+    let mut got = ran.borrow().clone();
+    got.sort();
+    assert_eq!(got, ['a', 'b']);
+    // Both fds are still watched after the nested round: new data reaches their handlers.
+    wa.write_all(b"x").unwrap();
+    wb.write_all(b"y").unwrap();
+    poll_until(&ctx, 50, || ran.borrow().len() == 4);
+}
+
+/// An `Op` polled again after it returned `Ready` panics instead of touching a slot that may
+/// already serve another request.
+#[test]
+fn op_polled_after_ready_panics() {
+    let tf = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tf.path(), b"hello").unwrap();
+    let fd: Arc<OwnedFd> = Arc::new(tf.reopen().unwrap().into());
+    let r = block_on(async move {
+        let mut op = match uring::read_owned(fd, vec![0u8; 5], 0, 0) {
+            Ok(op) => op,
+            Err(_) => panic!("the ring took no request"),
+        };
+        let ((_, buf), n) = (&mut op).await;
+        assert_eq!((&buf[..], n.unwrap()), (&b"hello"[..], 5));
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let w = std::task::Waker::noop();
+            let _ = std::pin::Pin::new(&mut op).poll(&mut std::task::Context::from_waker(w));
+        }))
+    });
+    let msg = r.expect_err("a second poll must panic");
+    let msg = msg
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| msg.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    assert!(msg.contains("polled after it completed"), "{msg}");
+}
+
+/// Joining a coroutine from inside an async task would poll the loop from inside a poll (and
+/// could swallow the task's own wake-up): refused with a panic, as `wait_while` refuses it.
+#[test]
+fn join_inside_a_task_is_refused() {
+    let r = block_on(async {
+        let h = spawn(|| 7);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || h.join()))
+    });
+    assert!(r.is_err(), "join inside a block_on future must panic");
 }
