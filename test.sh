@@ -2,10 +2,11 @@
 # Every test of the workspace: unit, integration, doc tests (incl. compile_fail), a build of the
 # benchmarks and examples so they cannot rot, a short run of each fuzz target, and the
 # end-to-end suite again under both blocking-I/O paths (--aio): the first run uses the defaults
-# (one queue thread per CPU, at most 4; --aio auto, which is io_uring where the kernel allows
-# it), then 1 queue thread with --aio threads (thread pool, epoll loops), 4 with --aio io_uring,
-# and the async engine (one future per request instead of one coroutine) with 2 threads, under
-# the default aio and under --aio threads. See docs/TESTING.md.
+# (one queue thread per CPU, at most 4; --aio auto: io_uring where the kernel allows it and the
+# image is on a disk, the thread pool for images in memory, as most test images are), then 1
+# queue thread with --aio threads (thread pool, epoll loops), 4 with --aio io_uring (forced,
+# tmpfs images too), and the async engine (one future per request instead of one coroutine)
+# with 2 threads under --aio io_uring and under --aio threads. See docs/TESTING.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo build --workspace --all-targets --quiet
@@ -19,7 +20,7 @@ echo "== end-to-end suite with --threads 1 --aio threads =="
 CORO_FUSE_THREADS=1 CORO_FUSE_AIO=threads cargo test -p tests
 echo "== end-to-end suite with --threads 4 --aio io_uring =="
 CORO_FUSE_THREADS=4 CORO_FUSE_AIO=io_uring cargo test -p tests
-echo "== end-to-end suite with --engine async --threads 2 =="
-CORO_FUSE_ENGINE=async CORO_FUSE_THREADS=2 cargo test -p tests
+echo "== end-to-end suite with --engine async --threads 2 --aio io_uring =="
+CORO_FUSE_ENGINE=async CORO_FUSE_THREADS=2 CORO_FUSE_AIO=io_uring cargo test -p tests
 echo "== end-to-end suite with --engine async --threads 2 --aio threads =="
 CORO_FUSE_ENGINE=async CORO_FUSE_THREADS=2 CORO_FUSE_AIO=threads cargo test -p tests

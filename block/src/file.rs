@@ -193,6 +193,18 @@ impl Drop for PoolWrite<'_> {
     }
 }
 
+/// Whether `path` — or, if it does not exist yet, the directory it would be created in — is on
+/// a memory-backed filesystem (tmpfs, ramfs, hugetlbfs), where no request waits for a device.
+/// `false` when it cannot be told.
+pub fn is_in_memory(path: &Path) -> bool {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let file = std::fs::File::open(path).or_else(|_| std::fs::File::open(dir));
+    file.is_ok_and(|f| sys::is_memory_backed(f.as_fd()).unwrap_or(false))
+}
+
 /// Largest request a memory-backed file serves inline on the queue thread.
 pub const INLINE_MAX: usize = 128 * 1024;
 

@@ -81,7 +81,7 @@ pub use async_io::{AsyncLeaf, AsyncPath};
 pub use backend::{BackendOptions, BlockBackend};
 pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Gate, Rule, RuleId};
 pub use blklogwrites::{BlklogwritesDriver, LoggedOp};
-pub use file::{AioMode, CacheMode, FileDriver, FileOptions, FileStats};
+pub use file::{is_in_memory, AioMode, CacheMode, FileDriver, FileOptions, FileStats};
 pub use image_lock::Perm;
 pub use null::NullDriver;
 pub use qcow2::{Qcow2Driver, Qcow2Options};

@@ -93,6 +93,51 @@ fn threads_runs_epoll_loops() {
     assert!(!x.stderr.contains("event loops: io_uring"), "{x}");
 }
 
+/// `--aio auto` takes the ring for an image on a disk, and the thread pool for one in memory
+/// (tmpfs), where nothing waits for a device.
+#[test]
+fn auto_picks_the_ring_on_disk_and_the_pool_in_memory() {
+    require!(fuse_available());
+    for (dir, ring) in [(disk_workdir(), true), (workdir(), false)] {
+        if !ring && !block_is_in_memory(dir.path()) {
+            eprintln!("SKIP: /dev/shm is not tmpfs here; the in-memory case is not checked");
+            continue;
+        }
+        let img = dir.path().join("auto.img");
+        let model = random_image(&img, 256 * KIB, 3);
+        let mnt = dir.path().join("mnt");
+        fs::write(&mnt, b"").expect("mountpoint");
+        let mut e = Export::start(&img, &mnt, &["--aio", "auto"]);
+        let got = fs::read(e.path()).expect("read the export");
+        assert!(got == model);
+        let x = e.stop_ok();
+        if ring {
+            assert!(x.stderr.contains("event loops: io_uring"), "{x}");
+        } else {
+            assert!(x.stderr.contains("nothing waits for a device"), "{x}");
+            assert!(x.stderr.contains("event loops: epoll"), "{x}");
+        }
+    }
+}
+
+/// Whether `dir` is on tmpfs (statfs), without the block crate.
+fn block_is_in_memory(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut sfs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a valid C string and `sfs` a writable statfs for the kernel to fill.
+    if unsafe { libc::statfs(c.as_ptr(), sfs.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: statfs succeeded, so it initialised the struct.
+    let t = unsafe { sfs.assume_init() }.f_type;
+    #[allow(clippy::unnecessary_cast)]
+    let t = t as i64;
+    t == 0x0102_1994
+}
+
 /// Without io_uring, `auto` warns and serves with epoll loops and the thread pool.
 #[test]
 fn auto_falls_back_without_io_uring() {
