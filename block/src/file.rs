@@ -938,10 +938,12 @@ impl FileDriver {
             .await
     }
 
-    /// Reads `own[at..]` from `offset` through the thread's ring (zeros past EOF); the buffer
-    /// and how far it is done (all of it, or less if the ring stopped taking requests).
-    async fn ring_read_owned(
+    /// Reads `own[at..]` from `offset` (zeros past EOF), or writes it, through the thread's
+    /// ring; the buffer and how far it is done (all of it, or less if the ring stopped taking
+    /// requests: the rest is the caller's).
+    async fn ring_owned(
         &self,
+        write: bool,
         mut own: AlignedBuf,
         mut at: usize,
         offset: u64,
@@ -949,7 +951,12 @@ impl FileDriver {
         let start = at;
         while at < own.len() {
             let off = offset + (at - start) as u64;
-            let op = match runtime::uring::read_owned(self.fd.clone(), own, at, off) {
+            let submitted = if write {
+                runtime::uring::write_owned(self.fd.clone(), own, at, off)
+            } else {
+                runtime::uring::read_owned(self.fd.clone(), own, at, off)
+            };
+            let op = match submitted {
                 Ok(op) => op,
                 Err((_, buf)) => return Ok((buf, at)),
             };
@@ -957,45 +964,25 @@ impl FileDriver {
             own = buf;
             bump(&self.counters.ring_requests);
             match res {
-                Ok(0) => break,
+                Ok(0) if write => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(0) => break, // end of file
                 Ok(n) => at += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if self.direct && at > start && e.raw_os_error() == Some(libc::EINVAL) => {
+                // See read_full: after a short O_DIRECT read, EINVAL means the end of the file.
+                Err(e)
+                    if !write
+                        && self.direct
+                        && at > start
+                        && e.raw_os_error() == Some(libc::EINVAL) =>
+                {
                     break
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        own[at..].fill(0);
+        own[at..].fill(0); // only a read stops early without an error
         let len = own.len();
         Ok((own, len))
-    }
-
-    /// Writes `own[at..]` at `offset` through the thread's ring; see `ring_read_owned`.
-    async fn ring_write_owned(
-        &self,
-        mut own: AlignedBuf,
-        mut at: usize,
-        offset: u64,
-    ) -> Result<(AlignedBuf, usize)> {
-        let start = at;
-        while at < own.len() {
-            let off = offset + (at - start) as u64;
-            let op = match runtime::uring::write_owned(self.fd.clone(), own, at, off) {
-                Ok(op) => op,
-                Err((_, buf)) => return Ok((buf, at)),
-            };
-            let ((_, buf), res) = op.await;
-            own = buf;
-            bump(&self.counters.ring_requests);
-            match res {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                Ok(n) => at += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok((own, at))
     }
 
     /// A request without a buffer (`fdatasync`, `fallocate`) through the ring, `EINTR`
@@ -1033,7 +1020,7 @@ impl FileDriver {
         let n = rest.len();
         let mut at = 0;
         if self.ring_reads() {
-            (own, at) = self.ring_read_owned(own, 0, off).await?;
+            (own, at) = self.ring_owned(false, own, 0, off).await?;
             if at == n {
                 rest.copy_from_slice(&own[..n]);
                 return Ok(());
@@ -1063,7 +1050,7 @@ impl FileDriver {
         let _busy = PoolWrite::enter(&self.pool_writes);
         let mut at = 0;
         if self.ring_writes() {
-            (own, at) = self.ring_write_owned(own, 0, off).await?;
+            (own, at) = self.ring_owned(true, own, 0, off).await?;
             if at == n {
                 return Ok(());
             }

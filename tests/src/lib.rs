@@ -1139,6 +1139,17 @@ pub fn qemu_img_check(path: &Path) -> Output {
     run(tool("qemu-img").args(["check", "-f", "qcow2"]).arg(path))
 }
 
+/// Opens `path` read-write with `O_DIRECT`.
+pub fn open_direct(path: &Path) -> File {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {} with O_DIRECT: {e}", path.display()))
+}
+
 /// Opens `path` read-write.
 pub fn open_rw(path: &Path) -> File {
     fs::OpenOptions::new()

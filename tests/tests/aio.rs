@@ -5,9 +5,8 @@
 //! Not done: forcing the fallback with a real seccomp filter (ENOSYS for io_uring_setup) —
 //! `Export` has no hook to customise its `Command` (a `pre_exec`) yet.
 
-use std::fs::{self, File};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::fs;
+use std::os::unix::fs::FileExt;
 
 use tests::*;
 
@@ -18,15 +17,6 @@ fn aligned(storage: &mut Vec<u8>, len: usize) -> &mut [u8] {
     storage.resize(len + 4096, 0);
     let skip = storage.as_ptr().align_offset(4096);
     &mut storage[skip..skip + len]
-}
-
-fn open_direct(path: &Path) -> File {
-    fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {} with O_DIRECT: {e}", path.display()))
 }
 
 /// `--aio io_uring --cache none`: O_DIRECT writes through the mount reach the image file,

@@ -26,7 +26,7 @@
 use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use tests::*;
@@ -710,15 +710,6 @@ impl Run {
             ));
         }
     }
-}
-
-fn open_direct(path: &Path) -> File {
-    fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {} with O_DIRECT: {e}", path.display()))
 }
 
 fn env_u64(name: &str) -> Option<u64> {
