@@ -703,6 +703,18 @@ impl Export {
         mountpoint: &Path,
         args: &[S],
     ) -> Result<Export, Exited> {
+        Export::try_start_with(cwd, image, mountpoint, args, |_| {})
+    }
+
+    /// Like [`Export::try_start_in`], and `customize` may change the `Command` last (add a
+    /// `pre_exec` hook, say) before it is spawned.
+    pub fn try_start_with<S: AsRef<OsStr>>(
+        cwd: Option<&Path>,
+        image: &Path,
+        mountpoint: &Path,
+        args: &[S],
+        customize: impl FnOnce(&mut Command),
+    ) -> Result<Export, Exited> {
         let bin = coro_fuse_bin();
         let (image_arg, mnt_arg) = match cwd {
             Some(_) => (image.to_path_buf(), mountpoint.to_path_buf()),
@@ -738,6 +750,7 @@ impl Export {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        customize(&mut cmd);
         let cmdline = describe(&cmd);
         let child = cmd
             .stdin(Stdio::null())

@@ -1,9 +1,7 @@
 //! `--aio threads|io_uring|auto`: the io_uring path serves O_DIRECT I/O end to end, the
 //! daemon says which event loops it runs, and a kernel without io_uring (simulated with the
 //! hidden `--inject-no-io-uring`) falls back under `auto` and is refused under `io_uring`.
-//!
-//! Not done: forcing the fallback with a real seccomp filter (ENOSYS for io_uring_setup) —
-//! `Export` has no hook to customise its `Command` (a `pre_exec`) yet.
+//! `aio_seccomp.rs` forces the same fallback with a real seccomp filter.
 
 use std::fs;
 use std::os::unix::fs::FileExt;
