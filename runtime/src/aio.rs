@@ -20,11 +20,15 @@
 //!
 //! 1. If `blocking`, announce it (`notify_me = true`), then compute the timeout: zero if a bottom
 //!    half or remote work is pending, else until the nearest timer, else forever.
-//! 2. `epoll_wait` (one syscall; see [`crate::sys`]). While bottom halves are pending the wait
-//!    would not block anyway, so up to 7 rounds in a row skip it; fds are still checked at
-//!    least every 8th round.
+//! 2. Wait for the fd monitor. With io_uring (the default, [`crate::ring`]): one
+//!    `io_uring_enter` that also submits the SQEs this round queued (re-armed polls, the I/O of
+//!    coroutines and tasks); with nothing to submit and no time to wait, the completion queue
+//!    is read without a syscall. With epoll (the fallback, [`crate::sys`]): one `epoll_wait`;
+//!    while bottom halves are pending the wait would not block anyway, so up to 7 rounds in a
+//!    row skip it; fds are still checked at least every 8th round.
 //! 3. Dispatch ready fd handlers (level-triggered: a handler that does not drain its fd is called
-//!    again next round).
+//!    again next round) and, with io_uring, I/O completions — each enters its coroutine or wakes
+//!    its task right there, in completion order.
 //! 4. Run bottom halves scheduled before this step ([`crate::bh`]); ones scheduled meanwhile wait
 //!    for the next round.
 //! 5. Run expired timers in deadline order ([`crate::timer`]).

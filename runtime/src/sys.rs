@@ -1,4 +1,5 @@
-//! The only place in `runtime` that makes raw syscalls: a thin epoll and eventfd wrapper.
+//! The raw epoll and eventfd syscalls of `runtime` (the io_uring ones go through the `io-uring`
+//! crate, in [`crate::ring`] and [`crate::uring`]).
 //!
 //! QEMU: `util/fdmon-epoll.c` (epoll backend of the fd monitor) and `util/event_notifier-posix.c`
 //! (the eventfd behind `aio_notify()`).
