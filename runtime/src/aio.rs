@@ -23,7 +23,7 @@
 //! 2. Wait for the fd monitor. With io_uring (the default, [`crate::ring`]): one
 //!    `io_uring_enter` that also submits the SQEs this round queued (re-armed polls, the I/O of
 //!    coroutines and tasks); with nothing to submit and no time to wait, the completion queue
-//!    is read without a syscall. With epoll (the fallback, [`crate::sys`]): one `epoll_wait`;
+//!    is read without a syscall. With epoll (the fallback, `sys`): one `epoll_wait`;
 //!    while bottom halves are pending the wait would not block anyway, so up to 7 rounds in a
 //!    row skip it; fds are still checked at least every 8th round.
 //! 3. Dispatch ready fd handlers (level-triggered: a handler that does not drain its fd is called

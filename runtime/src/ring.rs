@@ -15,7 +15,7 @@
 //!   sends a `POLL_REMOVE`; the completion of a removed poll is recognised by its generation and
 //!   ignored.
 //! - **The notifier** (the eventfd of `aio_notify()`), armed the same way.
-//! - **I/O.** [`Ring::submit`] takes an SQE and whom to wake ([`Waker`]: a coroutine's or a
+//! - **I/O.** `Ring::submit` takes an SQE and whom to wake ([`Waker`]: a coroutine's or a
 //!   task's) and returns a slot number; the completion stores its result in the slot and wakes
 //!   the waiter on this thread, during `poll()`. Nothing crosses threads: no eventfd, no thread
 //!   pool (the kernel may still use its own io-wq workers, invisibly).
@@ -28,7 +28,7 @@
 //!
 //! The kernel reads or writes a buffer until the completion is posted. A slot therefore keeps
 //! whatever must outlive the request (an async task's owned buffer and fd, see
-//! [`Ring::orphan`]) when its waiter went away; a ring dropped with requests in flight (thread
+//! `Ring::orphan`) when its waiter went away; a ring dropped with requests in flight (thread
 //! exit) leaks those rather than free memory the kernel may still write.
 
 use std::any::Any;
