@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 
 use block::{AioMode, CacheMode, Format, OpenOptions};
 use fuse::queue::Engine;
@@ -73,7 +73,11 @@ struct Cli {
     #[arg(short = 'U', long, conflicts_with_all = ["growable"])]
     force_share: bool,
 
-    /// Create IMAGE as a sparse raw image of SIZE (e.g. 1G, 512M) if it does not exist.
+    /// Create IMAGE of SIZE (e.g. 1G, 512M) if it does not exist: a qcow2 image with `-f qcow2`
+    /// or (`-f auto`) a name ending in `.qcow2` — version 3, 64 KiB clusters, 16-bit refcounts,
+    /// as `qemu-img create -f qcow2` makes it; SIZE a multiple of 512 — else a sparse raw
+    /// image. It is then opened as that format (not probed). An existing IMAGE is exported as
+    /// it is.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     create: Option<u64>,
 
@@ -228,6 +232,24 @@ fn default_threads() -> usize {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(size) = cli.create {
+        let format = match cli.format {
+            FormatArg::Qcow2 => Format::Qcow2,
+            _ => Format::Auto,
+        };
+        if server::create_format(&cli.image, format) == Format::Qcow2 {
+            if let Err(block::BlockError::Invalid(e) | block::BlockError::Corrupt(e)) =
+                block::qcow2::create::check_size(size)
+            {
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::ValueValidation,
+                        format!("--create {size}: {e}"),
+                    )
+                    .exit();
+            }
+        }
+    }
     let level = match cli.verbose {
         0 => "info",
         1 => "debug",

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use block::{BlockBackend, OpenOptions};
+use block::{BlockBackend, Format, OpenOptions};
 use runtime::{wait_while, AioContext, IoThread};
 
 use crate::export::{Export, ExportConfig};
@@ -43,7 +43,8 @@ pub struct ServerConfig {
     pub open: OpenOptions,
     /// Writes and fallocates past the end grow the image (the export's `growable`).
     pub growable: bool,
-    /// Create the image (sparse raw, this size) if it does not exist.
+    /// Create the image (this size; qcow2 or sparse raw, see [`create_format`]) if it does not
+    /// exist.
     pub create: Option<u64>,
     pub allow_other: AllowOther,
     /// Largest READ/WRITE the kernel may send (bytes; 4 KiB to 1 MiB).
@@ -161,28 +162,57 @@ pub fn human_size(n: u64) -> String {
     }
 }
 
-fn create_image(path: &Path, size: u64) -> Result<(), ServerError> {
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-    {
-        Ok(f) => {
-            f.set_len(size)
-                .map_err(|e| start_err(format!("cannot size new image {}: {e}", path.display())))?;
-            log::info!(
-                "created {} ({}, sparse raw)",
-                path.display(),
-                human_size(size)
-            );
-            Ok(())
+/// The format `--create` makes IMAGE in for `-f format`: qcow2 when asked for, or with `-f
+/// auto` when the name ends in `.qcow2`; raw otherwise.
+pub fn create_format(image: &Path, format: Format) -> Format {
+    match format {
+        Format::Qcow2 => Format::Qcow2,
+        Format::Auto if image.extension().is_some_and(|e| e == "qcow2") => Format::Qcow2,
+        _ => Format::Raw,
+    }
+}
+
+/// `--create`: makes `path` (`format`: [`Format::Raw`] sparse, or an empty [`Format::Qcow2`]
+/// image as `qemu-img create -f qcow2` makes it) unless it exists. Returns whether it did.
+fn create_image(path: &Path, size: u64, format: Format) -> Result<bool, ServerError> {
+    let exists = |e: &io::Error| e.kind() == io::ErrorKind::AlreadyExists;
+    let made = if format == Format::Qcow2 {
+        match block::qcow2::create_qcow2(path, size) {
+            Ok(()) => Ok(()),
+            Err(block::BlockError::Open { source, .. }) if exists(&source) => Err(source),
+            Err(e) => return Err(start_err(format!("cannot create {}: {e}", path.display()))),
         }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .and_then(|f| {
+                f.set_len(size).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot size the new image: {e}"))
+                })
+            })
+    };
+    match made {
+        Ok(()) => {
+            log::info!(
+                "created {} ({}, {})",
+                path.display(),
+                human_size(size),
+                if format == Format::Qcow2 {
+                    "qcow2"
+                } else {
+                    "sparse raw"
+                }
+            );
+            Ok(true)
+        }
+        Err(e) if exists(&e) => {
             log::info!(
                 "{} exists; exporting it as it is (--create ignored)",
                 path.display()
             );
-            Ok(())
+            Ok(false)
         }
         Err(e) => Err(start_err(format!("cannot create {}: {e}", path.display()))),
     }
@@ -196,10 +226,16 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
     let signals = sys::SignalFd::new(&[libc::SIGINT, libc::SIGTERM])
         .map_err(|e| start_err(format!("cannot set up signal handling: {e}")))?;
 
+    let mut open = cfg.open;
     if let Some(size) = cfg.create {
-        create_image(&cfg.image, size)?;
+        let format = create_format(&cfg.image, cfg.open.format);
+        // An image we just made is not probed: it is opened in the format we made it in (no
+        // probing warning, and a raw one may be written anywhere).
+        if create_image(&cfg.image, size, format)? && open.format == Format::Auto {
+            open.format = format;
+        }
     }
-    let blk = block::open_image_with(&cfg.image, &cfg.open, &cfg.inject).map_err(start_err)?;
+    let blk = block::open_image_with(&cfg.image, &open, &cfg.inject).map_err(start_err)?;
 
     let meta = std::fs::metadata(&cfg.mountpoint)
         .map_err(|e| start_err(format!("mountpoint {}: {e}", cfg.mountpoint.display())))?;

@@ -185,6 +185,45 @@ impl RawHeader {
     }
 }
 
+impl RawHeader {
+    /// The header's bytes as on disk (`size_of::<RawHeader>()` = 112, version 3 with the
+    /// compression type field): the inverse of [`RawHeader::from_bytes`].
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = vec![0u8; size_of::<RawHeader>()];
+        macro_rules! put {
+            ($($name:ident),*) => {
+                $(
+                    let v = &self.$name.0;
+                    let at = offset_of!(RawHeader, $name);
+                    b[at..at + v.len()].copy_from_slice(v);
+                )*
+            };
+        }
+        put!(
+            magic,
+            version,
+            backing_file_offset,
+            backing_file_size,
+            cluster_bits,
+            size,
+            crypt_method,
+            l1_size,
+            l1_table_offset,
+            refcount_table_offset,
+            refcount_table_clusters,
+            nb_snapshots,
+            snapshots_offset,
+            incompatible_features,
+            compatible_features,
+            autoclear_features,
+            refcount_order,
+            header_length
+        );
+        b[offset_of!(RawHeader, compression_type)] = self.compression_type;
+        b
+    }
+}
+
 /// A validated header: everything the read path needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {

@@ -13,6 +13,7 @@
 //! | `mod.rs` (here) | the driver: open, host I/O, the read path, corruption, the `BlockDriver` glue |
 //! | [`header`] | the on-disk header, its validation, the offsets of the fields we rewrite |
 //! | [`cluster`] | guest offset → L1 → L2 → [`Mapping`]; L2 allocation and copy-on-write; linking |
+//! | [`create`] | creating an empty image (`qemu-img create -f qcow2` defaults) |
 //! | [`refcount`] | refcount table and blocks, cluster allocation and freeing |
 //! | [`write`](mod@write) | write requests: serialising overlapping ones, copy-on-write, zeroing, discard |
 //! | [`resize`] | truncate: growing (and relocating) the L1 table, shrinking when nothing is lost |
@@ -118,6 +119,7 @@
 mod backing;
 pub mod cache;
 pub mod cluster;
+pub mod create;
 mod decompress;
 pub mod header;
 mod inflate;
@@ -139,6 +141,7 @@ use crate::{BlockDriver, BlockError, BlockStatus, Result};
 pub(crate) use backing::{has_protocol, name_error};
 pub use backing::{resolve_backing_path, ChainOptions, MAX_CHAIN_DEPTH};
 pub use cluster::Mapping;
+pub use create::create_qcow2;
 pub use header::Header;
 use refcount::Refcounts;
 
