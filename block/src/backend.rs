@@ -18,6 +18,14 @@
 //!    bounce buffer, an unaligned write becomes read-modify-write of the edge blocks;
 //! 4. call the driver.
 //!
+//! ## Discard and detect-zeroes
+//!
+//! The node options QEMU calls `discard` and `detect-zeroes` ([`Discard`], [`DetectZeroes`])
+//! are applied here, once for both engines: with `discard=ignore` a discard succeeds without
+//! reaching the driver and a write-zeroes loses `may_unmap` (the range still reads as zeros,
+//! it just stays allocated); with `detect-zeroes` on, a write whose buffer is all zeros
+//! becomes a write-zeroes (with `may_unmap` for `unmap`, which the discard option then masks).
+//!
 //! ## Serialising requests
 //!
 //! A read-modify-write reads a whole block, patches a few bytes and writes the block back. If
@@ -65,7 +73,50 @@ use crate::async_io::AsyncPath;
 use crate::sys::AlignedBuf;
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
 
-/// Options of a [`BlockBackend`].
+/// What a discard request does, and whether write-zeroes may deallocate. QEMU: the
+/// `discard` option of a block node (`BDRV_O_UNMAP`). The library's default is `Unmap`, as
+/// `qemu-img` and `qemu-io` open images; the `coro-fuse` command line defaults to `Ignore`,
+/// QEMU's default for `-blockdev` and `qemu-storage-daemon`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Discard {
+    /// Discards succeed and do nothing; write-zeroes zero the range but never deallocate
+    /// (`BDRV_REQ_MAY_UNMAP` is dropped).
+    Ignore,
+    /// Discards are passed down (deallocating where the driver can); write-zeroes with
+    /// `may_unmap` may deallocate.
+    #[default]
+    Unmap,
+}
+
+/// Whether writes of all-zero buffers become write-zeroes requests. QEMU: the
+/// `detect-zeroes` option (`BlockdevDetectZeroesOptions`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// Writes are written as they are (QEMU's default).
+    #[default]
+    Off,
+    /// An all-zero write becomes a write-zeroes without `may_unmap`.
+    On,
+    /// An all-zero write becomes a write-zeroes with `may_unmap`, which deallocates only with
+    /// [`Discard::Unmap`] (with [`Discard::Ignore`] it behaves as [`DetectZeroes::On`]).
+    Unmap,
+}
+
+/// Whether `buf` is all zeros (QEMU: `buffer_is_zero()`): the first and last bytes first, then
+/// 16-byte words, which the compiler vectorises.
+fn buffer_is_zero(buf: &[u8]) -> bool {
+    if buf.first().is_some_and(|&b| b != 0) || buf.last().is_some_and(|&b| b != 0) {
+        return false;
+    }
+    let mut words = buf.chunks_exact(16);
+    let words_zero = words
+        .by_ref()
+        .all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0);
+    words_zero && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// Options of a [`BlockBackend`]. The default passes discards down ([`Discard::Unmap`]), as a
+/// format driver's handle on its file needs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendOptions {
     /// Refuse every write, write-zeroes, discard and truncate with [`BlockError::ReadOnly`].
@@ -77,6 +128,11 @@ pub struct BackendOptions {
     /// granularity, one lock with truncate), and they are the export's (`Export::co_grow_to`).
     /// QEMU: `blk_set_allow_write_beyond_eof()`.
     pub write_beyond_eof: bool,
+    /// QEMU `discard=`: applied to [`BlockBackend::co_pdiscard`] and the `may_unmap` of
+    /// [`BlockBackend::co_pwrite_zeroes`] (and their async forms).
+    pub discard: Discard,
+    /// QEMU `detect-zeroes=`: applied to [`BlockBackend::co_pwrite`] (and its async form).
+    pub detect_zeroes: DetectZeroes,
 }
 
 /// The export's handle on an image. `Send + Sync`: share it as `Arc<BlockBackend>`.
@@ -86,6 +142,8 @@ pub struct BlockBackend {
     driver: Arc<dyn BlockDriver>,
     read_only: bool,
     write_beyond_eof: bool,
+    discard: Discard,
+    detect_zeroes: DetectZeroes,
     /// Offset/length alignment the driver needs (≥ 1).
     align: u64,
     /// Buffer address alignment the driver needs (a power of two ≥ 1).
@@ -131,6 +189,8 @@ impl BlockBackend {
             driver,
             read_only: opts.read_only,
             write_beyond_eof: opts.write_beyond_eof,
+            discard: opts.discard,
+            detect_zeroes: opts.detect_zeroes,
             align,
             mem_align,
             size: AtomicU64::new(size),
@@ -181,6 +241,21 @@ impl BlockBackend {
     /// Counts a request in until the guard drops. QEMU: `blk_inc_in_flight()`.
     fn enter(&self) -> InFlightGuard<'_> {
         self.in_flight.enter()
+    }
+
+    /// `Some(may_unmap)` if this write is to become a write-zeroes (detect-zeroes is on and
+    /// the buffer is all zeros). QEMU: the `detect_zeroes` check in `bdrv_aligned_pwritev()`.
+    fn detected_zeroes(&self, buf: &[u8]) -> Option<bool> {
+        if self.detect_zeroes == DetectZeroes::Off || buf.is_empty() || !buffer_is_zero(buf) {
+            return None;
+        }
+        Some(self.detect_zeroes == DetectZeroes::Unmap)
+    }
+
+    /// `may_unmap` as the discard option allows it. QEMU: `bdrv_co_pwrite_zeroes()` drops
+    /// `BDRV_REQ_MAY_UNMAP` without `BDRV_O_UNMAP`.
+    fn allow_unmap(&self, may_unmap: bool) -> bool {
+        may_unmap && self.discard == Discard::Unmap
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -277,6 +352,9 @@ impl BlockBackend {
 
     /// Writes `buf` at `offset`. QEMU: `blk_co_pwrite()`.
     pub fn co_pwrite(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if let Some(may_unmap) = self.detected_zeroes(buf) {
+            return self.co_pwrite_zeroes(offset, buf.len() as u64, may_unmap);
+        }
         let _req = self.enter();
         self.check_writable()?;
         self.check_write_range(offset, buf.len() as u64)?;
@@ -346,6 +424,7 @@ impl BlockBackend {
     /// hole). Unaligned head and tail become explicit zero writes. QEMU:
     /// `blk_co_pwrite_zeroes()`, `bdrv_co_do_pwrite_zeroes()`.
     pub fn co_pwrite_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        let may_unmap = self.allow_unmap(may_unmap);
         let _req = self.enter();
         self.check_writable()?;
         self.check_write_range(offset, len)?;
@@ -380,6 +459,9 @@ impl BlockBackend {
         let _req = self.enter();
         self.check_writable()?;
         self.check_range(offset, len)?;
+        if self.discard == Discard::Ignore {
+            return Ok(());
+        }
         let start = align_up(offset, self.align)?;
         let end = align_down(offset + len, self.align);
         if start >= end {
@@ -498,6 +580,11 @@ impl BlockBackend {
 
     /// Writes `buf` at `offset`. The async form of [`BlockBackend::co_pwrite`].
     pub async fn pwrite_async(self: &Arc<Self>, offset: u64, buf: &[u8]) -> Result<()> {
+        if let Some(may_unmap) = self.detected_zeroes(buf) {
+            return self
+                .pwrite_zeroes_async(offset, buf.len() as u64, may_unmap)
+                .await;
+        }
         let len = buf.len() as u64;
         if let Some(path) = self.native().filter(|p| !p.touches_guard(offset, len)) {
             let req = self.enter();
@@ -530,6 +617,7 @@ impl BlockBackend {
         len: u64,
         may_unmap: bool,
     ) -> Result<()> {
+        let may_unmap = self.allow_unmap(may_unmap);
         if let Some(path) = self.native().filter(|p| !p.touches_guard(offset, len)) {
             let req = self.enter();
             self.check_writable()?;
@@ -547,6 +635,11 @@ impl BlockBackend {
 
     /// The async form of [`BlockBackend::co_pdiscard`].
     pub async fn pdiscard_async(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
+        if self.discard == Discard::Ignore {
+            let _req = self.enter();
+            self.check_writable()?;
+            return self.check_range(offset, len);
+        }
         let Some(path) = self.native().filter(|p| !p.touches_guard(offset, len)) else {
             return self.bridged(move |b| b.co_pdiscard(offset, len)).await;
         };
@@ -593,6 +686,8 @@ impl fmt::Debug for BlockBackend {
             .field("size", &self.size())
             .field("read_only", &self.read_only)
             .field("write_beyond_eof", &self.write_beyond_eof)
+            .field("discard", &self.discard)
+            .field("detect_zeroes", &self.detect_zeroes)
             .field("align", &self.align)
             .field("in_flight", &self.in_flight())
             .finish()

@@ -275,6 +275,7 @@ pub fn qcow2_image(data: &[u8]) {
             BackendOptions {
                 read_only: true,
                 write_beyond_eof: false,
+                ..BackendOptions::default()
             },
         ) {
             let blk = Arc::new(blk);
@@ -298,6 +299,7 @@ pub fn qcow2_image(data: &[u8]) {
     let backend = BackendOptions {
         read_only: false,
         write_beyond_eof: false,
+        ..BackendOptions::default()
     };
     let driver = Arc::new(driver);
     let Ok(blk) = BlockBackend::new(driver.clone(), backend) else {

@@ -78,7 +78,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use async_io::{AsyncLeaf, AsyncPath};
-pub use backend::{BackendOptions, BlockBackend};
+pub use backend::{BackendOptions, BlockBackend, DetectZeroes, Discard};
 pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Gate, Rule, RuleId};
 pub use blklogwrites::{BlklogwritesDriver, LoggedOp};
 pub use file::{is_in_memory, AioMode, CacheMode, FileDriver, FileOptions, FileStats};
@@ -333,6 +333,11 @@ pub struct OpenOptions {
     pub size: Option<u64>,
     /// qcow2 cache sizes.
     pub qcow2: Qcow2Options,
+    /// QEMU `discard=` of the exported node (default `unmap`, as `qemu-img`/`qemu-io`; the
+    /// command line's default is `ignore`, as `-blockdev`).
+    pub discard: Discard,
+    /// QEMU `detect-zeroes=` of the exported node (default `off`).
+    pub detect_zeroes: DetectZeroes,
 }
 
 /// QEMU's `null-co` default size.
@@ -368,7 +373,15 @@ pub fn open_image_with(
     let backend_opts = BackendOptions {
         read_only,
         write_beyond_eof: false,
+        discard: opts.discard,
+        detect_zeroes: opts.detect_zeroes,
     };
+    if opts.detect_zeroes == DetectZeroes::Unmap && opts.discard == Discard::Ignore {
+        log::warn!(
+            "detect-zeroes=unmap without discard=unmap: detected zeros are written as zeros \
+             but not deallocated (as detect-zeroes=on)"
+        );
+    }
     if opts.format == Format::Null {
         if opts.offset != 0 {
             return Err(BlockError::Invalid(

@@ -53,6 +53,7 @@ pub fn probe(node: &Arc<dyn BlockDriver>) -> Result<Option<&'static str>> {
         BackendOptions {
             read_only: true,
             write_beyond_eof: false,
+            ..BackendOptions::default()
         },
     )?;
     let len = blk.size();

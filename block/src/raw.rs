@@ -132,6 +132,7 @@ impl RawDriver {
                 BackendOptions {
                     read_only: true,
                     write_beyond_eof: false,
+                    ..BackendOptions::default()
                 },
             )?;
             let n = reader.size().min(PROBE_SECTOR) as usize;

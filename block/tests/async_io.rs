@@ -62,6 +62,7 @@ fn growth_and_truncate_go_through_the_bridge() {
     let opts = BackendOptions {
         read_only: false,
         write_beyond_eof: true,
+        ..BackendOptions::default()
     };
     let blk = Arc::new(BlockBackend::new(Arc::new(file), opts).expect("backend"));
     block_on(async {

@@ -118,6 +118,7 @@ fn drain_waits_for_requests_in_flight_on_another_thread() {
     let opts = BackendOptions {
         read_only: true,
         write_beyond_eof: false,
+        ..BackendOptions::default()
     };
     let blk = Arc::new(BlockBackend::new(slow.clone(), opts).expect("backend"));
     let io = IoThread::spawn("drain-io").expect("iothread");
@@ -195,6 +196,7 @@ fn in_flight_returns_to_zero_after_errors() {
         BackendOptions {
             read_only: true,
             write_beyond_eof: false,
+            ..BackendOptions::default()
         },
     )
     .expect("backend");

@@ -113,6 +113,7 @@ fn write_beyond_eof_extends_the_file_and_truncate_updates_size() {
     let opts = BackendOptions {
         read_only: false,
         write_beyond_eof: true,
+        ..BackendOptions::default()
     };
     let b = BlockBackend::new(Arc::new(file), opts).expect("backend");
     co(move || {
@@ -171,7 +172,12 @@ fn reports_holes(dir: &Path) -> bool {
     let path = dir.join("hole-probe");
     let f = std::fs::File::create(&path).expect("create");
     f.set_len(1 << 20).expect("set_len");
-    let blk = open_image(&path, &raw_rw()).expect("open");
+    // Deallocation is asked for: QEMU's discard=unmap (the default, ignore, keeps it).
+    let unmap = OpenOptions {
+        discard: block::Discard::Unmap,
+        ..raw_rw()
+    };
+    let blk = open_image(&path, &unmap).expect("open");
     let (status, _) = co(move || blk.co_block_status(0, 1 << 20)).expect("status");
     let _ = std::fs::remove_file(&path);
     status == BlockStatus::Zero

@@ -58,6 +58,7 @@ fn open(bytes: Vec<u8>) -> (Arc<Qcow2Driver>, Arc<BlockBackend>, Arc<MemDriver>)
     let opts = BackendOptions {
         read_only: false,
         write_beyond_eof: false,
+        ..BackendOptions::default()
     };
     let blk = Arc::new(BlockBackend::new(driver.clone(), opts).expect("backend"));
     (driver, blk, mem)

@@ -31,7 +31,9 @@
 //!   group/other bits without allow_other; EROFS for +w when read-only); uid/gid only with
 //!   allow_other; anything else is ENOTSUP;
 //! - FALLOCATE mode 0 only at or after EOF (it grows); PUNCH_HOLE needs KEEP_SIZE and becomes
-//!   write-zeroes with unmap; ZERO_RANGE grows unless KEEP_SIZE; other modes EOPNOTSUPP;
+//!   write-zeroes with unmap (it deallocates only with `--discard unmap`: the backend drops
+//!   the unmap under the default `ignore`, so the range still reads as zeros); ZERO_RANGE grows
+//!   unless KEEP_SIZE; other modes EOPNOTSUPP;
 //! - LSEEK SEEK_DATA/SEEK_HOLE from block status, ENXIO past EOF;
 //! - a backend error is that request's errno (EIO); the export keeps serving.
 //!

@@ -69,6 +69,20 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = AioArg::Auto)]
     aio: AioArg,
 
+    /// What discards do (QEMU's `discard=`; default `ignore`, as QEMU's): `ignore` keeps the
+    /// image allocated — a punched hole (fallocate PUNCH_HOLE) still reads as zeros, but is
+    /// written as zeros (ZERO_RANGE, or qcow2 zero clusters) and nothing is deallocated;
+    /// `unmap` passes them down, so punching a hole deallocates the range in the image.
+    #[arg(long, value_enum, default_value_t = DiscardArg::Ignore)]
+    discard: DiscardArg,
+
+    /// Writes of all-zero data become zero writes (QEMU's `detect-zeroes=`; default `off`):
+    /// `on` writes them as zeros without deallocating (qcow2: zero clusters, no data
+    /// cluster); `unmap` also deallocates, but only with `--discard unmap` (with `--discard
+    /// ignore` it is accepted, with a warning, and behaves as `on`).
+    #[arg(long, value_enum, default_value_t = DetectZeroesArg::Off)]
+    detect_zeroes: DetectZeroesArg,
+
     /// Open the image read-only without taking its locks, even if another process writes it.
     #[arg(short = 'U', long, conflicts_with_all = ["growable"])]
     force_share: bool,
@@ -179,6 +193,19 @@ enum AllowOtherArg {
     On,
     Off,
     Auto,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DiscardArg {
+    Ignore,
+    Unmap,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DetectZeroesArg {
+    Off,
+    On,
+    Unmap,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -315,6 +342,15 @@ fn main() -> ExitCode {
         qcow2: block::Qcow2Options {
             l2_cache_bytes: cli.l2_cache_size,
             refcount_cache_bytes: cli.refcount_cache_size,
+        },
+        discard: match cli.discard {
+            DiscardArg::Ignore => block::Discard::Ignore,
+            DiscardArg::Unmap => block::Discard::Unmap,
+        },
+        detect_zeroes: match cli.detect_zeroes {
+            DetectZeroesArg::Off => block::DetectZeroes::Off,
+            DetectZeroesArg::On => block::DetectZeroes::On,
+            DetectZeroesArg::Unmap => block::DetectZeroes::Unmap,
         },
     };
     let cfg = ServerConfig {

@@ -335,7 +335,8 @@ fn punch_hole_and_zero_range() {
     let mut data = random_image(&img, len as usize, 308014);
     let mnt = dir.path().join("mnt");
     fs::write(&mnt, b"").unwrap();
-    let mut e = Export::start(&img, &mnt, NO_ARGS);
+    // Deallocation needs QEMU's `discard=unmap` (the default, `ignore`, only zeroes).
+    let mut e = Export::start(&img, &mnt, &["--discard", "unmap"]);
     let p = e.path().to_path_buf();
     let alloc_before = allocated(&img);
 

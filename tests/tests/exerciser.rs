@@ -826,8 +826,12 @@ fn exercise(format: Format, threads: u16, engine: &str, combo: u64, backing: boo
         test_name()
     );
     let threads_arg = threads.to_string();
+    // The model expects a whole-cluster punch to free the cluster: QEMU's `discard=unmap`
+    // (the default, `ignore`, keeps everything allocated).
     let args = [
         "--growable",
+        "--discard",
+        "unmap",
         "--cache",
         "none",
         "--threads",

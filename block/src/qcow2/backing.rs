@@ -274,6 +274,7 @@ fn open_backing(
         BackendOptions {
             read_only: true,
             write_beyond_eof: false,
+            ..BackendOptions::default()
         },
     )?;
     log::debug!(

@@ -272,6 +272,7 @@ impl Qcow2Driver {
             BackendOptions {
                 read_only,
                 write_beyond_eof: !read_only,
+                ..BackendOptions::default()
             },
         )?;
         let direct = child.request_alignment() <= 1 && child.min_mem_alignment() <= 1;
