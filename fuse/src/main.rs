@@ -13,7 +13,9 @@ use clap::{CommandFactory, Parser, ValueEnum};
 
 use block::{AioMode, CacheMode, Format, OpenOptions};
 use fuse::queue::Engine;
-use fuse::server::{self, AllowOther, ServerConfig};
+use fuse::server::{self, AllowOther, Lifecycle, ServerConfig};
+
+mod daemon;
 
 /// Export a disk image through FUSE as one regular file.
 ///
@@ -161,6 +163,19 @@ struct Cli {
     #[arg(long, hide = true)]
     inject_no_io_uring: bool,
 
+    /// Run in the background: the command returns once the mount is live (exit 0), or fails
+    /// with the error and exit status the foreground command would give. Once ready, the
+    /// daemon's output (log included) goes to /dev/null. Stop it with SIGTERM (see
+    /// --pidfile) or `umount MOUNTPOINT`.
+    #[arg(long)]
+    daemonize: bool,
+
+    /// Write the export's pid (and a newline) to FILE once the mount is live; removed when
+    /// it stops cleanly. With or without --daemonize. Under systemd (`Type=notify`), the
+    /// export also sends READY=1 and STOPPING=1 to $NOTIFY_SOCKET.
+    #[arg(long, value_name = "FILE")]
+    pidfile: Option<PathBuf>,
+
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -277,6 +292,19 @@ fn main() -> ExitCode {
             }
         }
     }
+    // Before anything else: the process has no thread and no event loop yet.
+    let daemon = if cli.daemonize {
+        match daemon::fork() {
+            Ok(daemon::Forked::Parent(code)) => return code,
+            Ok(daemon::Forked::Child(d)) => Some(d),
+            Err(e) => {
+                eprintln!("coro-fuse: --daemonize: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        None
+    };
     let level = match cli.verbose {
         0 => "info",
         1 => "debug",
@@ -374,12 +402,59 @@ fn main() -> ExitCode {
         max_in_flight: usize::from(cli.max_in_flight),
         inject_enomem: cli.inject_enomem,
     };
-    match server::run(cfg) {
+    let mut hooks = Hooks {
+        daemon,
+        pidfile: cli.pidfile,
+        pid_written: false,
+    };
+    let result = server::run_with(cfg, &mut hooks);
+    if hooks.pid_written {
+        if let Some(p) = &hooks.pidfile {
+            if let Err(e) = std::fs::remove_file(p) {
+                log::warn!("cannot remove pidfile {}: {e}", p.display());
+            }
+        }
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("coro-fuse: {e}");
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+/// `--pidfile`, `--daemonize` and `NOTIFY_SOCKET`.
+struct Hooks {
+    daemon: Option<daemon::Daemon>,
+    pidfile: Option<PathBuf>,
+    pid_written: bool,
+}
+
+impl Lifecycle for Hooks {
+    fn ready(&mut self) -> Result<(), String> {
+        let pid = std::process::id();
+        if let Some(p) = &self.pidfile {
+            std::fs::write(p, format!("{pid}\n"))
+                .map_err(|e| format!("cannot write pidfile {}: {e}", p.display()))?;
+            self.pid_written = true;
+        }
+        if self.daemon.is_some() {
+            daemon::notify(&format!("READY=1\nMAINPID={pid}\n"));
+        } else {
+            daemon::notify("READY=1\n");
+        }
+        if let Some(d) = &mut self.daemon {
+            // The parent is gone (killed?): nobody to tell; keep serving.
+            if let Err(e) = d.ready() {
+                log::warn!("--daemonize: cannot report ready: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn stopping(&mut self) {
+        daemon::notify("STOPPING=1\n");
     }
 }
 

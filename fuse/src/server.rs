@@ -218,9 +218,32 @@ fn create_image(path: &Path, size: u64, format: Format) -> Result<bool, ServerEr
     }
 }
 
+/// What the caller of [`run_with`] is told about the export's life (`--pidfile`,
+/// `--daemonize`, systemd's `NOTIFY_SOCKET`, in `main.rs`).
+pub trait Lifecycle {
+    /// The mount is live and requests are being served. An `Err` stops the export at once
+    /// (drained, flushed, unmounted) and `run_with` returns it as a start failure.
+    fn ready(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Shutdown has begun (signal, `umount`, or a failure): no new requests are read.
+    fn stopping(&mut self) {}
+}
+
+/// No hooks.
+struct Quiet;
+
+impl Lifecycle for Quiet {}
+
 /// Runs an export until it is stopped. Blocks; returns when everything is flushed and
 /// unmounted.
 pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
+    run_with(cfg, &mut Quiet)
+}
+
+/// [`run`], telling `hooks` when the export is ready and when it starts stopping.
+pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), ServerError> {
     // Signals first: threads created later (the thread pool's workers) inherit the mask, so
     // SIGINT/SIGTERM can only be picked up by our signalfd.
     let signals = sys::SignalFd::new(&[libc::SIGINT, libc::SIGTERM])
@@ -364,8 +387,15 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         cfg.mountpoint.display()
     );
 
+    let not_ready = hooks.ready().err();
+    if let Some(e) = &not_ready {
+        log::error!("{e}; stopping");
+        session.stop(SessionState::Stopping);
+    }
+
     session.wait_stopped(&ctx);
     let state = session.state();
+    hooks.stopping();
 
     // Stop reading, drain, flush, unmount.
     queue.detach(&ctx);
@@ -403,6 +433,9 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         served.iter().sum::<u64>()
     );
     flushed?;
+    if let Some(e) = not_ready {
+        return Err(ServerError::Start(e));
+    }
     if state == SessionState::Halted {
         return Err(ServerError::Failed(
             "the export halted after a malformed request or a /dev/fuse error (see above)".into(),
