@@ -59,6 +59,20 @@ fn alive(pid: u32) -> bool {
     }
 }
 
+/// Runs `coro-fuse --daemonize --pidfile PIDFILE IMG MNT` and returns what the command (the
+/// parent) printed and how it exited.
+fn daemonize(img: &Path, mnt: &Path, pidfile: &Path) -> Output {
+    run_timeout(
+        coro_fuse()
+            .arg("--daemonize")
+            .arg("--pidfile")
+            .arg(pidfile)
+            .arg(img)
+            .arg(mnt),
+        Duration::from_secs(15),
+    )
+}
+
 #[test]
 fn daemonize_returns_once_mounted_and_sigterm_cleans_up() {
     require!(fuse_available());
@@ -72,15 +86,7 @@ fn daemonize_returns_once_mounted_and_sigterm_cleans_up() {
     let base = fuse_mounts_at(&mnt);
 
     let t0 = Instant::now();
-    let out = run_timeout(
-        coro_fuse()
-            .arg("--daemonize")
-            .arg("--pidfile")
-            .arg(&pidfile)
-            .arg(&img)
-            .arg(&mnt),
-        Duration::from_secs(15),
-    );
+    let out = daemonize(&img, &mnt, &pidfile);
     // Checked at once: no waiting for the mount.
     let mounted = fuse_mounts_at(&mnt) > base;
     assert_eq!(out.code(), Some(0), "--daemonize should exit 0: {out}");
@@ -128,15 +134,7 @@ fn daemonize_with_a_missing_image_fails_with_the_error() {
     let base = fuse_mounts_at(&mnt);
 
     let t0 = Instant::now();
-    let out = run_timeout(
-        coro_fuse()
-            .arg("--daemonize")
-            .arg("--pidfile")
-            .arg(&pidfile)
-            .arg(&img)
-            .arg(&mnt),
-        Duration::from_secs(15),
-    );
+    let out = daemonize(&img, &mnt, &pidfile);
     assert_eq!(out.code(), Some(1), "start failure is exit 1: {out}");
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     assert!(
