@@ -90,6 +90,19 @@ fn allocated_raw(dir: &Path, name: &str) -> (std::path::PathBuf, Vec<u8>) {
     (path, data)
 }
 
+/// [`allocated_raw`], its allocated size, and the image opened raw with these options.
+fn open_allocated_raw(
+    dir: &Path,
+    name: &str,
+    discard: Discard,
+    detect_zeroes: DetectZeroes,
+) -> (std::path::PathBuf, Vec<u8>, u64, Arc<BlockBackend>) {
+    let (path, data) = allocated_raw(dir, name);
+    let before = blocks(&path);
+    let blk = open_image(&path, &opts(Format::Raw, discard, detect_zeroes)).expect("open");
+    (path, data, before, blk)
+}
+
 fn expect_zeroed(path: &Path, mut model: Vec<u8>) {
     model[OFF as usize..(OFF + LEN) as usize].fill(0);
     assert!(std::fs::read(path).unwrap() == model, "contents differ");
@@ -99,13 +112,8 @@ fn expect_zeroed(path: &Path, mut model: Vec<u8>) {
 fn raw_discard_ignore_zeroes_but_keeps_allocation() {
     let dir = disk_dir();
     for e in ENGINES {
-        let (path, data) = allocated_raw(dir.path(), "ignore.img");
-        let before = blocks(&path);
-        let blk = open_image(
-            &path,
-            &opts(Format::Raw, Discard::Ignore, DetectZeroes::Off),
-        )
-        .expect("open");
+        let (path, data, before, blk) =
+            open_allocated_raw(dir.path(), "ignore.img", Discard::Ignore, DetectZeroes::Off);
         // A discard does nothing at all: the data stays.
         discard(e, &blk, OFF, LEN);
         flush(e, &blk);
@@ -169,13 +177,8 @@ fn raw_detect_zeroes() {
     let dir = disk_dir();
     for e in ENGINES {
         // unmap + discard=unmap: a zero write over data deallocates it.
-        let (path, data) = allocated_raw(dir.path(), "dz.img");
-        let before = blocks(&path);
-        let blk = open_image(
-            &path,
-            &opts(Format::Raw, Discard::Unmap, DetectZeroes::Unmap),
-        )
-        .expect("open");
+        let (path, data, before, blk) =
+            open_allocated_raw(dir.path(), "dz.img", Discard::Unmap, DetectZeroes::Unmap);
         write(e, &blk, OFF, vec![0; LEN as usize]);
         flush(e, &blk);
         assert!(
@@ -193,13 +196,12 @@ fn raw_detect_zeroes() {
         expect_zeroed(&path, model);
 
         // unmap with discard=ignore behaves as on: zeros, no deallocation.
-        let (path, data) = allocated_raw(dir.path(), "dz-ignore.img");
-        let before = blocks(&path);
-        let blk = open_image(
-            &path,
-            &opts(Format::Raw, Discard::Ignore, DetectZeroes::Unmap),
-        )
-        .expect("open");
+        let (path, data, before, blk) = open_allocated_raw(
+            dir.path(),
+            "dz-ignore.img",
+            Discard::Ignore,
+            DetectZeroes::Unmap,
+        );
         write(e, &blk, OFF, vec![0; LEN as usize]);
         flush(e, &blk);
         assert!(

@@ -59,6 +59,26 @@ fn alive(pid: u32) -> bool {
     }
 }
 
+/// An empty regular file `mnt` in `dir`, to mount over.
+fn mountpoint_in(dir: &Path) -> PathBuf {
+    let mnt = dir.join("mnt");
+    fs::write(&mnt, b"").unwrap();
+    mnt
+}
+
+/// A foreground export whose `NOTIFY_SOCKET` is `socket`.
+fn start_notifying<S: AsRef<std::ffi::OsStr>>(
+    img: &Path,
+    mnt: &Path,
+    args: &[S],
+    socket: &std::ffi::OsStr,
+) -> Export {
+    Export::try_start_with(None, img, mnt, args, |c| {
+        c.env("NOTIFY_SOCKET", socket);
+    })
+    .unwrap_or_else(|x| panic!("export did not start: {x}"))
+}
+
 /// Runs `coro-fuse --daemonize --pidfile PIDFILE IMG MNT` and returns what the command (the
 /// parent) printed and how it exited.
 fn daemonize(img: &Path, mnt: &Path, pidfile: &Path) -> Output {
@@ -79,8 +99,7 @@ fn daemonize_returns_once_mounted_and_sigterm_cleans_up() {
     let dir = workdir();
     let img = dir.path().join("d.img");
     let data = random_image(&img, 1 << 20, 14);
-    let mnt = dir.path().join("mnt");
-    fs::write(&mnt, b"").unwrap();
+    let mnt = mountpoint_in(dir.path());
     let pidfile = dir.path().join("coro-fuse.pid");
     let _guard = Guard::new(&mnt, &pidfile);
     let base = fuse_mounts_at(&mnt);
@@ -127,8 +146,7 @@ fn daemonize_with_a_missing_image_fails_with_the_error() {
     require!(fuse_available());
     let dir = workdir();
     let img = dir.path().join("missing.img");
-    let mnt = dir.path().join("mnt");
-    fs::write(&mnt, b"").unwrap();
+    let mnt = mountpoint_in(dir.path());
     let pidfile = dir.path().join("coro-fuse.pid");
     let _guard = Guard::new(&mnt, &pidfile);
     let base = fuse_mounts_at(&mnt);
@@ -163,24 +181,19 @@ fn notify_socket_gets_ready_and_stopping() {
     let dir = workdir();
     let img = dir.path().join("n.img");
     sparse_image(&img, 1 << 20);
-    let mnt = dir.path().join("mnt");
-    fs::write(&mnt, b"").unwrap();
+    let mnt = mountpoint_in(dir.path());
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let pidfile = dir.path().join("fg.pid");
 
-    let mut e = Export::try_start_with(
-        None,
+    let mut e = start_notifying(
         &img,
         &mnt,
         &["--pidfile".as_ref(), pidfile.as_os_str()],
-        |c| {
-            c.env("NOTIFY_SOCKET", &sock_path);
-        },
-    )
-    .unwrap_or_else(|x| panic!("export did not start: {x}"));
+        sock_path.as_os_str(),
+    );
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).expect("READY=1 within 10 s");
     let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -203,13 +216,9 @@ fn notify_failure_does_not_fail_the_export() {
     let dir = workdir();
     let img = dir.path().join("n.img");
     sparse_image(&img, 1 << 20);
-    let mnt = dir.path().join("mnt");
-    fs::write(&mnt, b"").unwrap();
+    let mnt = mountpoint_in(dir.path());
     let nobody = dir.path().join("nobody-listens.sock");
-    let mut e = Export::try_start_with(None, &img, &mnt, NO_ARGS, |c| {
-        c.env("NOTIFY_SOCKET", &nobody);
-    })
-    .unwrap_or_else(|x| panic!("export did not start: {x}"));
+    let mut e = start_notifying(&img, &mnt, NO_ARGS, nobody.as_os_str());
     assert!(
         wait_until(Duration::from_secs(5), || e
             .stderr()
@@ -228,17 +237,13 @@ fn notify_socket_may_be_abstract() {
     let dir = workdir();
     let img = dir.path().join("a.img");
     sparse_image(&img, 1 << 20);
-    let mnt = dir.path().join("mnt");
-    fs::write(&mnt, b"").unwrap();
+    let mnt = mountpoint_in(dir.path());
     let name = format!("coro-fuse-test-{}", std::process::id());
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let sock = UnixDatagram::bind_addr(&addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut e = Export::try_start_with(None, &img, &mnt, NO_ARGS, |c| {
-        c.env("NOTIFY_SOCKET", format!("@{name}"));
-    })
-    .unwrap_or_else(|x| panic!("export did not start: {x}"));
+    let mut e = start_notifying(&img, &mnt, NO_ARGS, format!("@{name}").as_ref());
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).expect("READY=1 within 10 s");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
