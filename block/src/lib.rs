@@ -67,6 +67,7 @@ pub mod file;
 pub mod fuzzing;
 pub mod image_lock;
 pub mod null;
+pub mod overlay;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
@@ -326,6 +327,9 @@ pub struct OpenOptions {
     pub aio: AioMode,
     /// No image locking (QEMU `-U`); implies `read_only`.
     pub force_share: bool,
+    /// No locking of the backing files only (an overlay's `-U`, see [`overlay`]): the top
+    /// image is locked and may be writable.
+    pub backing_force_share: bool,
     /// Raw window: start of the exported range in the file.
     pub offset: u64,
     /// Raw window: length of the exported range (default: to the end of the file). For
@@ -470,7 +474,7 @@ fn open_qcow2(
     let chain = qcow2::ChainOptions {
         cache: opts.cache,
         aio: opts.aio,
-        force_share: opts.force_share,
+        force_share: opts.force_share || opts.backing_force_share,
         qcow2: opts.qcow2,
     };
     Qcow2Driver::open_chain(file, path, &chain).map_err(|e| qcow2::name_error(path, e))

@@ -86,7 +86,9 @@ struct Cli {
     detect_zeroes: DetectZeroesArg,
 
     /// Open the image read-only without taking its locks, even if another process writes it.
-    #[arg(short = 'U', long, conflicts_with_all = ["growable"])]
+    ///
+    /// With --snapshot or --overlay, only IMAGE is not locked; the export is writable.
+    #[arg(short = 'U', long)]
     force_share: bool,
 
     /// Create IMAGE of SIZE (e.g. 1G, 512M) if it does not exist: a qcow2 image with `-f qcow2`
@@ -96,6 +98,21 @@ struct Cli {
     /// it is.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     create: Option<u64>,
+
+    /// Leave IMAGE untouched: open it read-only (a read lock: other readers may keep it open;
+    /// with -U no lock, so a VM writing it is not refused — but then what is read may change)
+    /// and send every write to a temporary qcow2 overlay in $TMPDIR (default /var/tmp) whose
+    /// backing file is IMAGE. The overlay is unlinked as soon as it is open, so it is gone
+    /// after any exit, SIGKILL included. Works over raw and qcow2 images.
+    #[arg(long, conflicts_with_all = ["read_only", "create", "overlay", "offset", "size"])]
+    snapshot: bool,
+
+    /// As --snapshot, but the overlay is FILE and is kept: created if missing (qcow2 v3, its
+    /// backing file IMAGE by absolute path, with IMAGE's format recorded, as `qemu-img create
+    /// -f qcow2 -b IMAGE -F FMT FILE`); an existing FILE must be a qcow2 image whose backing
+    /// file is IMAGE. Fold it back with `qemu-img commit FILE`.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["read_only", "create", "offset", "size"])]
+    overlay: Option<PathBuf>,
 
     /// raw: export only SIZE bytes (from --offset). null: the device size (default 1G).
     #[arg(long, value_parser = parse_size)]
@@ -355,7 +372,29 @@ fn main() -> ExitCode {
         }
         AioArg::Auto => AioMode::Auto,
     };
-    let read_only = cli.read_only || cli.force_share;
+    let overlay = match (&cli.overlay, cli.snapshot) {
+        (Some(file), _) => Some(block::overlay::Overlay::File(file.clone())),
+        (None, true) => Some(block::overlay::Overlay::Temporary),
+        (None, false) => None,
+    };
+    if cli.force_share && cli.growable && overlay.is_none() {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--force-share opens the image read-only: --growable needs --snapshot or \
+                 --overlay",
+            )
+            .exit();
+    }
+    if cli.format == FormatArg::Null && overlay.is_some() {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "-f null has no image to put an overlay on",
+            )
+            .exit();
+    }
+    let read_only = cli.read_only || (cli.force_share && overlay.is_none());
     let open = OpenOptions {
         format,
         read_only,
@@ -364,7 +403,8 @@ fn main() -> ExitCode {
             CacheArg::None => CacheMode::None,
         },
         aio,
-        force_share: cli.force_share,
+        force_share: cli.force_share && overlay.is_none(),
+        backing_force_share: cli.force_share && overlay.is_some(),
         offset: cli.offset.unwrap_or(0),
         size: cli.size,
         qcow2: block::Qcow2Options {
@@ -401,6 +441,7 @@ fn main() -> ExitCode {
         },
         max_in_flight: usize::from(cli.max_in_flight),
         inject_enomem: cli.inject_enomem,
+        overlay,
     };
     let mut hooks = Hooks {
         daemon,

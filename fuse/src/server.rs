@@ -60,6 +60,9 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// Allocation failures to inject (tests only; the hidden `--inject-enomem`).
     pub inject_enomem: Vec<InjectEnomem>,
+    /// `--snapshot` / `--overlay FILE`: the image is opened read-only and every write goes to a
+    /// qcow2 overlay over it ([`block::overlay`]).
+    pub overlay: Option<block::overlay::Overlay>,
 }
 
 /// `--inject-enomem WHAT:AFTER:COUNT`: after `after` allocations of `what`, fail `count`.
@@ -258,7 +261,33 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
             open.format = format;
         }
     }
-    let blk = block::open_image_with(&cfg.image, &open, &cfg.inject).map_err(start_err)?;
+    // The format shown in the mounted line: "raw", or "raw + qcow2 overlay".
+    let mut shown_format = None;
+    let blk = match &cfg.overlay {
+        None => block::open_image_with(&cfg.image, &open, &cfg.inject).map_err(start_err)?,
+        Some(overlay) => {
+            let o = block::overlay::open_with_overlay(&cfg.image, &open, &cfg.inject, overlay)
+                .map_err(start_err)?;
+            match overlay {
+                block::overlay::Overlay::Temporary => log::info!(
+                    "--snapshot: '{}' ({}) is opened read-only; writes go to a temporary \
+                     overlay {} (already unlinked: discarded at exit)",
+                    cfg.image.display(),
+                    o.image_format,
+                    o.overlay.display()
+                ),
+                block::overlay::Overlay::File(_) => log::info!(
+                    "--overlay: '{}' ({}) is opened read-only; writes go to {} overlay {}",
+                    cfg.image.display(),
+                    o.image_format,
+                    if o.created { "the new" } else { "the existing" },
+                    o.overlay.display()
+                ),
+            }
+            shown_format = Some(format!("{} + qcow2 overlay", o.image_format));
+            o.blk
+        }
+    };
 
     let meta = std::fs::metadata(&cfg.mountpoint)
         .map_err(|e| start_err(format!("mountpoint {}: {e}", cfg.mountpoint.display())))?;
@@ -381,7 +410,7 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
     println!(
         "exported {} ({}, {}, {}) at {}; Ctrl-C or umount to stop",
         cfg.image.display(),
-        blk.format_name(),
+        shown_format.as_deref().unwrap_or(blk.format_name()),
         human_size(blk.size()),
         if writable { "read-write" } else { "read-only" },
         cfg.mountpoint.display()

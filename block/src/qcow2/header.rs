@@ -67,7 +67,7 @@ const INCOMPAT_KNOWN: u64 =
 
 /// Header extension types. QEMU: `QCOW2_EXT_MAGIC_*`.
 const EXT_END: u32 = 0;
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+pub(crate) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 const EXT_BITMAPS: u32 = 0x2385_2875;
 const EXT_CRYPTO: u32 = 0x0537_be77;

@@ -141,7 +141,7 @@ use crate::{BlockDriver, BlockError, BlockStatus, Result};
 pub(crate) use backing::{has_protocol, name_error};
 pub use backing::{resolve_backing_path, ChainOptions, MAX_CHAIN_DEPTH};
 pub use cluster::Mapping;
-pub use create::create_qcow2;
+pub use create::{create_qcow2, create_qcow2_overlay};
 pub use header::Header;
 use refcount::Refcounts;
 
