@@ -52,6 +52,7 @@
 //! | [`qcow2`] | `block/qcow2*.c` | the `qcow2` format: reads, writes, backing chains, internal snapshots kept intact |
 //! | [`chain`] | `block/io.c` `bdrv_co_common_block_status_above()` | block status through a backing chain |
 //! | [`null`] | `block/null.c` | `null-co`: zeros in, nothing out |
+//! | [`overlay`] | `block.c` `bdrv_append_temp_snapshot()` | `--snapshot`/`--overlay`: a qcow2 overlay over a read-only image |
 //! | [`blkdebug`] | `block/blkdebug.c` | error injection for tests |
 //! | [`blklogwrites`] | `block/blklogwrites.c` | a log of every write and flush, for crash-consistency tests |
 //! | [`probe`] | `block.c` `bdrv_probe_all()`, each driver's `bdrv_probe` | image format detection |
