@@ -54,6 +54,7 @@
 //! | [`null`] | `block/null.c` | `null-co`: zeros in, nothing out |
 //! | [`blkdebug`] | `block/blkdebug.c` | error injection for tests |
 //! | [`blklogwrites`] | `block/blklogwrites.c` | a log of every write and flush, for crash-consistency tests |
+//! | [`partition`] | none (Linux `block/partitions/{msdos,efi}.c`) | MBR and GPT partition tables as byte windows |
 //! | [`probe`] | `block.c` `bdrv_probe_all()`, each driver's `bdrv_probe` | image format detection |
 //! | `sys` (private) | the syscalls of the above | every `unsafe` of the crate |
 
@@ -67,6 +68,7 @@ pub mod file;
 pub mod fuzzing;
 pub mod image_lock;
 pub mod null;
+pub mod partition;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
