@@ -336,7 +336,7 @@ fn read_gpt(read: Read, disk_size: u64) -> Result<Vec<Partition>, TableError> {
     let entry_lba = le64(&h, 72);
     let num = le32(&h, 80);
     let esize = le32(&h, 84);
-    if esize < 128 || esize % 8 != 0 {
+    if esize < 128 || !esize.is_multiple_of(8) {
         return Err(TableError::GptEntrySize(esize));
     }
     let bytes = u64::from(num) * u64::from(esize);
