@@ -55,6 +55,7 @@
 //! | [`overlay`] | `block.c` `bdrv_append_temp_snapshot()` | `--snapshot`/`--overlay`: a qcow2 overlay over a read-only image |
 //! | [`blkdebug`] | `block/blkdebug.c` | error injection for tests |
 //! | [`blklogwrites`] | `block/blklogwrites.c` | a log of every write and flush, for crash-consistency tests |
+//! | [`partition`] | none (Linux `block/partitions/{msdos,efi}.c`) | MBR and GPT partition tables as byte windows |
 //! | [`probe`] | `block.c` `bdrv_probe_all()`, each driver's `bdrv_probe` | image format detection |
 //! | `sys` (private) | the syscalls of the above | every `unsafe` of the crate |
 
@@ -69,6 +70,7 @@ pub mod fuzzing;
 pub mod image_lock;
 pub mod null;
 pub mod overlay;
+pub mod partition;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;

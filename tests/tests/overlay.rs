@@ -85,7 +85,9 @@ fn snapshot_leaves_the_image_untouched(fmt: &str) {
     let mut e = start_with_tmpdir(&img, &mnt, &["--snapshot"], &tmp);
     // The mounted line is printed just after the mount appears: wait for it.
     let shown = format!("{fmt} + qcow2 overlay");
-    wait_until(std::time::Duration::from_secs(5), || e.stdout().contains(&shown));
+    wait_until(std::time::Duration::from_secs(5), || {
+        e.stdout().contains(&shown)
+    });
     assert!(
         e.stdout().contains(&shown) && e.stderr().contains("--snapshot"),
         "the log says where writes go:\n{}",
