@@ -13,7 +13,9 @@
 //!   dirty image; then a few writes — each reads back as written unless the driver reported
 //!   the image corrupt —, zeroes, a discard and a flush);
 //! - [`backing_name`]: a header naming the bytes as its backing file, then the path resolution
-//!   of [`resolve_backing_path`] and the protocol check.
+//!   of [`resolve_backing_path`] and the protocol check;
+//! - [`partition_table`]: the bytes as the start of a disk of a size they give, through the
+//!   MBR/GPT parser.
 //!
 //! Everything stays in memory: no file is created, no backing file is opened.
 
@@ -22,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::{BackendOptions, BlockBackend};
+use crate::partition::read_partitions;
 use crate::qcow2::header::{MAX_BACKING_NAME, MAX_L1_BYTES};
 use crate::qcow2::{resolve_backing_path, snapshot, Header, Qcow2Driver, Qcow2Options};
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
@@ -374,6 +377,50 @@ pub fn backing_name(data: &[u8]) {
     if let Err(e) = Qcow2Driver::open(child) {
         let _ = e.to_string();
     }
+}
+
+/// Fuzz target `partition_table`: the first 8 bytes (little endian, at most 2^44) are the
+/// disk's size, the rest its first bytes (zeros after them). [`read_partitions`] must not
+/// panic, and what it accepts keeps its promises: every partition non-empty, inside the disk,
+/// overlapping no other, numbers unique.
+pub fn partition_table(data: &[u8]) {
+    let (size, disk) = match data.split_first_chunk::<8>() {
+        Some((s, rest)) => (u64::from_le_bytes(*s) & ((1 << 44) - 1), rest),
+        None => return,
+    };
+    let mut reads = 0u32;
+    let mut read = |offset: u64, buf: &mut [u8]| -> std::io::Result<()> {
+        reads += 1;
+        buf.fill(0);
+        if let Ok(start) = usize::try_from(offset) {
+            if let Some(src) = disk.get(start..) {
+                let n = src.len().min(buf.len());
+                buf[..n].copy_from_slice(&src[..n]);
+            }
+        }
+        Ok(())
+    };
+    let Ok(Some(table)) = read_partitions(&mut read, size) else {
+        return;
+    };
+    let mut parts: Vec<_> = table.partitions.iter().collect();
+    parts.sort_by_key(|p| p.offset);
+    for p in &parts {
+        assert!(p.size > 0, "partition {} is empty", p.number);
+        assert!(
+            p.offset.checked_add(p.size).is_some_and(|e| e <= size),
+            "partition {} past the end",
+            p.number
+        );
+    }
+    for w in parts.windows(2) {
+        assert!(w[0].offset + w[0].size <= w[1].offset, "overlap");
+    }
+    let mut numbers: Vec<u32> = parts.iter().map(|p| p.number).collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    assert_eq!(numbers.len(), parts.len(), "a number twice");
+    assert!(reads <= 200, "{reads} reads for one table");
 }
 
 /// A valid v3 header (512-byte clusters, 1 MiB) whose backing file name is `name`, stored

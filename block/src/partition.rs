@@ -5,7 +5,8 @@
 //! counted), nbdkit's partition filter, and QEMU's removed `qemu-nbd --partition`.
 //!
 //! Rules: the input is untrusted. Nothing here panics on input bytes or uses `unsafe`. The
-//! sector size is 512 bytes. Every partition must have size > 0, lie inside the disk and
+//! sector size is 512 bytes. A sector 0 with 0x55AA whose boot indicators are not 0x00/0x80 is
+//! a boot sector (FAT, NTFS), not a table. Every partition must have size > 0, lie inside the disk and
 //! overlap no other; any violation is a [`TableError`] (the caller warns and shows no
 //! partitions, never a wrong window). The extended MBR partition is not listed. Only the
 //! primary GPT header (LBA 1) is read; the backup at the last LBA is not tried.
@@ -227,6 +228,11 @@ pub fn read_partitions(
     }
     let mbr = read_sector(read, 0)?;
     if !has_signature(&mbr) {
+        return Ok(None);
+    }
+    // Linux msdos_partition(): a boot indicator other than 0x00/0x80 means this sector is not
+    // a partition table but a boot sector with 0x55AA (a FAT or NTFS file system without one).
+    if (0..4).any(|slot| !matches!(mbr[0x1BE + 16 * slot], 0x00 | 0x80)) {
         return Ok(None);
     }
     // Linux is_pmbr_valid(): a 0xEE entry in any slot means GPT.
@@ -452,6 +458,19 @@ mod tests {
     #[test]
     fn no_signature() {
         assert!(parse(&vec![0u8; 4096]).unwrap().is_none());
+    }
+
+    /// A FAT boot sector has 0x55AA too; its "boot indicators" are code, not 0x00/0x80: no
+    /// table, as Linux decides (not a damaged one, which would warn).
+    #[test]
+    fn boot_sector_is_not_a_table() {
+        let mut d = vec![0u8; 8 * MIB as usize];
+        entry(&mut d, 0, 0, 0x83, 2048, 4096);
+        assert!(parse(&d).unwrap().is_some());
+        d[0x1BE + 16] = 0x12;
+        assert!(parse(&d).unwrap().is_none());
+        d[0x1BE + 16] = 0x80;
+        assert!(parse(&d).unwrap().is_some());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Replays the committed fuzz corpora of the block layer's targets (`fuzz/corpus/qcow2_header/`,
-//! `qcow2_image/`, `backing_name/`: small images made by `qemu-img`, names, and every input that
-//! once crashed) through the same bodies the fuzzer runs ([`block::fuzzing`]). This is the part
-//! of the fuzzing that runs in every `cargo test`, without cargo-fuzz or nightly.
+//! `qcow2_image/`, `backing_name/`, `partition_table/`: small images made by `qemu-img`, tables
+//! made by `sfdisk` and `sgdisk`, names, and every input that once crashed) through the same
+//! bodies the fuzzer runs ([`block::fuzzing`]). This is the part of the fuzzing that runs in
+//! every `cargo test`, without cargo-fuzz or nightly.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,4 +57,36 @@ fn qcow2_image_corpus_replays_cleanly() {
 #[test]
 fn backing_name_corpus_replays_cleanly() {
     replay("backing_name", block::fuzzing::backing_name);
+}
+
+#[test]
+fn partition_table_corpus_replays_cleanly() {
+    replay("partition_table", block::fuzzing::partition_table);
+    // The seeds the tools made parse (so the fuzzer starts from inputs that reach every
+    // branch): sfdisk's 3 primaries-or-logicals and sgdisk's 3 GPT entries.
+    for (path, bytes) in corpus("partition_table") {
+        let name = path.file_name().expect("a name").to_string_lossy();
+        if !(name.starts_with("sfdisk-") || name.starts_with("sgdisk-")) {
+            continue;
+        }
+        let (size, disk) = bytes.split_at(8);
+        let size = u64::from_le_bytes(size.try_into().expect("8 bytes"));
+        let mut read = |off: u64, buf: &mut [u8]| {
+            buf.fill(0);
+            let start = (off as usize).min(disk.len());
+            let n = (disk.len() - start).min(buf.len());
+            buf[..n].copy_from_slice(&disk[start..start + n]);
+            Ok(())
+        };
+        let table = block::partition::read_partitions(&mut read, size)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .unwrap_or_else(|| panic!("{name}: no table"));
+        let numbers: Vec<u32> = table.partitions.iter().map(|p| p.number).collect();
+        let want: &[u32] = if name.starts_with("sfdisk-") {
+            &[1, 2, 5, 6, 7]
+        } else {
+            &[1, 2, 4]
+        };
+        assert_eq!(numbers, want, "{name}");
+    }
 }

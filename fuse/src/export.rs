@@ -21,7 +21,10 @@
 //!
 //! The exported file is inode 1 when the mountpoint is a regular file (QEMU style). When the
 //! mountpoint is a directory (nbdfuse style), inode 1 is that directory and the image appears
-//! in it as inode 2, named after the image file.
+//! in it as inode 2, named after the image file, and each partition of its table as inode 3,
+//! 4, … (`<name>-partN`, chosen by `server.rs`). A file may be a [`Window`] of the image (a
+//! partition, or the whole export with `--partition N`): its requests are the image's at
+//! `offset + window.offset`, clamped at the window's end, and it never changes size.
 //!
 //! The rules that matter to clients (all from QEMU):
 //! - READ at or after EOF returns 0 bytes, across EOF a short read;
@@ -100,11 +103,25 @@ pub struct ExportConfig {
     pub allow_other: bool,
     /// Directory mode: the name of the file shown in the mountpoint directory.
     pub dir_entry: Option<OsString>,
+    /// The exported file is this window of the image, not all of it (`--partition N`).
+    pub window: Option<Window>,
+    /// Directory mode: more files beside the image, each a window of it (its partitions,
+    /// `<name>-partN`), as inodes 3, 4, ….
+    pub partitions: Vec<(OsString, Window)>,
     /// What we offer in INIT.
     pub init: InitConfig,
 }
 
-/// Mode and ownership of the exported file; changed by SETATTR.
+/// A byte range of the image shown as a file of its own: a partition. Its size is fixed —
+/// writes stop at its end, truncate to another size is EINVAL, as on a partition's block
+/// device — and the whole image may not shrink below it while it is exported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// Mode and ownership of an exported file; changed by SETATTR.
 #[derive(Clone, Copy, Debug)]
 struct FileAttrs {
     mode: u32,
@@ -112,11 +129,49 @@ struct FileAttrs {
     gid: u32,
 }
 
+/// One file the export shows: the image, or a window of it.
+struct ExportedFile {
+    name: OsString,
+    window: Option<Window>,
+    attrs: Mutex<FileAttrs>,
+}
+
+/// Where a file's bytes are in the image: from `base`, `fixed` bytes long — or, without a
+/// window, the whole image at its current size.
+#[derive(Clone, Copy, Debug)]
+struct Extent {
+    base: u64,
+    fixed: Option<u64>,
+}
+
+impl ExportedFile {
+    fn extent(&self) -> Extent {
+        match self.window {
+            Some(w) => Extent {
+                base: w.offset,
+                fixed: Some(w.size),
+            },
+            None => Extent {
+                base: 0,
+                fixed: None,
+            },
+        }
+    }
+
+    fn attrs(&self) -> FileAttrs {
+        *self.attrs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// One exported image, shared by all queue threads.
 pub struct Export {
     blk: Arc<BlockBackend>,
     cfg: ExportConfig,
-    attrs: Mutex<FileAttrs>,
+    /// The files shown: `files[0]` is inode 1 (file mode) or 2 (directory mode), `files[k]`
+    /// inode `k + 2` in directory mode.
+    files: Vec<ExportedFile>,
+    /// Where the last exported partition ends: the image may not shrink below it.
+    partitions_end: u64,
     /// Negotiated at INIT (once).
     negotiated: OnceLock<Negotiated>,
     /// Protocol minor for parsing: 0 before INIT, then the negotiated one.
@@ -140,10 +195,24 @@ impl Export {
     pub fn new(blk: Arc<BlockBackend>, cfg: ExportConfig) -> Export {
         let (uid, gid) = (crate::sys::getuid(), crate::sys::getgid());
         let mode = libc::S_IFREG | libc::S_IRUSR | if cfg.writable { libc::S_IWUSR } else { 0 };
+        let file = |name: OsString, window| ExportedFile {
+            name,
+            window,
+            attrs: Mutex::new(FileAttrs { mode, uid, gid }),
+        };
+        let mut files = vec![file(cfg.dir_entry.clone().unwrap_or_default(), cfg.window)];
+        let mut partitions_end = 0;
+        if cfg.dir_entry.is_some() {
+            for (name, w) in &cfg.partitions {
+                files.push(file(name.clone(), Some(*w)));
+                partitions_end = partitions_end.max(w.offset.saturating_add(w.size));
+            }
+        }
         Export {
             blk,
             cfg,
-            attrs: Mutex::new(FileAttrs { mode, uid, gid }),
+            files,
+            partitions_end,
             negotiated: OnceLock::new(),
             minor: AtomicU32::new(0),
             resize_lock: CoMutex::new(()),
@@ -171,16 +240,30 @@ impl Export {
         self.negotiated.get()
     }
 
-    fn file_ino(&self) -> u64 {
+    /// The file of inode `ino`, or `None` (the directory, or no such inode).
+    fn file(&self, ino: u64) -> Option<&ExportedFile> {
+        let index = if self.cfg.dir_entry.is_some() {
+            ino.checked_sub(2)?
+        } else if ino == FUSE_ROOT_ID {
+            0
+        } else {
+            return None;
+        };
+        self.files.get(usize::try_from(index).ok()?)
+    }
+
+    /// The inode of `files[index]`.
+    fn ino_of(&self, index: usize) -> u64 {
         if self.cfg.dir_entry.is_some() {
-            2
+            index as u64 + 2
         } else {
             FUSE_ROOT_ID
         }
     }
 
-    fn attrs(&self) -> FileAttrs {
-        *self.attrs.lock().unwrap_or_else(|e| e.into_inner())
+    /// The current size of a file with this extent.
+    fn size_of(&self, e: Extent) -> u64 {
+        e.fixed.unwrap_or_else(|| self.blk.size())
     }
 
     fn touch(&self) {
@@ -285,13 +368,21 @@ impl Export {
                 self.setattr_finish(nodeid, arg, to_set, r)
             }
             Io::Flush => flush_finish(blk.co_flush()),
-            Io::Lseek { whence, mut offset } => loop {
-                let size = blk.size();
+            Io::Lseek {
+                whence,
+                mut offset,
+                extent,
+            } => loop {
+                let size = self.size_of(extent);
                 let len = match seek_check(whence, offset, size) {
                     Then::Go(len) => len,
                     Then::Reply(resp) => return resp,
                 };
-                match seek_next(whence, offset, blk.co_block_status(offset, len)) {
+                match seek_next(
+                    whence,
+                    offset,
+                    blk.co_block_status(extent.base + offset, len),
+                ) {
                     Then::Go(next) => offset = next,
                     Then::Reply(resp) => return resp,
                 }
@@ -347,13 +438,18 @@ impl Export {
                 self.setattr_finish(nodeid, arg, to_set, r)
             }
             Io::Flush => flush_finish(blk.flush_async().await),
-            Io::Lseek { whence, mut offset } => loop {
-                let size = blk.size();
+            Io::Lseek {
+                whence,
+                mut offset,
+                extent,
+            } => loop {
+                let size = self.size_of(extent);
                 let len = match seek_check(whence, offset, size) {
                     Then::Go(len) => len,
                     Then::Reply(resp) => return resp,
                 };
-                match seek_next(whence, offset, blk.block_status_async(offset, len).await) {
+                let status = blk.block_status_async(extent.base + offset, len).await;
+                match seek_next(whence, offset, status) {
                     Then::Go(next) => offset = next,
                     Then::Reply(resp) => return resp,
                 }
@@ -397,7 +493,7 @@ impl Export {
     }
 
     fn statfs(&self) -> Response {
-        let size = self.blk.size();
+        let size = self.files.first().map_or(0, |f| self.size_of(f.extent()));
         let out = fuse_statfs_out {
             st: fuse_kstatfs {
                 blocks: size.div_ceil(512),
@@ -418,7 +514,8 @@ impl Export {
     /// Attributes of inode `ino`, or `None` if there is no such inode.
     fn attr(&self, ino: u64) -> Option<fuse_attr> {
         let t = self.changed.load(Ordering::Relaxed);
-        let a = self.attrs();
+        // The directory has the image's owner.
+        let a = self.files.first()?.attrs();
         let mut attr = fuse_attr {
             ino,
             atime: t,
@@ -430,9 +527,10 @@ impl Export {
             blksize: 512,
             ..Default::default()
         };
-        if ino == self.file_ino() {
-            let size = self.blk.size();
-            attr.mode = a.mode;
+        if let Some(f) = self.file(ino) {
+            let a = f.attrs();
+            let size = self.size_of(f.extent());
+            (attr.mode, attr.uid, attr.gid) = (a.mode, a.uid, a.gid);
             attr.size = size;
             attr.blocks = size.div_ceil(512);
         } else if self.is_dir(ino) {
@@ -465,17 +563,18 @@ impl Export {
     }
 
     fn lookup(&self, parent: u64, name: &[u8]) -> Response {
-        let Some(entry) = &self.cfg.dir_entry else {
-            return Response::Err(libc::ENOENT);
-        };
-        if parent != FUSE_ROOT_ID || name != entry.as_bytes() {
+        if !self.is_dir(parent) {
             return Response::Err(libc::ENOENT);
         }
-        let Some(attr) = self.attr(2) else {
+        let Some(index) = self.files.iter().position(|f| f.name.as_bytes() == name) else {
+            return Response::Err(libc::ENOENT);
+        };
+        let ino = self.ino_of(index);
+        let Some(attr) = self.attr(ino) else {
             return Response::Err(libc::ENOENT);
         };
         let out = fuse_entry_out {
-            nodeid: 2,
+            nodeid: ino,
             generation: 0,
             entry_valid: ATTR_VALID_SECS,
             attr_valid: ATTR_VALID_SECS,
@@ -487,28 +586,28 @@ impl Export {
     }
 
     fn readdir(&self, arg: &fuse_read_in) -> Response {
-        let name = self
-            .cfg
-            .dir_entry
-            .as_ref()
-            .map(|n| n.as_bytes())
-            .unwrap_or(b"");
-        let entries: [(u64, &[u8], u32); 3] = [
+        let dots: [(u64, &[u8], u32); 2] = [
             (1, b".", libc::DT_DIR as u32),
             (1, b"..", libc::DT_DIR as u32),
-            (2, name, libc::DT_REG as u32),
         ];
+        let files = self
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (self.ino_of(i), f.name.as_bytes(), libc::DT_REG as u32));
+        let entries = dots.into_iter().chain(files);
+        let skip = usize::try_from(arg.offset).unwrap_or(usize::MAX);
         let mut buf = Vec::new();
-        for (i, (ino, name, typ)) in entries.iter().enumerate().skip(arg.offset as usize) {
+        for (i, (ino, name, typ)) in entries.enumerate().skip(skip) {
             let rec = fuse_dirent_size(name.len());
             if buf.len() + rec > arg.size as usize {
                 break;
             }
             let d = fuse_dirent {
-                ino: *ino,
+                ino,
                 off: i as u64 + 1,
                 namelen: name.len() as u32,
-                r#type: *typ,
+                r#type: typ,
             };
             buf.extend_from_slice(d.as_bytes());
             buf.extend_from_slice(name);
@@ -519,7 +618,7 @@ impl Export {
     }
 
     fn open(&self, nodeid: u64) -> Response {
-        if nodeid != self.file_ino() {
+        if self.file(nodeid).is_none() {
             return Response::Err(libc::EISDIR);
         }
         let out = fuse_open_out {
@@ -531,9 +630,9 @@ impl Export {
     }
 
     fn plan_setattr<'a>(&self, nodeid: u64, arg: &'a fuse_setattr_in) -> Step<'a> {
-        if nodeid != self.file_ino() {
+        let Some(file) = self.file(nodeid) else {
             return Step::Done(Response::Err(libc::EPERM));
-        }
+        };
         // The file handle and lock owner only say who asks; libfuse drops them as well.
         let to_set = arg.valid & !(FATTR_FH | FATTR_LOCKOWNER);
         let mut supported = FATTR_SIZE | FATTR_MODE;
@@ -556,6 +655,17 @@ impl Export {
         if to_set & FATTR_SIZE != 0 {
             if !self.cfg.writable {
                 return Step::Done(Response::Err(libc::EACCES));
+            }
+            if let Some(w) = file.window {
+                // A partition keeps its size, as its block device would (truncate: EINVAL).
+                if arg.size != w.size {
+                    return Step::Done(Response::Err(libc::EINVAL));
+                }
+                return Step::Done(self.setattr_finish(nodeid, arg, to_set & !FATTR_SIZE, Ok(())));
+            }
+            if arg.size < self.partitions_end {
+                // Exported partitions would reach past the end.
+                return Step::Done(Response::Err(libc::EBUSY));
             }
             return Step::Io(Io::Truncate {
                 nodeid,
@@ -580,8 +690,8 @@ impl Export {
         if to_set & FATTR_SIZE != 0 {
             self.touch();
         }
-        {
-            let mut a = self.attrs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(file) = self.file(nodeid) {
+            let mut a = file.attrs.lock().unwrap_or_else(|e| e.into_inner());
             if to_set & FATTR_MODE != 0 {
                 a.mode = (arg.mode & 0o7777) | libc::S_IFREG;
             }
@@ -596,16 +706,17 @@ impl Export {
     }
 
     fn plan_read(&self, nodeid: u64, arg: &fuse_read_in) -> Step<'static> {
-        if nodeid != self.file_ino() {
+        let Some(file) = self.file(nodeid) else {
             return Step::Done(Response::Err(libc::EISDIR));
-        }
-        let size = self.blk.size();
+        };
+        let extent = file.extent();
+        let size = self.size_of(extent);
         if arg.offset >= size {
             return Step::Done(Response::ok());
         }
         let len = (size - arg.offset).min(u64::from(arg.size)) as usize;
         Step::Io(Io::Read {
-            offset: arg.offset,
+            offset: extent.base + arg.offset,
             len,
         })
     }
@@ -615,9 +726,9 @@ impl Export {
     }
 
     fn plan_write<'a>(&self, nodeid: u64, arg: &fuse_write_in, data: &'a [u8]) -> Step<'a> {
-        if nodeid != self.file_ino() {
+        let Some(file) = self.file(nodeid) else {
             return Step::Done(Response::Err(libc::EISDIR));
-        }
+        };
         if !self.cfg.writable {
             return Step::Done(Response::Err(libc::EACCES));
         }
@@ -626,9 +737,11 @@ impl Export {
         };
         let mut len = data.len();
         let mut grow_to = None;
-        let size = self.blk.size();
+        let extent = file.extent();
+        let size = self.size_of(extent);
         if end > size {
-            if self.cfg.growable {
+            // A partition never grows: its end is the next partition's start.
+            if self.cfg.growable && extent.fixed.is_none() {
                 grow_to = Some(end);
             } else {
                 if arg.offset >= size {
@@ -638,7 +751,7 @@ impl Export {
             }
         }
         Step::Io(Io::Write {
-            offset: arg.offset,
+            offset: extent.base + arg.offset,
             data: &data[..len],
             grow_to,
         })
@@ -694,13 +807,14 @@ impl Export {
     }
 
     fn plan_fallocate(&self, nodeid: u64, arg: &fuse_fallocate_in) -> Step<'static> {
-        if nodeid != self.file_ino() {
+        let Some(file) = self.file(nodeid) else {
             return Step::Done(Response::Err(libc::EISDIR));
-        }
+        };
         if !self.cfg.writable {
             return Step::Done(Response::Err(libc::EACCES));
         }
-        let size = self.blk.size();
+        let extent = file.extent();
+        let size = self.size_of(extent);
         let (offset, mut length, mode) = (arg.offset, arg.length, arg.mode);
         let Some(end) = offset.checked_add(length) else {
             return Step::Done(Response::Err(libc::EINVAL));
@@ -708,7 +822,7 @@ impl Export {
         if mode & FALLOC_FL_KEEP_SIZE != 0 {
             length = length.min(size.saturating_sub(offset));
         }
-        let zero = |unmap| (length != 0).then_some((offset, length, unmap));
+        let zero = |unmap| (length != 0).then_some((extent.base + offset, length, unmap));
         let (grow_to, zero) = if mode == 0 {
             // Only allocation at or after EOF can be expressed: a grow, then the new range is
             // written as zeros (QEMU: truncate with PREALLOC_MODE_FALLOC). On a raw file that
@@ -728,6 +842,10 @@ impl Export {
         } else {
             return Step::Done(Response::Err(libc::EOPNOTSUPP));
         };
+        if grow_to.is_some() && extent.fixed.is_some() {
+            // A partition cannot grow (as fallocate past the end of a block device).
+            return Step::Done(Response::Err(libc::ENOSPC));
+        }
         Step::Io(Io::Fallocate { grow_to, zero })
     }
 
@@ -745,9 +863,9 @@ impl Export {
     }
 
     fn plan_lseek(&self, nodeid: u64, arg: &fuse_lseek_in) -> Step<'static> {
-        if nodeid != self.file_ino() {
+        let Some(file) = self.file(nodeid) else {
             return Step::Done(Response::Err(libc::EISDIR));
-        }
+        };
         let whence = arg.whence as i32;
         if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
             return Step::Done(Response::Err(libc::EINVAL));
@@ -755,6 +873,7 @@ impl Export {
         Step::Io(Io::Lseek {
             whence,
             offset: arg.offset,
+            extent: file.extent(),
         })
     }
 }
@@ -792,10 +911,12 @@ enum Io<'a> {
         to_set: u32,
     },
     Flush,
-    /// SEEK_DATA/SEEK_HOLE from `offset`: block-status queries until the answer is known.
+    /// SEEK_DATA/SEEK_HOLE from `offset` of the file at `extent` (offsets in the reply are
+    /// the file's): block-status queries until the answer is known.
     Lseek {
         whence: i32,
         offset: u64,
+        extent: Extent,
     },
 }
 
@@ -990,6 +1111,8 @@ mod tests {
                 growable,
                 allow_other: false,
                 dir_entry: None,
+                window: None,
+                partitions: Vec::new(),
                 init: InitConfig::default(),
             },
         )

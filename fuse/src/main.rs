@@ -21,8 +21,10 @@ mod daemon;
 ///
 /// The image appears at MOUNTPOINT: if MOUNTPOINT is a regular file (it may be the image
 /// itself) the export is mounted over it; if it is a directory, the image appears inside it
-/// under its own file name. Stop with Ctrl-C, SIGTERM or `umount MOUNTPOINT`; every request in
-/// flight is finished and the image flushed first.
+/// under its own file name, with one file `<name>-partN` beside it for each partition of its
+/// MBR or GPT table (a damaged table: a warning and none; see --partition). Stop with
+/// Ctrl-C, SIGTERM or `umount MOUNTPOINT`; every request in flight is finished and the image
+/// flushed first.
 ///
 /// Exit status: 0 stopped cleanly; 1 could not start (image, mountpoint, /dev/fuse, lock);
 /// 2 bad arguments; 3 the export failed while running (protocol error, final flush failed).
@@ -121,6 +123,14 @@ struct Cli {
     /// raw: the export starts at this byte offset of the image.
     #[arg(long, value_parser = parse_size)]
     offset: Option<u64>,
+
+    /// Export only partition N of the image's MBR (primaries 1-4, logicals from 5) or GPT
+    /// table, as a file of that partition's size (it never grows; a directory mountpoint shows
+    /// it as `<name>-partN`). Without it, a directory mountpoint shows the whole image and
+    /// one `<name>-partN` file per partition.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..),
+          conflicts_with_all = ["offset", "size", "create", "growable"])]
+    partition: Option<u32>,
 
     /// qcow2: bytes of L2 tables to cache (QEMU's `l2-cache-size`; at most 64 tables).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4M")]
@@ -442,6 +452,7 @@ fn main() -> ExitCode {
         max_in_flight: usize::from(cli.max_in_flight),
         inject_enomem: cli.inject_enomem,
         overlay,
+        partition: cli.partition,
     };
     let mut hooks = Hooks {
         daemon,

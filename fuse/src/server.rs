@@ -20,7 +20,7 @@ use std::sync::Arc;
 use block::{BlockBackend, Format, OpenOptions};
 use runtime::{wait_while, AioContext, IoThread};
 
-use crate::export::{Export, ExportConfig};
+use crate::export::{Export, ExportConfig, Window};
 use crate::mount::{self, Mount, MountOptions};
 use crate::queue::{Engine, Queue, Session, SessionState};
 use crate::reply::InitConfig;
@@ -63,6 +63,8 @@ pub struct ServerConfig {
     /// `--snapshot` / `--overlay FILE`: the image is opened read-only and every write goes to a
     /// qcow2 overlay over it ([`block::overlay`]).
     pub overlay: Option<block::overlay::Overlay>,
+    /// `--partition N`: export only partition N of the image's MBR or GPT table.
+    pub partition: Option<u32>,
 }
 
 /// `--inject-enomem WHAT:AFTER:COUNT`: after `after` allocations of `what`, fail `count`.
@@ -291,17 +293,8 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
 
     let meta = std::fs::metadata(&cfg.mountpoint)
         .map_err(|e| start_err(format!("mountpoint {}: {e}", cfg.mountpoint.display())))?;
-    let dir_entry = if meta.is_dir() {
-        let name = cfg.image.file_name().ok_or_else(|| {
-            start_err(format!(
-                "{} has no file name to show in the directory",
-                cfg.image.display()
-            ))
-        })?;
-        Some(name.to_os_string())
-    } else {
-        None
-    };
+    let image_name = cfg.image.file_name().map(|n| n.to_os_string());
+    let files = exported_files(&cfg, &blk, image_name, meta.is_dir())?;
     let allow_other = match cfg.allow_other {
         AllowOther::On => true,
         AllowOther::Off => false,
@@ -332,7 +325,9 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
             writable,
             growable: cfg.growable,
             allow_other,
-            dir_entry,
+            dir_entry: files.dir_entry,
+            window: files.window,
+            partitions: files.partitions,
             init,
         },
     ));
@@ -408,12 +403,21 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
     .map_err(start_err)?;
 
     println!(
-        "exported {} ({}, {}, {}) at {}; Ctrl-C or umount to stop",
+        "exported {}{} ({}, {}, {}) at {}{}; Ctrl-C or umount to stop",
         cfg.image.display(),
+        match cfg.partition {
+            Some(n) => format!(" partition {n}"),
+            None => String::new(),
+        },
         shown_format.as_deref().unwrap_or(blk.format_name()),
-        human_size(blk.size()),
+        human_size(files.window.map_or_else(|| blk.size(), |w| w.size)),
         if writable { "read-write" } else { "read-only" },
-        cfg.mountpoint.display()
+        cfg.mountpoint.display(),
+        match files.partition_count {
+            0 => String::new(),
+            1 => " with 1 partition file".to_owned(),
+            n => format!(" with {n} partition files"),
+        }
     );
 
     let not_ready = hooks.ready().err();
@@ -471,6 +475,166 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
         ));
     }
     Ok(())
+}
+
+/// What the export shows, from the mountpoint's kind and the image's partition table.
+struct Files {
+    /// Directory mode: the name of the main file.
+    dir_entry: Option<std::ffi::OsString>,
+    /// `--partition N`: the main file is that window of the image.
+    window: Option<Window>,
+    /// Directory mode without `--partition`: `<name>-partN` beside the image.
+    partitions: Vec<(std::ffi::OsString, Window)>,
+    partition_count: usize,
+}
+
+/// Decides the files of the export (QEMU has no partitions; the model is `qemu-nbd
+/// --partition`, removed in QEMU 6.0, and nbdkit's partition filter). A directory mountpoint
+/// shows the image as `<name>` and each partition of its MBR or GPT table as
+/// `<name>-partN`; a damaged or overlapping table is a warning and no partition files, never
+/// a wrong window. `--partition N` shows only partition N (a missing table or partition is
+/// an error). The table is read once, here: repartitioning through the export changes the
+/// files at the next start.
+fn exported_files(
+    cfg: &ServerConfig,
+    blk: &Arc<BlockBackend>,
+    image_name: Option<std::ffi::OsString>,
+    dir_mode: bool,
+) -> Result<Files, ServerError> {
+    let image = cfg.image.display();
+    let mut name = match (dir_mode, image_name) {
+        (false, _) => None,
+        (true, Some(n)) => Some(n),
+        (true, None) => {
+            return Err(start_err(format!(
+                "{image} has no file name to show in the directory"
+            )))
+        }
+    };
+    let part_name = |base: &std::ffi::OsString, n: u32| {
+        let mut s = base.clone();
+        s.push(format!("-part{n}"));
+        s
+    };
+    let mut files = Files {
+        dir_entry: None,
+        window: None,
+        partitions: Vec::new(),
+        partition_count: 0,
+    };
+    if let Some(n) = cfg.partition {
+        let table = match read_partition_table(blk) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return Err(start_err(format!(
+                    "--partition {n}: {image} has no partition table"
+                )))
+            }
+            Err(e) => {
+                return Err(start_err(format!(
+                    "--partition {n}: the partition table of {image} is not usable: {e}"
+                )))
+            }
+        };
+        let Some(p) = table.partitions.iter().find(|p| p.number == n) else {
+            let have: Vec<String> = table
+                .partitions
+                .iter()
+                .map(|p| p.number.to_string())
+                .collect();
+            return Err(start_err(format!(
+                "--partition {n}: {image} has no partition {n} (its {} table has {})",
+                table_kind_name(table.kind),
+                if have.is_empty() {
+                    "none".to_owned()
+                } else {
+                    have.join(", ")
+                }
+            )));
+        };
+        log::info!(
+            "--partition {n}: {} partition {n}, bytes {}..{} ({})",
+            table_kind_name(table.kind),
+            p.offset,
+            p.offset + p.size,
+            human_size(p.size)
+        );
+        files.window = Some(Window {
+            offset: p.offset,
+            size: p.size,
+        });
+        files.dir_entry = name.take().map(|b| part_name(&b, n));
+        return Ok(files);
+    }
+    let Some(base) = name else {
+        return Ok(files);
+    };
+    match read_partition_table(blk) {
+        Ok(None) => {}
+        Ok(Some(t)) => {
+            for p in &t.partitions {
+                log::info!(
+                    "partition {}: bytes {}..{} ({}) as {}",
+                    p.number,
+                    p.offset,
+                    p.offset + p.size,
+                    human_size(p.size),
+                    part_name(&base, p.number).to_string_lossy()
+                );
+                files.partitions.push((
+                    part_name(&base, p.number),
+                    Window {
+                        offset: p.offset,
+                        size: p.size,
+                    },
+                ));
+            }
+            files.partition_count = files.partitions.len();
+            if files.partition_count > 0 {
+                log::info!(
+                    "{} partition table: {} partition file(s) beside the image; the whole \
+                     image keeps at least its current size while they are exported",
+                    table_kind_name(t.kind),
+                    files.partition_count
+                );
+            }
+        }
+        Err(e) => log::warn!(
+            "the partition table of {image} is damaged ({e}); showing the whole image only, \
+             no partition files"
+        ),
+    }
+    files.dir_entry = Some(base);
+    Ok(files)
+}
+
+fn table_kind_name(k: block::partition::TableKind) -> &'static str {
+    match k {
+        block::partition::TableKind::Mbr => "MBR",
+        block::partition::TableKind::Gpt => "GPT",
+    }
+}
+
+/// Reads the image's partition table through the block layer (in a coroutine: reads may
+/// yield).
+fn read_partition_table(
+    blk: &Arc<BlockBackend>,
+) -> Result<Option<block::partition::Table>, block::partition::TableError> {
+    let b = blk.clone();
+    let size = blk.size();
+    let read = move || {
+        let mut read = |offset: u64, buf: &mut [u8]| {
+            b.co_pread(offset, buf)
+                .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+        };
+        block::partition::read_partitions(&mut read, size)
+    };
+    match runtime::spawn(read).join() {
+        Ok(r) => r,
+        Err(p) => Err(block::partition::TableError::Io(io::Error::other(format!(
+            "reading the partition table panicked: {p}"
+        )))),
+    }
 }
 
 /// Flushes and closes the image from the main thread (in a coroutine, since both may yield):
