@@ -10,9 +10,9 @@
 
 use core::mem::size_of;
 
-use crate::abi::*;
-use crate::reply::{negotiate_init, InitConfig};
-use crate::request::{self, Operation, ParseError, Request, WRITE_HEADER_SIZE};
+use crate::protocol::abi::*;
+use crate::protocol::reply::{negotiate_init, InitConfig};
+use crate::protocol::request::{self, Operation, ParseError, Request, WRITE_HEADER_SIZE};
 
 /// Minors beyond every table entry: the negotiated one is at most 45, but the parser must not
 /// care.

@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, ValueEnum};
 
 use block::{AioMode, CacheMode, Format, OpenOptions};
-use fuse::queue::Engine;
 use fuse::server::{self, AllowOther, Lifecycle, ServerConfig};
+use fuse::session::Engine;
 
 mod daemon;
 
@@ -173,7 +173,7 @@ struct Cli {
     /// qcow2 caches. Default 64: twice the deepest benchmark queue depth (QD32), and the pools'
     /// size, so a saturated queue maps no new buffers (docs/performance.md: peak RSS under a
     /// flood).
-    #[arg(long, value_name = "N", default_value_t = fuse::queue::DEFAULT_MAX_IN_FLIGHT as u16,
+    #[arg(long, value_name = "N", default_value_t = fuse::session::DEFAULT_MAX_IN_FLIGHT as u16,
           value_parser = clap::value_parser!(u16).range(1..))]
     max_in_flight: u16,
 

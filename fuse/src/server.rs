@@ -22,9 +22,10 @@ use runtime::{wait_while, AioContext, IoThread};
 
 use crate::export::{Export, ExportConfig, Window};
 use crate::mount::{self, Mount, MountOptions};
-use crate::queue::{Engine, Queue, Session, SessionState};
-use crate::reply::InitConfig;
+use crate::protocol::reply::InitConfig;
+use crate::session::{Engine, Session, SessionState};
 use crate::sys;
+use crate::transport::dev::DevQueue;
 
 /// `--allow-other`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +81,7 @@ pub struct InjectEnomem {
 pub enum Allocation {
     /// A request's coroutine stack (`runtime::inject_stack_failures`).
     Stack,
-    /// A request's payload buffer (`queue::inject_payload_failures`).
+    /// A request's buffer (`transport::inject_request_buf_failures`).
     Buffer,
 }
 
@@ -248,144 +249,37 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
 }
 
 /// [`run`], telling `hooks` when the export is ready and when it starts stopping.
+///
+/// The phases, each a function below: open the image, build the export, mount, start one queue
+/// per thread, serve until a signal / `umount` / a fault, then stop (drain, flush, unmount).
 pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), ServerError> {
     // Signals first: threads created later (the thread pool's workers) inherit the mask, so
     // SIGINT/SIGTERM can only be picked up by our signalfd.
     let signals = sys::SignalFd::new(&[libc::SIGINT, libc::SIGTERM])
         .map_err(|e| start_err(format!("cannot set up signal handling: {e}")))?;
-
-    let mut open = cfg.open;
-    if let Some(size) = cfg.create {
-        let format = create_format(&cfg.image, cfg.open.format);
-        // An image we just made is not probed: it is opened in the format we made it in (no
-        // probing warning, and a raw one may be written anywhere).
-        if create_image(&cfg.image, size, format)? && open.format == Format::Auto {
-            open.format = format;
-        }
-    }
-    // The format shown in the mounted line: "raw", or "raw + qcow2 overlay".
-    let mut shown_format = None;
-    let blk = match &cfg.overlay {
-        None => block::open_image_with(&cfg.image, &open, &cfg.inject).map_err(start_err)?,
-        Some(overlay) => {
-            let o = block::overlay::open_with_overlay(&cfg.image, &open, &cfg.inject, overlay)
-                .map_err(start_err)?;
-            match overlay {
-                block::overlay::Overlay::Temporary => log::info!(
-                    "--snapshot: '{}' ({}) is opened read-only; writes go to a temporary \
-                     overlay {} (already unlinked: discarded at exit)",
-                    cfg.image.display(),
-                    o.image_format,
-                    o.overlay.display()
-                ),
-                block::overlay::Overlay::File(_) => log::info!(
-                    "--overlay: '{}' ({}) is opened read-only; writes go to {} overlay {}",
-                    cfg.image.display(),
-                    o.image_format,
-                    if o.created { "the new" } else { "the existing" },
-                    o.overlay.display()
-                ),
-            }
-            shown_format = Some(format!("{} + qcow2 overlay", o.image_format));
-            o.blk
-        }
-    };
-
-    let meta = std::fs::metadata(&cfg.mountpoint)
-        .map_err(|e| start_err(format!("mountpoint {}: {e}", cfg.mountpoint.display())))?;
-    let image_name = cfg.image.file_name().map(|n| n.to_os_string());
-    let files = exported_files(&cfg, &blk, image_name, meta.is_dir())?;
-    let allow_other = match cfg.allow_other {
-        AllowOther::On => true,
-        AllowOther::Off => false,
-        AllowOther::Auto => mount::allow_other_auto(),
-    };
-    let writable = !blk.is_read_only();
+    let image = open_image(&cfg)?;
+    let (export, files) = build_export(&cfg, &image.blk)?;
+    let writable = export.config().writable;
+    let init = export.config().init;
+    let mount = Mount::new(
+        &cfg.mountpoint,
+        &MountOptions {
+            allow_other: export.config().allow_other,
+            read_only: !writable,
+            max_read: init.max_write,
+            fsname: cfg.image.display().to_string(),
+            ..MountOptions::default()
+        },
+    )
+    .map_err(start_err)?;
+    let ctx = AioContext::current();
     let threads = cfg.threads.max(1);
     let max_in_flight = cfg.max_in_flight.max(1);
-    for rule in &cfg.inject_enomem {
-        match rule.what {
-            Allocation::Stack => runtime::inject_stack_failures(rule.after, rule.count),
-            Allocation::Buffer => crate::queue::inject_payload_failures(rule.after, rule.count),
-        }
-    }
-    let mut init = InitConfig::default();
-    init.max_background = max_background_for(threads, max_in_flight);
-    // The kernel's own ratio (3/4), as before.
-    init.congestion_threshold = (u32::from(init.max_background) * 3 / 4) as u16;
-    if let Some(mw) = std::env::var("CORO_FUSE_MAX_WRITE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        init.max_write = mw;
-    }
-    let export = Arc::new(Export::new(
-        blk.clone(),
-        ExportConfig {
-            writable,
-            growable: cfg.growable,
-            allow_other,
-            dir_entry: files.dir_entry,
-            window: files.window,
-            partitions: files.partitions,
-            init,
-        },
-    ));
-
-    let mount_opts = MountOptions {
-        allow_other,
-        read_only: !writable,
-        max_read: init.max_write,
-        fsname: cfg.image.display().to_string(),
-        ..MountOptions::default()
-    };
-    let mount = Mount::new(&cfg.mountpoint, &mount_opts).map_err(start_err)?;
-    let ctx = AioContext::current();
     let session = Arc::new(
         Session::new(export.clone(), threads, cfg.engine).with_max_in_flight(max_in_flight),
     );
-    log::info!(
-        "at most {max_in_flight} requests in flight per queue ({threads} queue(s), \
-         max_background {}); requests in flight hold at most {}",
-        init.max_background,
-        human_size(crate::queue::rss_ceiling_bytes(
-            threads,
-            max_in_flight,
-            init.max_write as usize
-        ))
-    );
-    log::info!(
-        "engine: {}{}",
-        cfg.engine.name(),
-        match (cfg.engine, blk.is_natively_async()) {
-            (Engine::Coroutine, _) => "",
-            (Engine::Async, true) => " (block layer: native async)",
-            (Engine::Async, false) => " (block layer: through the coroutine bridge)",
-        }
-    );
-    log::info!(
-        "event loops: {}",
-        if ctx.has_io_uring() {
-            "io_uring (disk I/O submitted to each queue thread's ring)"
-        } else {
-            "epoll (disk I/O on the thread pool)"
-        }
-    );
-    let fd = mount.fd().try_clone_to_owned().map_err(start_err)?;
-    let queue = Queue::new(0, fd, session.clone(), init.max_write as usize);
-    queue.attach(&ctx).map_err(start_err)?;
-    // Queues 1.. on iothreads, each reading its own clone of the session fd
-    // (QEMU: "fuse: Implement multi-threading").
-    let mut iothreads = Vec::with_capacity(threads - 1);
-    for i in 1..threads {
-        let io = IoThread::spawn(&format!("queue-{i}")).map_err(start_err)?;
-        let fd = sys::clone_dev_fuse(mount.fd())
-            .map_err(|e| start_err(format!("cannot clone /dev/fuse for queue {i}: {e}")))?;
-        let (s, mw) = (session.clone(), init.max_write as usize);
-        io.run_sync(move || Queue::start_here(i, fd, s, mw))
-            .map_err(start_err)?;
-        iothreads.push(io);
-    }
+    log_setup(&cfg, &image.blk, &session, &ctx);
+    let queues = start_queues(&mount, &session, threads, init.max_write)?;
 
     let s = session.clone();
     let sigfd = Rc::new(signals);
@@ -409,8 +303,8 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
             Some(n) => format!(" partition {n}"),
             None => String::new(),
         },
-        shown_format.as_deref().unwrap_or(blk.format_name()),
-        human_size(files.window.map_or_else(|| blk.size(), |w| w.size)),
+        image.shown_format,
+        human_size(files.window.map_or_else(|| image.blk.size(), |w| w.size)),
         if writable { "read-write" } else { "read-only" },
         cfg.mountpoint.display(),
         match files.partition_count {
@@ -419,7 +313,6 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
             n => format!(" with {n} partition files"),
         }
     );
-
     let not_ready = hooks.ready().err();
     if let Some(e) = &not_ready {
         log::error!("{e}; stopping");
@@ -429,42 +322,8 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
     session.wait_stopped(&ctx);
     let state = session.state();
     hooks.stopping();
-
-    // Stop reading, drain, flush, unmount.
-    queue.detach(&ctx);
-    for io in &iothreads {
-        io.run_sync(Queue::stop_here);
-    }
     let _ = ctx.set_fd_handler(sigfd.as_raw_fd(), None, None);
-    wait_while(&ctx, || session.in_flight() > 0);
-    let flushed = flush(&blk);
-    let served = session.served();
-    log::info!(
-        "requests served per queue (engine: {}): {served:?}",
-        cfg.engine.name()
-    );
-    log::info!(
-        "peak in flight per queue (bound {max_in_flight}): {:?}",
-        session.peak_in_flight()
-    );
-    drop(queue);
-    // After an external umount this finds the session over and leaves the path alone.
-    if let Err(e) = mount.unmount() {
-        log::warn!("unmounting {}: {e}", cfg.mountpoint.display());
-    }
-    for io in iothreads {
-        io.stop();
-    }
-    println!(
-        "stopped: {} {}; {} requests served",
-        cfg.image.display(),
-        if flushed.is_ok() {
-            "flushed"
-        } else {
-            "NOT flushed"
-        },
-        served.iter().sum::<u64>()
-    );
+    let flushed = shutdown(&cfg, &ctx, &session, queues, mount, &image.blk);
     flushed?;
     if let Some(e) = not_ready {
         return Err(ServerError::Start(e));
@@ -477,7 +336,217 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
     Ok(())
 }
 
+/// The image, opened as configured.
+struct OpenImage {
+    blk: Arc<BlockBackend>,
+    /// For the mounted line: "raw", or "raw + qcow2 overlay".
+    shown_format: String,
+}
+
+/// Phase 1: creates the image if asked (`--create`), then opens it — through a qcow2 overlay
+/// with `--snapshot` / `--overlay`.
+fn open_image(cfg: &ServerConfig) -> Result<OpenImage, ServerError> {
+    let mut open = cfg.open;
+    if let Some(size) = cfg.create {
+        let format = create_format(&cfg.image, cfg.open.format);
+        // An image we just made is not probed: it is opened in the format we made it in (no
+        // probing warning, and a raw one may be written anywhere).
+        if create_image(&cfg.image, size, format)? && open.format == Format::Auto {
+            open.format = format;
+        }
+    }
+    let Some(overlay) = &cfg.overlay else {
+        let blk = block::open_image_with(&cfg.image, &open, &cfg.inject).map_err(start_err)?;
+        let shown_format = blk.format_name().to_owned();
+        return Ok(OpenImage { blk, shown_format });
+    };
+    let o = block::overlay::open_with_overlay(&cfg.image, &open, &cfg.inject, overlay)
+        .map_err(start_err)?;
+    match overlay {
+        block::overlay::Overlay::Temporary => log::info!(
+            "--snapshot: '{}' ({}) is opened read-only; writes go to a temporary \
+             overlay {} (already unlinked: discarded at exit)",
+            cfg.image.display(),
+            o.image_format,
+            o.overlay.display()
+        ),
+        block::overlay::Overlay::File(_) => log::info!(
+            "--overlay: '{}' ({}) is opened read-only; writes go to {} overlay {}",
+            cfg.image.display(),
+            o.image_format,
+            if o.created { "the new" } else { "the existing" },
+            o.overlay.display()
+        ),
+    }
+    Ok(OpenImage {
+        blk: o.blk,
+        shown_format: format!("{} + qcow2 overlay", o.image_format),
+    })
+}
+
+/// Phase 2: the export — which files it shows (mountpoint kind, partitions), whether it is
+/// writable, what INIT offers (`max_background` from the in-flight bound).
+fn build_export(
+    cfg: &ServerConfig,
+    blk: &Arc<BlockBackend>,
+) -> Result<(Arc<Export>, Files), ServerError> {
+    let meta = std::fs::metadata(&cfg.mountpoint)
+        .map_err(|e| start_err(format!("mountpoint {}: {e}", cfg.mountpoint.display())))?;
+    let image_name = cfg.image.file_name().map(|n| n.to_os_string());
+    let files = exported_files(cfg, blk, image_name, meta.is_dir())?;
+    let allow_other = match cfg.allow_other {
+        AllowOther::On => true,
+        AllowOther::Off => false,
+        AllowOther::Auto => mount::allow_other_auto(),
+    };
+    for rule in &cfg.inject_enomem {
+        match rule.what {
+            Allocation::Stack => runtime::inject_stack_failures(rule.after, rule.count),
+            Allocation::Buffer => {
+                crate::transport::inject_request_buf_failures(rule.after, rule.count)
+            }
+        }
+    }
+    let mut init = InitConfig::default();
+    init.max_background = max_background_for(cfg.threads.max(1), cfg.max_in_flight.max(1));
+    // The kernel's own ratio (3/4), as before.
+    init.congestion_threshold = (u32::from(init.max_background) * 3 / 4) as u16;
+    if let Some(mw) = std::env::var("CORO_FUSE_MAX_WRITE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        init.max_write = mw;
+    }
+    let export = Arc::new(Export::new(
+        blk.clone(),
+        ExportConfig {
+            writable: !blk.is_read_only(),
+            growable: cfg.growable,
+            allow_other,
+            dir_entry: files.dir_entry.clone(),
+            window: files.window,
+            partitions: files.partitions.clone(),
+            init,
+        },
+    ));
+    Ok((export, files))
+}
+
+/// What the log says once the export is set up: the bound and its memory ceiling, the engine,
+/// the event loops.
+fn log_setup(cfg: &ServerConfig, blk: &BlockBackend, session: &Session, ctx: &AioContext) {
+    let threads = cfg.threads.max(1);
+    let init = session.export.config().init;
+    log::info!(
+        "at most {} requests in flight per queue ({threads} queue(s), max_background {}); \
+         requests in flight hold at most {}",
+        session.max_in_flight(),
+        init.max_background,
+        human_size(crate::session::rss_ceiling_bytes(
+            threads,
+            session.max_in_flight(),
+            init.max_write as usize
+        ))
+    );
+    log::info!(
+        "engine: {}{}",
+        cfg.engine.name(),
+        match (cfg.engine, blk.is_natively_async()) {
+            (Engine::Coroutine, _) => "",
+            (Engine::Async, true) => " (block layer: native async)",
+            (Engine::Async, false) => " (block layer: through the coroutine bridge)",
+        }
+    );
+    log::info!(
+        "event loops: {}",
+        if ctx.has_io_uring() {
+            "io_uring (disk I/O submitted to each queue thread's ring)"
+        } else {
+            "epoll (disk I/O on the thread pool)"
+        }
+    );
+}
+
+/// The queues serving an export: queue 0 on the main thread, the others on iothreads.
+struct Queues {
+    main: Rc<DevQueue>,
+    iothreads: Vec<IoThread>,
+}
+
+/// Phase 4: queue 0 reads the mount's fd on this thread; queues 1.. run on iothreads, each
+/// reading its own clone of the session fd (QEMU: "fuse: Implement multi-threading").
+fn start_queues(
+    mount: &Mount,
+    session: &Arc<Session>,
+    threads: usize,
+    max_write: u32,
+) -> Result<Queues, ServerError> {
+    let fd = mount.fd().try_clone_to_owned().map_err(start_err)?;
+    let main = DevQueue::new(0, fd, session.clone(), max_write);
+    main.attach(&AioContext::current()).map_err(start_err)?;
+    let mut iothreads = Vec::with_capacity(threads - 1);
+    for i in 1..threads {
+        let io = IoThread::spawn(&format!("queue-{i}")).map_err(start_err)?;
+        let fd = sys::clone_dev_fuse(mount.fd())
+            .map_err(|e| start_err(format!("cannot clone /dev/fuse for queue {i}: {e}")))?;
+        let s = session.clone();
+        io.run_sync(move || DevQueue::start_here(i, fd, s, max_write))
+            .map_err(start_err)?;
+        iothreads.push(io);
+    }
+    Ok(Queues { main, iothreads })
+}
+
+/// Phase 6: stop reading, wait for the requests in flight (QEMU's drain), flush and close the
+/// image, unmount (unless the kernel already did), stop the iothreads. Returns whether the
+/// flush worked.
+fn shutdown(
+    cfg: &ServerConfig,
+    ctx: &AioContext,
+    session: &Session,
+    queues: Queues,
+    mount: Mount,
+    blk: &Arc<BlockBackend>,
+) -> Result<(), ServerError> {
+    queues.main.detach(ctx);
+    for io in &queues.iothreads {
+        io.run_sync(DevQueue::stop_here);
+    }
+    wait_while(ctx, || session.in_flight() > 0);
+    let flushed = flush(blk);
+    let served = session.served();
+    log::info!(
+        "requests served per queue (engine: {}): {served:?}",
+        cfg.engine.name()
+    );
+    log::info!(
+        "peak in flight per queue (bound {}): {:?}",
+        session.max_in_flight(),
+        session.peak_in_flight()
+    );
+    drop(queues.main);
+    // After an external umount this finds the session over and leaves the path alone.
+    if let Err(e) = mount.unmount() {
+        log::warn!("unmounting {}: {e}", cfg.mountpoint.display());
+    }
+    for io in queues.iothreads {
+        io.stop();
+    }
+    println!(
+        "stopped: {} {}; {} requests served",
+        cfg.image.display(),
+        if flushed.is_ok() {
+            "flushed"
+        } else {
+            "NOT flushed"
+        },
+        served.iter().sum::<u64>()
+    );
+    flushed
+}
+
 /// What the export shows, from the mountpoint's kind and the image's partition table.
+#[derive(Clone)]
 struct Files {
     /// Directory mode: the name of the main file.
     dir_entry: Option<std::ffi::OsString>,

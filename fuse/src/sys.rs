@@ -10,22 +10,11 @@
 //! libfuse's `lib/mount.c` (`fuse_mount_sys()`, `receive_fd()`, `fuse_kern_unmount()`); the
 //! kernel side is `fs/fuse/dev.c`, described in `Documentation/filesystems/fuse.rst`.
 //!
-//! # Reading a request: two iovecs
+//! # Reading a request
 //!
-//! [`read_request`] hands the kernel two buffers in one `readv`, as QEMU's coroutine series
-//! does: a first iovec of exactly [`WRITE_HEADER_SIZE`] bytes (`fuse_in_header` plus
-//! `fuse_write_in`) and a second, large one. The kernel copies a request as one byte
-//! stream, so a WRITE's data starts exactly at the second buffer, which can be page-aligned
-//! and handed to the block layer without a copy. (QEMU makes the first iovec 4 KiB larger so
-//! that small writes stay in it, and copies every write to a bounce buffer; we do not.)
-//!
-//! The price: any other request longer than 80 bytes (INIT, SETATTR, a long LOOKUP name,
-//! BATCH_FORGET) spills its tail into the second buffer, and `request::parse` wants it in
-//! one piece. [`RequestBuf`] owns the layout that makes this cheap: its payload area is
-//! preceded by a spare page, so [`RequestBuf::request`] copies the 80-byte head right in
-//! front of the tail and the whole request is contiguous: one 80-byte copy on a rare path
-//! and no allocation. The hot requests (READ is exactly 80 bytes; GETATTR, OPEN, FLUSH,
-//! RELEASE, FSYNC, FALLOCATE, LSEEK are shorter) never spill.
+//! [`read`] is a plain `read(2)`: where the bytes land (the layout that puts WRITE data on a
+//! page boundary) is `crate::transport::buf::RequestBuf`'s business, and what they mean the
+//! parser's; this module knows neither.
 //!
 //! # Errors a session must tell apart
 //!
@@ -51,10 +40,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use libc::c_int;
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::abi::{self, FUSE_WRITE};
-use crate::request::{request_buffer_size, WRITE_HEADER_SIZE};
+use crate::protocol::abi;
 
 /// The FUSE character device.
 pub const DEV_FUSE: &str = "/dev/fuse";
@@ -210,30 +197,15 @@ impl From<ReadError> for io::Error {
     }
 }
 
-/// Reads one request with one `readv`: the first [`WRITE_HEADER_SIZE`] bytes into
-/// `header`, the rest into `payload`. Returns the request's length. See the module doc for
-/// what lands where; [`RequestBuf`] wraps this with a ready-made layout.
-///
-/// `header.len() + payload.len()` must be at least `request::request_buffer_size(max_write)`
-/// or the kernel answers `EINVAL` ([`ReadError::Io`]).
+/// Reads one request from a `/dev/fuse` fd into `buf` with one `read(2)`; returns its length.
+/// The kernel copies a request whole or not at all, and refuses (`EINVAL`, [`ReadError::Io`])
+/// a buffer shorter than `request::request_buffer_size(max_write)`.
 ///
 /// QEMU: block/export/fuse.c, co_read_from_fuse_fd()
-pub fn read_request(
-    fd: BorrowedFd<'_>,
-    header: &mut [u8; WRITE_HEADER_SIZE],
-    payload: &mut [u8],
-) -> Result<usize, ReadError> {
-    let mut iov = [IoSliceMut::new(header), IoSliceMut::new(payload)];
-    // SAFETY: IoSliceMut is ABI-compatible with `struct iovec`; both entries describe live,
-    // exclusively borrowed buffers of their stated lengths, and the kernel writes at most
-    // that many bytes into each.
-    let n = unsafe {
-        libc::readv(
-            fd.as_raw_fd(),
-            iov.as_mut_ptr().cast::<libc::iovec>(),
-            iov.len() as c_int,
-        )
-    };
+pub fn read_request(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, ReadError> {
+    // SAFETY: `buf` is a live, exclusively borrowed buffer of `buf.len()` bytes; the kernel
+    // writes at most that many bytes into it.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         return Err(ReadError::from_os(io::Error::last_os_error()));
     }
@@ -325,93 +297,6 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
         check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------
-// RequestBuf: the two-iovec layout
-// ---------------------------------------------------------------------------------------
-
-/// Page size the payload area is aligned to (enough for `O_DIRECT` on every common device).
-const PAGE: usize = 4096;
-
-/// One page of the payload area; the type only exists for its alignment.
-#[repr(C, align(4096))]
-#[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
-struct Page([u8; PAGE]);
-
-/// A reusable buffer for one request, laid out for [`read_request`]: the 80-byte head, and a
-/// page-aligned payload area preceded by a spare page (see the module doc).
-///
-/// ```text
-/// head:  [ fuse_in_header | fuse_write_in ]                 80 bytes, first iovec
-/// area:  [ spare page ....... |<- copy of head ->][ payload: WRITE data / spilled tail ... ]
-///                                                 ^ page-aligned, second iovec
-/// ```
-///
-/// Size it for the `max_write` you offer in INIT (the kernel never sends more); the read of
-/// INIT itself comes before any negotiation.
-pub struct RequestBuf {
-    head: [u8; WRITE_HEADER_SIZE],
-    /// Page 0 is the spare page; the payload starts at page 1.
-    area: Box<[Page]>,
-}
-
-impl RequestBuf {
-    /// A buffer that the kernel accepts for a session with `max_write`.
-    pub fn new(max_write: u32) -> Self {
-        let payload = (request_buffer_size(max_write) - WRITE_HEADER_SIZE).next_multiple_of(PAGE);
-        RequestBuf {
-            head: [0; WRITE_HEADER_SIZE],
-            area: vec![Page([0; PAGE]); 1 + payload / PAGE].into_boxed_slice(),
-        }
-    }
-
-    /// Bytes of the payload area (WRITE data up to this size fits).
-    pub fn payload_capacity(&self) -> usize {
-        (self.area.len() - 1) * PAGE
-    }
-
-    /// Reads one request from `fd` into this buffer; returns its length for
-    /// [`request`](Self::request).
-    pub fn read(&mut self, fd: BorrowedFd<'_>) -> Result<usize, ReadError> {
-        let (_, payload) = self.area.as_mut_bytes().split_at_mut(PAGE);
-        read_request(fd, &mut self.head, payload)
-    }
-
-    /// The request of `len` bytes just read, as `(header_and_args, write_payload)` for
-    /// `request::parse`: WRITE data stays in the aligned payload area, any other request is
-    /// made contiguous (one 80-byte copy if it spilled).
-    ///
-    /// # Panics
-    ///
-    /// If `len` is larger than the buffer, i.e. not a length [`read`](Self::read)
-    /// returned.
-    pub fn request(&mut self, len: usize) -> (&[u8], &[u8]) {
-        if len <= WRITE_HEADER_SIZE {
-            return (&self.head[..len], &[]);
-        }
-        let spilled = len - WRITE_HEADER_SIZE;
-        assert!(
-            spilled <= self.payload_capacity(),
-            "request length {len} exceeds the buffer"
-        );
-        let area = self.area.as_mut_bytes();
-        let [_, _, _, _, o0, o1, o2, o3, ..] = self.head;
-        if u32::from_ne_bytes([o0, o1, o2, o3]) == FUSE_WRITE {
-            return (&self.head, &area[PAGE..PAGE + spilled]);
-        }
-        let start = PAGE - WRITE_HEADER_SIZE;
-        area[start..PAGE].copy_from_slice(&self.head);
-        (&area[start..PAGE + spilled], &[])
-    }
-}
-
-impl fmt::Debug for RequestBuf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RequestBuf")
-            .field("payload_capacity", &self.payload_capacity())
-            .finish_non_exhaustive()
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -703,23 +588,36 @@ impl AsRawFd for SignalFd {
     }
 }
 
-/// A request payload buffer: anonymous memory mapped at a 2 MiB boundary and marked for
-/// transparent huge pages, so that the kernel's copy of WRITE data into it (in `readv`) pins one
-/// huge page instead of 256 small ones and stays within a few TLB entries.
-pub struct PayloadBuf {
+/// Memory for large request and reply buffers: an anonymous mapping at a 2 MiB boundary, marked
+/// for transparent huge pages, so that the kernel's copy of WRITE data into it (in `read`) or
+/// of READ data out of it pins one huge page instead of 256 small ones and stays within a few
+/// TLB entries. `crate::transport::buf` builds the crate's buffers and their pool on it.
+pub struct HugePages {
     ptr: std::ptr::NonNull<u8>,
     map_len: usize,
     len: usize,
 }
 
 // SAFETY: the buffer is plain memory exclusively owned by this value.
-unsafe impl Send for PayloadBuf {}
+unsafe impl Send for HugePages {}
 
-impl PayloadBuf {
-    const HUGE: usize = 2 << 20;
+impl HugePages {
+    /// The size of a huge page, and so the granularity of a mapping.
+    pub const HUGE: usize = 2 << 20;
+
+    /// Bytes mapped: the most [`HugePages::set_len`] allows.
+    pub fn capacity(&self) -> usize {
+        self.map_len
+    }
+
+    /// Shows `len` bytes (at most [`HugePages::capacity`]; more is clamped) of the mapping,
+    /// for reusing one mapping for buffers of several sizes.
+    pub fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.map_len);
+    }
 
     /// A zeroed buffer of `len` bytes.
-    pub fn new(len: usize) -> io::Result<PayloadBuf> {
+    pub fn new(len: usize) -> io::Result<HugePages> {
         let map_len = len.div_ceil(Self::HUGE).max(1) * Self::HUGE;
         // Over-allocate by one huge page so that an aligned start exists inside the mapping.
         let total = map_len + Self::HUGE;
@@ -754,13 +652,13 @@ impl PayloadBuf {
             libc::madvise(aligned as *mut libc::c_void, map_len, libc::MADV_HUGEPAGE);
         }
         match std::ptr::NonNull::new(aligned as *mut u8) {
-            Some(ptr) => Ok(PayloadBuf { ptr, map_len, len }),
+            Some(ptr) => Ok(HugePages { ptr, map_len, len }),
             None => Err(io::Error::from_raw_os_error(libc::ENOMEM)),
         }
     }
 }
 
-impl std::ops::Deref for PayloadBuf {
+impl std::ops::Deref for HugePages {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // SAFETY: `ptr` starts a live mapping of `map_len >= len` bytes owned by `self`.
@@ -768,14 +666,14 @@ impl std::ops::Deref for PayloadBuf {
     }
 }
 
-impl std::ops::DerefMut for PayloadBuf {
+impl std::ops::DerefMut for HugePages {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `deref`, and `&mut self` makes this the only borrow.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
-impl Drop for PayloadBuf {
+impl Drop for HugePages {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping `new` kept; nothing borrows it any more.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
@@ -785,126 +683,19 @@ impl Drop for PayloadBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::abi::*;
-    use crate::request::{self, Operation};
     use std::io::Write;
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
 
-    fn header(opcode: u32, len: usize) -> fuse_in_header {
-        fuse_in_header {
-            len: len as u32,
-            opcode,
-            unique: 9,
-            nodeid: 1,
-            ..Default::default()
-        }
-    }
-
-    /// Sends `bytes` through a socket and reads them back with `RequestBuf`.
-    fn through_socket(buf: &mut RequestBuf, bytes: &[u8]) -> usize {
-        let (mut tx, rx) = UnixStream::pair().unwrap();
-        tx.write_all(bytes).unwrap();
-        buf.read(rx.as_fd()).unwrap()
-    }
-
-    #[test]
-    fn buffer_is_as_large_as_the_kernel_requires() {
-        let buf = RequestBuf::new(1 << 20);
-        assert_eq!(buf.payload_capacity(), 1 << 20);
-        assert!(WRITE_HEADER_SIZE + buf.payload_capacity() >= request_buffer_size(1 << 20));
-        let small = RequestBuf::new(4096);
-        assert!(WRITE_HEADER_SIZE + small.payload_capacity() >= FUSE_MIN_READ_BUFFER);
-    }
-
-    #[test]
-    fn write_data_lands_page_aligned_in_the_payload_area() {
-        let mut buf = RequestBuf::new(1 << 16);
-        let data = vec![0xa5u8; 12345];
-        let arg = fuse_write_in {
-            size: data.len() as u32,
-            offset: 4096,
-            ..Default::default()
-        };
-        let mut bytes = header(FUSE_WRITE, WRITE_HEADER_SIZE + data.len())
-            .as_bytes()
-            .to_vec();
-        bytes.extend_from_slice(arg.as_bytes());
-        bytes.extend_from_slice(&data);
-        let n = through_socket(&mut buf, &bytes);
-        assert_eq!(n, bytes.len());
-        let (head, payload) = buf.request(n);
-        assert_eq!(head.len(), WRITE_HEADER_SIZE);
-        assert_eq!(
-            payload.as_ptr() as usize % PAGE,
-            0,
-            "payload is page-aligned"
-        );
-        let req = request::parse(head, payload, FUSE_KERNEL_MINOR_VERSION).unwrap();
-        let Operation::Write {
-            arg: got,
-            data: got_data,
-        } = req.op
-        else {
-            panic!("not a write: {req:?}");
-        };
-        assert_eq!(got, arg);
-        assert_eq!(got_data, &data[..]);
-        assert_eq!(got_data.as_ptr(), payload.as_ptr(), "no copy");
-    }
-
-    #[test]
-    fn short_requests_stay_in_the_head() {
-        let mut buf = RequestBuf::new(1 << 16);
-        let arg = fuse_getattr_in::default();
-        let mut bytes = header(FUSE_GETATTR, 56).as_bytes().to_vec();
-        bytes.extend_from_slice(arg.as_bytes());
-        let n = through_socket(&mut buf, &bytes);
-        let (head, payload) = buf.request(n);
-        assert_eq!((head.len(), payload.len()), (56, 0));
-        let req = request::parse(head, payload, FUSE_KERNEL_MINOR_VERSION).unwrap();
-        assert_eq!(req.op, Operation::Getattr(arg));
-    }
-
-    #[test]
-    fn spilled_requests_are_made_contiguous() {
-        let mut buf = RequestBuf::new(1 << 16);
-        // SETATTR is 40 + 88 bytes: its tail spills into the payload area.
-        let arg = fuse_setattr_in {
-            valid: FATTR_SIZE,
-            size: 1 << 30,
-            ..Default::default()
-        };
-        let len = 40 + core::mem::size_of::<fuse_setattr_in>();
-        let mut bytes = header(FUSE_SETATTR, len).as_bytes().to_vec();
-        bytes.extend_from_slice(arg.as_bytes());
-        let n = through_socket(&mut buf, &bytes);
-        assert_eq!(n, len);
-        let (head, payload) = buf.request(n);
-        assert_eq!((head.len(), payload.len()), (len, 0));
-        assert_eq!(head, &bytes[..]);
-        let req = request::parse(head, payload, FUSE_KERNEL_MINOR_VERSION).unwrap();
-        assert_eq!(req.op, Operation::Setattr(arg));
-
-        // A long LOOKUP name, after a WRITE used the same buffer.
-        let name = format!("{}\0", "n".repeat(300));
-        let mut bytes = header(FUSE_LOOKUP, 40 + name.len()).as_bytes().to_vec();
-        bytes.extend_from_slice(name.as_bytes());
-        let n = through_socket(&mut buf, &bytes);
-        let (head, payload) = buf.request(n);
-        let req = request::parse(head, payload, FUSE_KERNEL_MINOR_VERSION).unwrap();
-        let Operation::Lookup { name: got } = req.op else {
-            panic!("not a lookup");
-        };
-        assert_eq!(got.to_bytes().len(), 300);
-    }
-
     #[test]
     fn read_errors_are_sorted() {
-        let mut buf = RequestBuf::new(4096);
+        let mut buf = [0u8; 64];
         let (_tx, rx) = UnixStream::pair().unwrap();
         rx.set_nonblocking(true).unwrap();
-        assert!(matches!(buf.read(rx.as_fd()), Err(ReadError::WouldBlock)));
+        assert!(matches!(
+            read_request(rx.as_fd(), &mut buf),
+            Err(ReadError::WouldBlock)
+        ));
         let sorted = |errno| ReadError::from_os(io::Error::from_raw_os_error(errno));
         assert!(matches!(sorted(libc::EINTR), ReadError::Interrupted));
         assert!(matches!(sorted(libc::ENOENT), ReadError::RequestGone));
@@ -941,7 +732,7 @@ mod tests {
     #[test]
     fn write_reply_writes_everything_once() {
         let (tx, rx) = UnixStream::pair().unwrap();
-        let reply = crate::reply::Reply::ok(5, &[b"abc", b"defg"]);
+        let reply = crate::protocol::reply::Reply::ok(5, &[b"abc", b"defg"]);
         write_reply(tx.as_fd(), &reply.io_slices()).unwrap();
         let mut got = [0u8; 64];
         let n = io::Read::read(&mut &rx, &mut got).unwrap();

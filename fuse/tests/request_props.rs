@@ -1,4 +1,4 @@
-//! Property tests (proptest) of the FUSE request parser, `fuse::request::parse`, against what
+//! Property tests (proptest) of the FUSE request parser, `fuse::protocol::request::parse`, against what
 //! the kernel may send — and what a broken or hostile stream may:
 //!
 //! - `every_opcode_round_trips`: a request of any handled opcode with random argument values,
@@ -18,9 +18,9 @@
 use std::ffi::CString;
 use std::mem::size_of;
 
-use fuse::abi::*;
 use fuse::fuzzing::HANDLED_OPCODES as HANDLED;
-use fuse::request::{parse, Operation, ParseError};
+use fuse::protocol::abi::*;
+use fuse::protocol::request::{parse, Operation, ParseError};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use zerocopy::{FromBytes, IntoBytes};

@@ -18,7 +18,7 @@ use std::io::IoSlice;
 
 use zerocopy::IntoBytes;
 
-use crate::abi::*;
+use crate::protocol::abi::*;
 
 /// Most payload slices one reply carries (READ data may come as up to three pieces: e.g.
 /// data, zero fill, more data). The header makes one more `IoSlice`.

@@ -13,11 +13,12 @@
 //! ## Two engines, one set of semantics
 //!
 //! A handler is split in three: `Export::plan` (dispatch, validation, EOF clamping, the
-//! replies of opcodes without I/O — pure, shared), the I/O (an `Io` value, executed by
-//! `co_io` with `co_` calls or by `io_async` with `.await`s — the only code that exists twice),
-//! and a `*_finish` function that turns the result into the reply (shared). So "read the
-//! header, yield on I/O, reply" is the same sequence in both engines; `docs/comparison.md`
-//! compares the two I/O halves line by line.
+//! replies of opcodes without I/O — pure, shared, in this file), the I/O (an `Io` value,
+//! executed by `co_io` with `co_` calls in `coroutine.rs`, or by `io_async` with `.await`s in
+//! `async_engine.rs` — the only code that exists twice), and a `*_finish` function that turns
+//! the result into the reply (shared, here). So "read the header, yield on I/O, reply" is the
+//! same sequence in both engines, and one engine can be read without the other;
+//! `docs/comparison.md` compares the two I/O halves line by line.
 //!
 //! The exported file is inode 1 when the mountpoint is a regular file (QEMU style). When the
 //! mountpoint is a directory (nbdfuse style), inode 1 is that directory and the image appears
@@ -45,7 +46,6 @@
 //! sectors — so what was acknowledged is what a restart shows; a SETATTR size that the format
 //! cannot keep (not a multiple of 512 on qcow2) is EINVAL, as in QEMU.
 
-use std::cell::RefCell;
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -57,10 +57,13 @@ use runtime::CoMutex;
 use smallvec::SmallVec;
 use zerocopy::IntoBytes;
 
-use crate::abi::*;
-use crate::reply::{self, InitConfig, Negotiated};
-use crate::request::{Operation, Request};
-use crate::sys::PayloadBuf;
+use crate::protocol::abi::*;
+use crate::protocol::reply::{self, InitConfig, Negotiated};
+use crate::protocol::request::{Operation, Request};
+use crate::transport::buf::{self, Buf};
+
+mod async_engine;
+mod coroutine;
 
 /// Attribute and entry validity the kernel may cache (seconds). Short, because the size
 /// changes under the kernel's feet (truncate, growable writes from other queues).
@@ -75,7 +78,7 @@ pub enum Response {
     /// A success reply whose payload is these bytes (empty for "ok").
     Bytes(SmallVec<[u8; 128]>),
     /// READ data: the first `len` bytes of the buffer. The buffer goes back to the pool.
-    Data(ReadBuf, usize),
+    Data(Buf, usize),
 }
 
 impl Response {
@@ -270,23 +273,6 @@ impl Export {
         self.changed.store(now_secs(), Ordering::Relaxed);
     }
 
-    /// Handles one request; runs in the request's coroutine (`--engine coroutine`).
-    pub fn co_handle(&self, req: &Request<'_>) -> Response {
-        match self.plan(req) {
-            Step::Done(r) => r,
-            Step::Io(io) => self.co_io(io),
-        }
-    }
-
-    /// Handles one request as a future (`--engine async`). Same semantics as
-    /// [`Export::co_handle`]: only `io_async` differs from `co_io`.
-    pub async fn handle_async(&self, req: &Request<'_>) -> Response {
-        match self.plan(req) {
-            Step::Done(r) => r,
-            Step::Io(io) => self.io_async(io).await,
-        }
-    }
-
     /// Everything a request needs that does no I/O — dispatch, validation, EOF clamping, the
     /// replies of the pure opcodes — shared by both engines.
     fn plan<'a>(&self, req: &'a Request<'_>) -> Step<'a> {
@@ -321,140 +307,6 @@ impl Export {
             Operation::Opendir(_) | Operation::Readdir(_) => Response::Err(libc::ENOTDIR),
             Operation::Unknown(_) => Response::Err(libc::ENOSYS),
         })
-    }
-
-    /// The I/O of a request, coroutine engine: `co_` calls that yield inside the block layer.
-    fn co_io(&self, io: Io<'_>) -> Response {
-        let blk = &self.blk;
-        match io {
-            Io::Read { offset, len } => match read_buffer(len) {
-                Then::Go(mut buf) => {
-                    let r = blk.co_pread(offset, &mut buf[..len]);
-                    read_finish(buf, len, offset, r)
-                }
-                Then::Reply(resp) => resp,
-            },
-            Io::Write {
-                offset,
-                data,
-                grow_to,
-            } => {
-                let r = match grow_to {
-                    Some(end) => self.co_grow_to(end),
-                    None => Ok(()),
-                };
-                let r = r.and_then(|()| blk.co_pwrite(offset, data));
-                self.write_finish(offset, data.len(), r)
-            }
-            Io::Fallocate { grow_to, zero } => {
-                let mut r = match grow_to {
-                    Some(end) => self.co_grow_to(end),
-                    None => Ok(()),
-                };
-                if let (Ok(()), Some((offset, len, unmap))) = (&r, zero) {
-                    r = blk.co_pwrite_zeroes(offset, len, unmap);
-                }
-                self.fallocate_finish(r)
-            }
-            Io::Truncate {
-                nodeid,
-                arg,
-                to_set,
-            } => {
-                let r = {
-                    let _g = self.resize_lock.co_lock();
-                    blk.co_truncate(arg.size)
-                };
-                self.setattr_finish(nodeid, arg, to_set, r)
-            }
-            Io::Flush => flush_finish(blk.co_flush()),
-            Io::Lseek {
-                whence,
-                mut offset,
-                extent,
-            } => loop {
-                let size = self.size_of(extent);
-                let len = match seek_check(whence, offset, size) {
-                    Then::Go(len) => len,
-                    Then::Reply(resp) => return resp,
-                };
-                match seek_next(
-                    whence,
-                    offset,
-                    blk.co_block_status(extent.base + offset, len),
-                ) {
-                    Then::Go(next) => offset = next,
-                    Then::Reply(resp) => return resp,
-                }
-            },
-        }
-    }
-
-    /// The I/O of a request, async engine: [`Export::co_io`] with `.await`s.
-    async fn io_async(&self, io: Io<'_>) -> Response {
-        let blk = &self.blk;
-        match io {
-            Io::Read { offset, len } => match read_buffer(len) {
-                Then::Go(mut buf) => {
-                    let r = blk.pread_async(offset, &mut buf[..len]).await;
-                    read_finish(buf, len, offset, r)
-                }
-                Then::Reply(resp) => resp,
-            },
-            Io::Write {
-                offset,
-                data,
-                grow_to,
-            } => {
-                let r = match grow_to {
-                    Some(end) => self.grow_to_async(end).await,
-                    None => Ok(()),
-                };
-                let r = match r {
-                    Ok(()) => blk.pwrite_async(offset, data).await,
-                    Err(e) => Err(e),
-                };
-                self.write_finish(offset, data.len(), r)
-            }
-            Io::Fallocate { grow_to, zero } => {
-                let mut r = match grow_to {
-                    Some(end) => self.grow_to_async(end).await,
-                    None => Ok(()),
-                };
-                if let (Ok(()), Some((offset, len, unmap))) = (&r, zero) {
-                    r = blk.pwrite_zeroes_async(offset, len, unmap).await;
-                }
-                self.fallocate_finish(r)
-            }
-            Io::Truncate {
-                nodeid,
-                arg,
-                to_set,
-            } => {
-                let r = {
-                    let _g = self.resize_lock.lock_async().await;
-                    blk.truncate_async(arg.size).await
-                };
-                self.setattr_finish(nodeid, arg, to_set, r)
-            }
-            Io::Flush => flush_finish(blk.flush_async().await),
-            Io::Lseek {
-                whence,
-                mut offset,
-                extent,
-            } => loop {
-                let size = self.size_of(extent);
-                let len = match seek_check(whence, offset, size) {
-                    Then::Go(len) => len,
-                    Then::Reply(resp) => return resp,
-                };
-                let status = blk.block_status_async(extent.base + offset, len).await;
-                match seek_next(whence, offset, status) {
-                    Then::Go(next) => offset = next,
-                    Then::Reply(resp) => return resp,
-                }
-            },
-        }
     }
 
     fn is_dir(&self, nodeid: u64) -> bool {
@@ -614,7 +466,7 @@ impl Export {
             buf.resize(buf.len() + (rec - FUSE_NAME_OFFSET - name.len()), 0);
         }
         let len = buf.len();
-        Response::Data(ReadBuf::Small(buf), len)
+        Response::Data(Buf::Small(buf), len)
     }
 
     fn open(&self, nodeid: u64) -> Response {
@@ -770,30 +622,6 @@ impl Export {
         }
     }
 
-    /// Grows the image so that `[0, end)` is inside it: to `end` rounded up to the image's
-    /// size granularity (see [`Export::grown_size`]), and never shrinks (another queue may
-    /// have grown it further meanwhile). The only place the export grows the image: growable
-    /// writes, fallocate and ZERO_RANGE past EOF all come here; SETATTR's truncate takes the
-    /// same lock.
-    fn co_grow_to(&self, end: u64) -> block::Result<()> {
-        let _g = self.resize_lock.co_lock();
-        let new = self.grown_size(end)?;
-        if new > self.blk.size() {
-            self.blk.co_truncate(new)?;
-        }
-        Ok(())
-    }
-
-    /// [`Export::co_grow_to`] for the async engine (the same lock, the same queue).
-    async fn grow_to_async(&self, end: u64) -> block::Result<()> {
-        let _g = self.resize_lock.lock_async().await;
-        let new = self.grown_size(end)?;
-        if new > self.blk.size() {
-            self.blk.truncate_async(new).await?;
-        }
-        Ok(())
-    }
-
     /// The size that growing to `end` makes: `end` rounded up to
     /// [`BlockBackend::size_granularity`]. qcow2 keeps sectors (QEMU reads its header size as
     /// `size / 512`), so growing to a byte end would be acknowledged and then lose the tail of
@@ -927,8 +755,8 @@ enum Then<T> {
 }
 
 /// A READ reply buffer of `len` bytes, or the ENOMEM reply.
-fn read_buffer(len: usize) -> Then<ReadBuf> {
-    match take_buffer(len) {
+fn read_buffer(len: usize) -> Then<Buf> {
+    match buf::take(len) {
         Ok(b) => Then::Go(b),
         Err(e) => {
             log::error!("no memory for a {len}-byte read buffer: {e}");
@@ -937,11 +765,11 @@ fn read_buffer(len: usize) -> Then<ReadBuf> {
     }
 }
 
-fn read_finish(buf: ReadBuf, len: usize, offset: u64, r: block::Result<()>) -> Response {
+fn read_finish(data: Buf, len: usize, offset: u64, r: block::Result<()>) -> Response {
     match r {
-        Ok(()) => Response::Data(buf, len),
+        Ok(()) => Response::Data(data, len),
         Err(e) => {
-            give_back_buffer(buf);
+            buf::give_back(data);
             log::debug!("read {offset}+{len}: {e}");
             Response::Err(errno_of(&e))
         }
@@ -985,91 +813,12 @@ fn seek_next(whence: i32, offset: u64, status: block::Result<(BlockStatus, u64)>
     Then::Go(offset + n)
 }
 
-/// A READ reply buffer: small reads use plain heap memory, large ones a huge-page-backed
-/// [`PayloadBuf`] (the kernel copies out of it much faster, see `sys::PayloadBuf`).
-pub enum ReadBuf {
-    Small(Vec<u8>),
-    Large(PayloadBuf),
-}
-
-impl std::ops::Deref for ReadBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            ReadBuf::Small(v) => v,
-            ReadBuf::Large(b) => b,
-        }
-    }
-}
-
-impl std::ops::DerefMut for ReadBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        match self {
-            ReadBuf::Small(v) => v,
-            ReadBuf::Large(b) => b,
-        }
-    }
-}
-
-/// Reads up to this size use the small-buffer pool.
-const SMALL_READ: usize = 128 * 1024;
-
-/// Largest READ (the kernel never sends more than `max_read`, 1 MiB).
-const LARGE_READ: usize = 1 << 20;
-
-thread_local! {
-    /// Reusable READ buffers of this queue thread, by size class.
-    static SMALL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-    static LARGE: RefCell<Vec<PayloadBuf>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Buffers kept per thread and class: enough for a deep queue.
-const MAX_POOLED_BUFFERS: usize = 64;
-
-/// A buffer of at least `len` initialised bytes, from this thread's pool when possible.
-pub fn take_buffer(len: usize) -> std::io::Result<ReadBuf> {
-    if len <= SMALL_READ {
-        let mut v = SMALL.with(|b| b.borrow_mut().pop()).unwrap_or_default();
-        if v.len() < len {
-            let want = SMALL_READ.min(len.next_power_of_two()).max(len);
-            // Fallible: no memory is an ENOMEM reply, not an abort.
-            v.try_reserve_exact(want - v.len())
-                .map_err(|_| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
-            v.resize(want, 0);
-        }
-        Ok(ReadBuf::Small(v))
-    } else {
-        match LARGE.with(|b| b.borrow_mut().pop()) {
-            Some(b) => Ok(ReadBuf::Large(b)),
-            None => PayloadBuf::new(LARGE_READ.max(len)).map(ReadBuf::Large),
-        }
-    }
-}
-
-/// Returns a buffer to this thread's pool.
-pub fn give_back_buffer(b: ReadBuf) {
-    match b {
-        ReadBuf::Small(v) => SMALL.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < MAX_POOLED_BUFFERS {
-                p.push(v);
-            }
-        }),
-        ReadBuf::Large(b) => LARGE.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < MAX_POOLED_BUFFERS {
-                p.push(b);
-            }
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! The two engines' handlers give byte-identical replies to the same request sequence.
 
     use super::*;
-    use crate::request::Request;
+    use crate::protocol::request::Request;
     use block::{open_image, OpenOptions};
 
     fn header(opcode: u32, unique: u64) -> fuse_in_header {
@@ -1087,9 +836,9 @@ mod tests {
             Response::None => (0, Vec::new()),
             Response::Err(e) => (1, e.to_ne_bytes().to_vec()),
             Response::Bytes(b) => (2, b.to_vec()),
-            Response::Data(buf, len) => {
-                let v = buf[..len].to_vec();
-                give_back_buffer(buf);
+            Response::Data(data, len) => {
+                let v = data[..len].to_vec();
+                buf::give_back(data);
                 (3, v)
             }
         }
@@ -1205,7 +954,7 @@ mod tests {
                 // Attributes carry a timestamp; compare the size through GETATTR separately.
                 let c = {
                     let e = co.clone();
-                    // The coroutine engine: the request in a coroutine, as queue.rs runs it.
+                    // The coroutine engine: the request in a coroutine, as transport/dev.rs runs it.
                     let (h, op) = (req.header, req_op_clone(&req.op));
                     runtime::spawn(move || encode(e.co_handle(&Request { header: h, op })))
                         .join()

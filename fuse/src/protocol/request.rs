@@ -48,7 +48,7 @@ use core::mem::size_of;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::abi::{self, *};
+use crate::protocol::abi::{self, *};
 
 /// Size of `fuse_in_header` plus `fuse_write_in`: the first iovec of a split read, after
 /// which WRITE data begins.
