@@ -44,12 +44,15 @@
 //! server: stopped reading; drained (in flight: 0); closed the image
 //! ```
 //!
-//! Exercise: stop re-arming fd polls, so that a readable fd is reported once instead of on
-//! every round while it stays readable. In `runtime/src/aio.rs`, `AioContext::dispatch_poll`,
-//! comment out `arm(ring, fd, &handlers);`. The server then answers the first request and
-//! never hears another (the example hangs: stop it with Ctrl-C), and
-//! `cargo test -p runtime --test ring read_handler_is_level_triggered_through_the_ring`
-//! fails. Revert the change afterwards.
+//! Exercise: stop counting reads as in flight. In `block/src/backend.rs`,
+//! `BlockBackend::co_pread`, delete the first line (`let _req = self.enter();`). This example
+//! still prints the same — its client waits for every reply, so nothing is in flight when the
+//! server drains — which is exactly why such a bug survives: a drain that races a read returns
+//! while the read still runs, and the image is closed under it.
+//! `cargo test -p block --test concurrency drain_waits_for_requests_in_flight_on_another_thread`
+//! catches it ("the requests never started", after its 10 s deadline). Revert the change
+//! afterwards. (The runtime rule underneath, "a drain waits for guards dropped on other
+//! threads", is `runtime/tests/aio.rs` `in_flight_drain_waits_for_guards_dropped_on_other_threads`.)
 
 use std::cell::{Cell, RefCell};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
