@@ -44,7 +44,8 @@
 //! Exercise: make bottom halves scheduled during a round run in that same round. In
 //! `runtime/src/bh.rs`, `BhList::poll`, wrap the body in a loop that swaps the queue again until
 //! it is empty (`loop { swap; if batch.is_empty() { break } run the batch }`). Round 1 above then
-//! prints the one-shot line too, and
+//! prints the one-shot line too, round 2 has nothing left to run and blocks for good (Ctrl-C),
+//! and
 //! `cargo test -p runtime --test aio bh_scheduled_while_bhs_run_waits_for_next_round` fails with
 //! "BH scheduled during the round ran in the same round". Revert the change afterwards.
 

@@ -35,8 +35,8 @@
 //!
 //! Exercise: make a wake from inside a coroutine enter the woken coroutine at once, nested
 //! inside the waker. In `runtime/src/coroutine.rs`, `wake_shared`, replace the closure's body
-//! with `Some(waker)` (never push to `t.deferred`). The "sleeper" line then comes before the
-//! second "waker" line — or the process aborts on the nested enter — and
+//! with `Some(waker)` (never push to `t.deferred`). The sleeper then runs nested inside the
+//! waker: its line comes before "waker: still running", and
 //! `cargo test -p runtime --test coroutine wake_from_inside_a_coroutine_is_deferred_until_it_yields`
 //! fails. Revert the change afterwards.
 
@@ -70,7 +70,10 @@ fn main() {
     // The CoWaker is `Send`: it could be sent to another thread (example 03). Here we are on
     // the coroutine's own thread and outside any coroutine, so `wake` enters it right away.
     println!("main: wake it from outside any coroutine: it is entered at once");
-    let waker = slot.borrow_mut().take().expect("the coroutine left its waker");
+    let waker = slot
+        .borrow_mut()
+        .take()
+        .expect("the coroutine left its waker");
     waker.wake();
     println!("main: finished = {}", co.is_finished());
 

@@ -27,8 +27,9 @@
 //! ```
 //!
 //! Exercise: break the order of cross-thread work. In `runtime/src/aio.rs`,
-//! `AioContext::poll_remote`, run the batch backwards (`for work in batch.drain(..).rev()`). The
-//! coroutine above then resumes before the bottom half that was sent first, and
+//! `AioContext::poll_remote`, run the batch backwards (`for work in batch.drain(..).rev()`). When the
+//! two arrive in one batch (the usual case), the coroutine above then resumes before the
+//! bottom half that was sent first, and
 //! `cargo test -p runtime --test aio remote_oneshots_from_many_threads_none_lost_or_doubled`
 //! fails with "item … out of order". Revert the change afterwards.
 
@@ -62,7 +63,10 @@ fn main() -> std::io::Result<()> {
                 thread_name()
             );
             main_ctx.schedule_oneshot(|| {
-                println!("bh: from the iothread, running on thread {:?}", thread_name())
+                println!(
+                    "bh: from the iothread, running on thread {:?}",
+                    thread_name()
+                )
             });
             // Not a jump into the coroutine: a message to its home context. Print nothing
             // after this line: main may already be running the coroutine, so the order of

@@ -101,7 +101,10 @@ fn main() {
     pool.submit_cb(
         || "done",
         move |r| {
-            println!("cb: the callback runs on thread {:?} with {r:?}", thread_name());
+            println!(
+                "cb: the callback runs on thread {:?} with {r:?}",
+                thread_name()
+            );
             c.set(true);
         },
     );

@@ -40,7 +40,8 @@
 //! `runtime/src/aio_wait.rs`, `wait_while`, replace `while cond() {` with `if cond() {`. Part 2
 //! then ends after the first kick ("main: woke with 1 steps done", the process may even exit
 //! before the other steps print), and
-//! `cargo test -p runtime --test iothread wait_while_returns_when_another_thread_kicks` fails.
+//! `cargo test -p runtime --test iothread wait_while_rechecks_its_condition_after_every_kick`
+//! fails. (Part 1 still passes: `InFlight` kicks only when the count reaches zero.)
 //! Revert the change afterwards.
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -12,7 +12,10 @@ fn expected_output(source: &str) -> Vec<String> {
     let doc: Vec<&str> = source
         .lines()
         .take_while(|l| l.starts_with("//!"))
-        .map(|l| l.strip_prefix("//! ").unwrap_or(l.trim_start_matches("//!")))
+        .map(|l| {
+            l.strip_prefix("//! ")
+                .unwrap_or(l.trim_start_matches("//!"))
+        })
         .collect();
     let start = doc
         .iter()
