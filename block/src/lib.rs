@@ -31,9 +31,13 @@
 //! let reader = blk.clone();
 //! let data = runtime::spawn(move || {
 //!     let mut buf = vec![0; 5];
-//!     reader.co_pread(0, &mut buf).map(|()| buf) // yields while a worker runs pread
+//!     // May yield while io_uring or a pool worker reads. Here it usually does not: the file
+//!     // was just written, so the read is served inline from the page cache
+//!     // (`preadv2(RWF_NOWAIT)`, or a plain read if the file is in memory), and the coroutine
+//!     // runs to its end inside `spawn`. A yield would change nothing below: `join` polls.
+//!     reader.co_pread(0, &mut buf).map(|()| buf)
 //! })
-//! .join()
+//! .join() // QEMU's co_wrapper: run in a coroutine, poll this thread's loop until it is done
 //! .expect("the coroutine panicked")?;
 //! assert_eq!(data, b"hello");
 //! blk.close()?; // flush

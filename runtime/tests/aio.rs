@@ -310,6 +310,24 @@ fn notify_wakes_a_blocking_poll_without_progress() {
     t.join().expect("notifier");
 }
 
+/// A `notify()` sent while nobody waits is not remembered: the next blocking poll sleeps until
+/// real work (here a timer) arrives. QEMU's `aio_notify()` also sets `ctx->notified`, which
+/// makes the next `aio_poll()` skip its wait; see "Differences from QEMU" in docs/runtime.md.
+#[test]
+fn a_notify_before_poll_is_not_remembered() {
+    let ctx = AioContext::current();
+    let fired = Rc::new(Cell::new(false));
+    let f = fired.clone();
+    let timer = ctx.timer_new(move || f.set(true));
+    ctx.remote().notify(); // nobody is polling: notify_me is false, the eventfd stays clear
+    timer.modify_after(Duration::from_millis(20));
+    let start = Instant::now();
+    // Had the notification been kept, this poll would return at once without progress.
+    assert!(ctx.poll(true), "the poll returned before the timer");
+    assert!(fired.get());
+    assert!(start.elapsed() >= Duration::from_millis(20));
+}
+
 #[test]
 fn no_lost_wakeup_under_racing_notifies() {
     // Ping-pong between two threads through remote BHs; a lost wake-up hangs (caught by the

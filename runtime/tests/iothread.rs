@@ -74,6 +74,30 @@ fn wait_while_returns_when_another_thread_kicks() {
 }
 
 #[test]
+fn wait_while_rechecks_its_condition_after_every_kick() {
+    // Every kick ends one blocking poll of the waiter; `wait_while` must look at its condition
+    // again and keep waiting, not return after the first wake-up (runtime/examples/06_drain.rs,
+    // part 2). Steps 20 ms apart, so the waiter sees the first kick long before the last.
+    let io = IoThread::spawn("stepper").expect("iothread");
+    let steps = Arc::new(AtomicUsize::new(0));
+    let s = steps.clone();
+    io.spawn_co(move || {
+        for _ in 0..3 {
+            co_sleep(Duration::from_millis(20));
+            s.fetch_add(1, Ordering::SeqCst);
+            kick();
+        }
+    });
+    wait_while(&AioContext::current(), || steps.load(Ordering::SeqCst) < 3);
+    assert_eq!(
+        steps.load(Ordering::SeqCst),
+        3,
+        "wait_while returned before its condition cleared"
+    );
+    io.stop();
+}
+
+#[test]
 fn wait_while_racing_kicks_never_hangs() {
     // Many short waits, each released by a kick from another thread at a random-ish moment: a
     // kick that lands between the condition check and the blocking poll must not be lost.
