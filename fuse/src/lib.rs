@@ -21,3 +21,4 @@ pub mod reply;
 pub mod request;
 pub mod server;
 pub mod sys;
+pub mod uring_transport;
