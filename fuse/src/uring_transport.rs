@@ -111,7 +111,10 @@ impl fmt::Display for UringError {
             ),
             UringError::BadRequest(why) => write!(f, "malformed ring request: {why}"),
             UringError::ReplyTooLong { len, capacity } => {
-                write!(f, "reply of {len} bytes exceeds the {capacity}-byte payload buffer")
+                write!(
+                    f,
+                    "reply of {len} bytes exceeds the {capacity}-byte payload buffer"
+                )
             }
             UringError::Io(e) => write!(f, "{e}"),
         }
@@ -183,7 +186,7 @@ pub fn possible_cpus() -> Result<usize, UringError> {
 /// largest of `FUSE_MIN_READ_BUFFER`, `max_write` and `max_pages` pages (the negotiated
 /// values; `max_pages` is 32 without `FUSE_MAX_PAGES`).
 pub fn payload_size(max_write: u32, max_pages: u16, page_size: usize) -> usize {
-    (FUSE_MIN_READ_BUFFER as usize)
+    FUSE_MIN_READ_BUFFER
         .max(max_write as usize)
         .max(usize::from(max_pages) * page_size)
 }

@@ -31,10 +31,13 @@ fn measure(big: bool) -> [f64; 4] {
         let ctx = AioContext::current();
         assert_eq!(uring::sqe128_available(), big);
         let f = Rc::new(tempfile::tempfile().expect("tempfile"));
-        std::fs::write(format!("/proc/self/fd/{}", {
-            use std::os::fd::AsRawFd;
-            f.as_raw_fd()
-        }), vec![1u8; 1 << 20])
+        std::fs::write(
+            format!("/proc/self/fd/{}", {
+                use std::os::fd::AsRawFd;
+                f.as_raw_fd()
+            }),
+            vec![1u8; 1 << 20],
+        )
         .expect("fill");
 
         let f1 = f.clone();
@@ -43,7 +46,9 @@ fn measure(big: bool) -> [f64; 4] {
             let mut buf = vec![0u8; 4096];
             for i in 0..N {
                 let off = u64::from(i % 256) * 4096;
-                let n = uring::co_read(f1.as_fd(), &mut buf, off).expect("ring").expect("read");
+                let n = uring::co_read(f1.as_fd(), &mut buf, off)
+                    .expect("ring")
+                    .expect("read");
                 assert_eq!(n, 4096);
             }
         })
@@ -60,7 +65,9 @@ fn measure(big: bool) -> [f64; 4] {
                     spawn(move || {
                         let mut buf = [0u8; 4096];
                         let off = (u64::from(r) * 16 + i) % 256 * 4096;
-                        uring::co_read(f.as_fd(), &mut buf, off).expect("ring").expect("read")
+                        uring::co_read(f.as_fd(), &mut buf, off)
+                            .expect("ring")
+                            .expect("read")
                     })
                 })
                 .collect();

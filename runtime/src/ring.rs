@@ -339,8 +339,7 @@ impl Ring {
             s.submitted += n as u64;
         });
         // SAFETY: as above.
-        let pushed = unsafe { uring.push(entry) };
-        pushed
+        unsafe { uring.push(entry) }
     }
 
     /// Arms a one-shot poll of `fd` for `events` (`POLLIN`, `POLLOUT`...), completing with
@@ -579,25 +578,27 @@ fn enter_and_reap<S: squeue::EntryMarker>(
         };
         let n = match res {
             Ok(n) => n,
-            Err(e) => match e.raw_os_error() {
-                Some(libc::EINTR | libc::ETIME | libc::EBUSY) => 0,
-                // Out of kernel memory for requests: what was queued stays queued and the
-                // next round tries again; pause a little rather than spin on it.
-                Some(libc::EAGAIN | libc::ENOMEM) => {
-                    log::debug!("io_uring_enter: {e}; retrying next round");
-                    if wait {
-                        std::thread::sleep(Duration::from_millis(1));
+            Err(e) => {
+                match e.raw_os_error() {
+                    Some(libc::EINTR | libc::ETIME | libc::EBUSY) => 0,
+                    // Out of kernel memory for requests: what was queued stays queued and the
+                    // next round tries again; pause a little rather than spin on it.
+                    Some(libc::EAGAIN | libc::ENOMEM) => {
+                        log::debug!("io_uring_enter: {e}; retrying next round");
+                        if wait {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        0
                     }
-                    0
+                    // The kernel dropped completions (EBADR, a CQ overflow it could not keep):
+                    // their waiters will never be woken. Say so; the loop itself can go on.
+                    Some(libc::EBADR) => {
+                        log::error!("io_uring: the kernel dropped completions; some requests will never finish");
+                        0
+                    }
+                    _ => return Err(e),
                 }
-                // The kernel dropped completions (EBADR, a CQ overflow it could not keep):
-                // their waiters will never be woken. Say so; the loop itself can go on.
-                Some(libc::EBADR) => {
-                    log::error!("io_uring: the kernel dropped completions; some requests will never finish");
-                    0
-                }
-                _ => return Err(e),
-            },
+            }
         };
         entered = Some(n);
     }

@@ -74,10 +74,14 @@ fn uring_cmd_from_a_coroutine_and_a_task_and_refused_on_a_64_byte_ring() {
         let tf = tempfile::tempfile().unwrap();
         spawn(move || {
             use std::os::fd::AsFd;
-            let n = uring::co_write(tf.as_fd(), b"hello", 0).expect("ring").unwrap();
+            let n = uring::co_write(tf.as_fd(), b"hello", 0)
+                .expect("ring")
+                .unwrap();
             assert_eq!(n, 5);
             let mut b = [0u8; 5];
-            let n = uring::co_read(tf.as_fd(), &mut b, 0).expect("ring").unwrap();
+            let n = uring::co_read(tf.as_fd(), &mut b, 0)
+                .expect("ring")
+                .unwrap();
             assert_eq!((n, &b), (5, b"hello"));
         })
         .join()
@@ -93,7 +97,11 @@ fn uring_cmd_from_a_coroutine_and_a_task_and_refused_on_a_64_byte_ring() {
         let cmd = siocinq(&s);
         // SAFETY: the command points at no memory.
         let r = spawn(move || unsafe { uring::co_uring_cmd(&cmd) }).join();
-        assert_eq!(r.unwrap(), None, "a 128-byte SQE is not pushed on a 64-byte ring");
+        assert_eq!(
+            r.unwrap(),
+            None,
+            "a 128-byte SQE is not pushed on a 64-byte ring"
+        );
         // SAFETY: as above.
         let op = unsafe { uring::uring_cmd_owned(s, |s| siocinq(s)) };
         assert!(op.is_err(), "the task gets its socket back");
