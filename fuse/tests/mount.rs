@@ -22,13 +22,6 @@ use fuse::sys::{self, DevReady, ReadError};
 use fuse::transport::buf::RequestBuf;
 use zerocopy::IntoBytes;
 
-/// Reads one request from `fd` into `buf`, as a queue does.
-fn read_into(buf: &mut RequestBuf, fd: BorrowedFd<'_>) -> Result<usize, ReadError> {
-    let n = sys::read_request(fd, buf.read_area())?;
-    buf.set_len(n);
-    Ok(n)
-}
-
 /// Whether FUSE tests can run here; prints a loud SKIP (or fails under `CI=true`).
 fn fuse_available() -> bool {
     if Path::new(sys::DEV_FUSE).exists() {
@@ -184,7 +177,7 @@ fn serve(fs: &TestFs, fd: BorrowedFd<'_>, ctl: &Loop) -> LoopEnd {
             Ok(DevReady::Readable | DevReady::Disconnected) => {}
             Err(err) => return Err(format!("poll: {err}")),
         }
-        match read_into(&mut buf, fd) {
+        match buf.read(fd) {
             Ok(_) => {}
             Err(ReadError::Unmounted) => return Ok(ctl.served.load(SeqCst)),
             Err(ReadError::WouldBlock) => continue,
@@ -374,10 +367,7 @@ fn directory_mount_unserved_then_unmounted() {
     mount.unmount().unwrap();
     assert!(sys::is_disconnected(fd.as_fd()).unwrap());
     let mut buf = RequestBuf::take(4096).unwrap();
-    assert!(matches!(
-        read_into(&mut buf, fd.as_fd()),
-        Err(ReadError::Unmounted)
-    ));
+    assert!(matches!(buf.read(fd.as_fd()), Err(ReadError::Unmounted)));
 }
 
 #[test]
@@ -479,14 +469,11 @@ fn fusermount3_hands_over_the_session_fd() {
         DevReady::Readable
     );
     let mut buf = RequestBuf::take(reply::DEFAULT_MAX_WRITE).unwrap();
-    read_into(&mut buf, mount.fd()).unwrap();
+    buf.read(mount.fd()).unwrap();
     let (head, payload) = buf.request();
     let req = request::parse(head, payload, FUSE_KERNEL_MINOR_VERSION).unwrap();
     assert!(matches!(req.op, Operation::Init(_)), "{req:?}");
-    assert!(matches!(
-        read_into(&mut buf, mount.fd()),
-        Err(ReadError::WouldBlock)
-    ));
+    assert!(matches!(buf.read(mount.fd()), Err(ReadError::WouldBlock)));
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(
         mounts.contains("with,comma") && mounts.contains("fuse.coro-fuse"),

@@ -24,6 +24,14 @@
 //! the `io_uring_enter` that also waits for the next completions (one syscall per round). The
 //! completion queue is shared memory, so a round that need not wait reads it without a syscall.
 //!
+//! ## SQE size
+//!
+//! A ring is set up with 64-byte SQEs unless [`set_ring_sqe128`] asked for 128-byte ones
+//! (`IORING_SETUP_SQE128`) before the context was created. Only `IORING_OP_URING_CMD` with an
+//! 80-byte command area (FUSE over io_uring) needs the big ones; every other SQE is a 64-byte
+//! one copied into the first half of a 128-byte slot. See `docs/fuse-uring.md` for the
+//! measurement behind the default.
+//!
 //! ## Memory an SQE points at
 //!
 //! The kernel reads or writes a buffer until the completion is posted. A slot therefore keeps
@@ -35,7 +43,7 @@ use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::task::Waker;
 use std::time::Duration;
 
@@ -82,6 +90,22 @@ pub fn set_ring_entries(entries: u32) {
     RING_ENTRIES.store(entries.max(1), Ordering::Relaxed);
 }
 
+/// Whether rings created from now on have 128-byte SQEs (see [`set_ring_sqe128`]).
+static RING_SQE128: AtomicBool = AtomicBool::new(false);
+
+/// Makes rings created from now on use 128-byte SQEs (`IORING_SETUP_SQE128`), as
+/// `IORING_OP_URING_CMD` with an 80-byte command area needs (FUSE over io_uring: the kernel
+/// answers `EINVAL` to such a command on a ring of 64-byte SQEs). Contexts that exist already
+/// keep their ring. Call it before creating the contexts (iothreads) that will submit them.
+pub fn set_ring_sqe128(on: bool) {
+    RING_SQE128.store(on, Ordering::Relaxed);
+}
+
+/// Whether rings created now get 128-byte SQEs.
+pub fn ring_sqe128() -> bool {
+    RING_SQE128.load(Ordering::Relaxed)
+}
+
 /// Set by [`inject_setup_failure`].
 static FAIL_SETUP: crate::fault::FailAfter = crate::fault::FailAfter::new();
 
@@ -122,9 +146,84 @@ struct Slots {
     in_flight: usize,
 }
 
+/// An SQE of either size, as [`Ring::submit`] takes it.
+pub(crate) enum AnySqe {
+    E64(squeue::Entry),
+    E128(squeue::Entry128),
+}
+
+impl From<squeue::Entry> for AnySqe {
+    fn from(e: squeue::Entry) -> AnySqe {
+        AnySqe::E64(e)
+    }
+}
+
+impl From<squeue::Entry128> for AnySqe {
+    fn from(e: squeue::Entry128) -> AnySqe {
+        AnySqe::E128(e)
+    }
+}
+
+impl AnySqe {
+    fn user_data(self, ud: u64) -> AnySqe {
+        match self {
+            AnySqe::E64(e) => AnySqe::E64(e.user_data(ud)),
+            AnySqe::E128(e) => AnySqe::E128(e.user_data(ud)),
+        }
+    }
+}
+
+/// The kernel ring with its SQE size as a type (the io-uring crate makes it a type parameter).
+enum Uring {
+    Sqe64(IoUring),
+    Sqe128(IoUring<squeue::Entry128>),
+}
+
+/// Runs `$body` with `$u` bound to the `IoUring` of either size.
+macro_rules! with_uring {
+    ($uring:expr, $u:ident => $body:expr) => {
+        match $uring {
+            Uring::Sqe64($u) => $body,
+            Uring::Sqe128($u) => $body,
+        }
+    };
+}
+
+impl Uring {
+    /// Pushes `entry` on the submission queue; `false` if the queue is full or a 128-byte SQE
+    /// meets a ring of 64-byte ones.
+    ///
+    /// # Safety
+    ///
+    /// Whatever `entry` points at must stay valid until its completion.
+    unsafe fn push(&mut self, entry: &AnySqe) -> bool {
+        match (self, entry) {
+            (Uring::Sqe64(u), AnySqe::E64(e)) => {
+                // SAFETY: forwarded from the caller.
+                unsafe { u.submission().push(e) }.is_ok()
+            }
+            (Uring::Sqe64(_), AnySqe::E128(_)) => false,
+            (Uring::Sqe128(u), AnySqe::E64(e)) => {
+                let big = squeue::Entry128::from(e.clone());
+                // SAFETY: forwarded from the caller; the big SQE is the small one padded
+                // with zeroes.
+                unsafe { u.submission().push(&big) }.is_ok()
+            }
+            (Uring::Sqe128(u), AnySqe::E128(e)) => {
+                // SAFETY: forwarded from the caller.
+                unsafe { u.submission().push(e) }.is_ok()
+            }
+        }
+    }
+
+    fn submit(&self) -> io::Result<usize> {
+        with_uring!(self, u => u.submit())
+    }
+}
+
 /// The io_uring instance of one context (owned by its thread: not `Send`).
 pub(crate) struct Ring {
-    uring: RefCell<IoUring>,
+    uring: RefCell<Uring>,
     slots: RefCell<Slots>,
     stats: Cell<RingStats>,
     /// Poll SQEs that did not fit in a full submission queue (see [`Ring::arm_poll`]).
@@ -143,8 +242,8 @@ impl Ring {
         // interrupt; the kernel flags them and our next `io_uring_enter` (or return to user
         // space) runs them. SINGLE_ISSUER (6.0): only this thread submits, as it is. Older
         // kernels refuse the flags (EINVAL): then a plain ring.
-        let build = |flags: bool| {
-            let mut b = IoUring::builder();
+        fn build<S: squeue::EntryMarker>(entries: u32, flags: bool) -> io::Result<IoUring<S>> {
+            let mut b = IoUring::<S>::builder();
             b.setup_cqsize(entries.saturating_mul(4)).setup_clamp();
             if flags {
                 b.setup_single_issuer()
@@ -152,12 +251,19 @@ impl Ring {
                     .setup_taskrun_flag();
             }
             b.build(entries)
+        }
+        fn build_either<S: squeue::EntryMarker>(entries: u32) -> io::Result<IoUring<S>> {
+            match build(entries, true) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => build(entries, false),
+                r => r,
+            }
+        }
+        let uring = if ring_sqe128() {
+            Uring::Sqe128(build_either(entries)?)
+        } else {
+            Uring::Sqe64(build_either(entries)?)
         };
-        let uring = match build(true) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => build(false)?,
-            r => r?,
-        };
-        let p = uring.params();
+        let p = with_uring!(&uring, u => u.params().clone());
         // EXT_ARG (5.11): a wait with a timeout needs no timeout SQE. NODROP (5.5): more
         // requests in flight than the completion queue holds are kept, not lost.
         if !p.is_feature_ext_arg() || !p.is_feature_nodrop() {
@@ -167,7 +273,7 @@ impl Ring {
             ));
         }
         let mut probe = io_uring::Probe::new();
-        uring.submitter().register_probe(&mut probe)?;
+        with_uring!(&uring, u => u.submitter().register_probe(&mut probe))?;
         for (code, name) in [
             (opcode::PollAdd::CODE, "POLL_ADD"),
             (opcode::PollRemove::CODE, "POLL_REMOVE"),
@@ -191,6 +297,11 @@ impl Ring {
         })
     }
 
+    /// Whether this ring takes 128-byte SQEs.
+    pub(crate) fn is_sqe128(&self) -> bool {
+        matches!(*self.uring.borrow(), Uring::Sqe128(_))
+    }
+
     pub(crate) fn stats(&self) -> RingStats {
         self.stats.get()
     }
@@ -207,10 +318,13 @@ impl Ring {
     /// # Safety
     ///
     /// Whatever `entry` points at (buffers, iovecs) must stay valid until its completion.
-    unsafe fn push(&self, entry: &squeue::Entry) -> bool {
+    unsafe fn push(&self, entry: &AnySqe) -> bool {
         let mut uring = self.uring.borrow_mut();
+        if matches!((&*uring, entry), (Uring::Sqe64(_), AnySqe::E128(_))) {
+            return false;
+        }
         // SAFETY: the caller guarantees the entry's memory outlives the request.
-        if unsafe { uring.submission().push(entry) }.is_ok() {
+        if unsafe { uring.push(entry) } {
             return true;
         }
         let n = match uring.submit() {
@@ -225,8 +339,7 @@ impl Ring {
             s.submitted += n as u64;
         });
         // SAFETY: as above.
-        let pushed = unsafe { uring.submission().push(entry) }.is_ok();
-        pushed
+        unsafe { uring.push(entry) }
     }
 
     /// Arms a one-shot poll of `fd` for `events` (`POLLIN`, `POLLOUT`...), completing with
@@ -251,9 +364,12 @@ impl Ring {
 
     /// Pushes a poll or poll-remove SQE (they point at no memory), or keeps it for later.
     fn push_or_defer(&self, entry: squeue::Entry) {
+        let entry = AnySqe::E64(entry);
         // SAFETY: poll and poll-remove SQEs point at no memory.
         if !unsafe { self.push(&entry) } {
-            self.deferred.borrow_mut().push(entry);
+            if let AnySqe::E64(e) = entry {
+                self.deferred.borrow_mut().push(e);
+            }
         }
     }
 
@@ -264,28 +380,31 @@ impl Ring {
             return;
         }
         let mut uring = self.uring.borrow_mut();
-        let mut sq = uring.submission();
         let mut n = 0;
         for e in deferred.iter() {
             // SAFETY: poll and poll-remove SQEs point at no memory.
-            if unsafe { sq.push(e) }.is_err() {
+            if !unsafe { uring.push(&AnySqe::E64(e.clone())) } {
                 break;
             }
             n += 1;
         }
-        drop(sq);
         deferred.drain(..n);
     }
 
     /// Submits an I/O request that wakes `waker` when it completes; returns its slot, or
-    /// `None` if the submission queue is full (the caller then does the I/O another way).
+    /// `None` if the submission queue is full (the caller then does the I/O another way) or
+    /// `entry` is a 128-byte SQE and this ring takes 64-byte ones.
     ///
     /// # Safety
     ///
     /// What `entry` points at must stay valid until the slot completes: either the caller
     /// waits for [`Ring::take_result`] (a suspended coroutine is never freed), or it hands
     /// the memory to [`Ring::orphan`] before going away.
-    pub(crate) unsafe fn submit(&self, entry: squeue::Entry, waker: Waker) -> Option<u32> {
+    pub(crate) unsafe fn submit(&self, entry: impl Into<AnySqe>, waker: Waker) -> Option<u32> {
+        let entry = entry.into();
+        if matches!(entry, AnySqe::E128(_)) && !self.is_sqe128() {
+            return None;
+        }
         let idx = {
             let mut s = self.slots.borrow_mut();
             let busy = Slot::Busy {
@@ -414,30 +533,53 @@ impl Ring {
     pub(crate) fn wait(&self, timeout: Option<Duration>, out: &mut Vec<Cqe>) -> io::Result<()> {
         self.push_deferred();
         let mut uring = self.uring.borrow_mut();
-        let ready = !uring.completion().is_empty();
-        let queued = uring.submission().len();
-        let wait = !ready && timeout != Some(Duration::ZERO);
-        // Completions that did not fit in the completion queue wait in the kernel (NODROP)
-        // until an `io_uring_enter` with GETEVENTS flushes them; `submit()` sets that flag
-        // when the kernel says so. Without this a non-blocking poll would never see them.
-        let overflow = uring.submission().cq_overflow();
-        // Completions the kernel holds as task work (COOP_TASKRUN) until we enter.
-        let taskrun = uring.submission().taskrun();
-        if queued > 0 || wait || overflow || taskrun {
-            let res = if !wait {
-                uring.submit()
-            } else if let Some(t) = timeout {
-                let ts = types::Timespec::new()
-                    .sec(t.as_secs())
-                    .nsec(t.subsec_nanos());
-                let args = types::SubmitArgs::new().timespec(&ts);
-                uring.submitter().submit_with_args(1, &args)
-            } else {
-                uring.submit_and_wait(1)
-            };
-            let n = match res {
-                Ok(n) => n,
-                Err(e) => match e.raw_os_error() {
+        let before = out.len();
+        let entered = with_uring!(&mut *uring, u => enter_and_reap(u, timeout, out))?;
+        let n = (out.len() - before) as u64;
+        self.count(|s| {
+            if let Some(submitted) = entered {
+                s.enters += 1;
+                s.submitted += submitted as u64;
+            }
+            s.completed += n;
+        });
+        Ok(())
+    }
+}
+
+/// The body of [`Ring::wait`] for either SQE size: `Some(SQEs submitted)` if it entered the
+/// kernel.
+fn enter_and_reap<S: squeue::EntryMarker>(
+    uring: &mut IoUring<S>,
+    timeout: Option<Duration>,
+    out: &mut Vec<Cqe>,
+) -> io::Result<Option<usize>> {
+    let ready = !uring.completion().is_empty();
+    let queued = uring.submission().len();
+    let wait = !ready && timeout != Some(Duration::ZERO);
+    // Completions that did not fit in the completion queue wait in the kernel (NODROP)
+    // until an `io_uring_enter` with GETEVENTS flushes them; `submit()` sets that flag
+    // when the kernel says so. Without this a non-blocking poll would never see them.
+    let overflow = uring.submission().cq_overflow();
+    // Completions the kernel holds as task work (COOP_TASKRUN) until we enter.
+    let taskrun = uring.submission().taskrun();
+    let mut entered = None;
+    if queued > 0 || wait || overflow || taskrun {
+        let res = if !wait {
+            uring.submit()
+        } else if let Some(t) = timeout {
+            let ts = types::Timespec::new()
+                .sec(t.as_secs())
+                .nsec(t.subsec_nanos());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            uring.submitter().submit_with_args(1, &args)
+        } else {
+            uring.submit_and_wait(1)
+        };
+        let n = match res {
+            Ok(n) => n,
+            Err(e) => {
+                match e.raw_os_error() {
                     Some(libc::EINTR | libc::ETIME | libc::EBUSY) => 0,
                     // Out of kernel memory for requests: what was queued stays queued and the
                     // next round tries again; pause a little rather than spin on it.
@@ -455,22 +597,16 @@ impl Ring {
                         0
                     }
                     _ => return Err(e),
-                },
-            };
-            self.count(|s| {
-                s.enters += 1;
-                s.submitted += n as u64;
-            });
-        }
-        let before = out.len();
-        out.extend(uring.completion().map(|c| Cqe {
-            user_data: c.user_data(),
-            result: c.result(),
-        }));
-        let n = (out.len() - before) as u64;
-        self.count(|s| s.completed += n);
-        Ok(())
+                }
+            }
+        };
+        entered = Some(n);
     }
+    out.extend(uring.completion().map(|c| Cqe {
+        user_data: c.user_data(),
+        result: c.result(),
+    }));
+    Ok(entered)
 }
 
 impl Drop for Ring {

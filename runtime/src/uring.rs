@@ -16,6 +16,13 @@
 //! [`Op`] future gives them back with the result. Dropping an `Op` before its completion hands
 //! both to the ring, which frees them when the completion comes.
 //!
+//! [`co_uring_cmd`] and [`uring_cmd_owned`] submit an `IORING_OP_URING_CMD` with the 80-byte
+//! command area ([`UringCmd`]), a driver-defined command such as FUSE over io_uring's
+//! REGISTER. Such a command may stay in flight for as long as the driver likes (a FUSE entry
+//! waits for the next request); see [`UringCmd`] for what happens to it at thread exit. They
+//! need a ring of 128-byte SQEs ([`crate::ring::set_ring_sqe128`]); [`sqe128_available`] says
+//! whether this thread has one.
+//!
 //! Every function returns `None` (or gives the buffer back) when the request cannot go through
 //! a ring — the thread's context waits with epoll, the call is not in a coroutine, or the
 //! submission queue is full and the kernel takes nothing — and the caller then does the I/O as
@@ -24,7 +31,7 @@
 use std::future::Future;
 use std::io;
 use std::marker::PhantomData;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -33,6 +40,7 @@ use io_uring::{opcode, squeue, types};
 
 use crate::aio::AioContext;
 use crate::coroutine::{co_yield, Coroutine};
+use crate::ring::AnySqe;
 
 /// Whether I/O submitted from this thread goes through its context's io_uring.
 pub fn available() -> bool {
@@ -56,6 +64,24 @@ fn to_result(res: i32) -> io::Result<usize> {
 /// Every pointer in `entry` must stay valid until this returns (it returns only after the
 /// completion, so borrowing from the calling coroutine's frame is enough).
 pub unsafe fn co_submit(entry: squeue::Entry) -> Option<i32> {
+    // SAFETY: forwarded from the caller.
+    unsafe { co_submit_any(entry.into()) }
+}
+
+/// [`co_submit`] for a 128-byte SQE; `None` also when this thread's ring takes 64-byte SQEs.
+///
+/// # Safety
+///
+/// As for [`co_submit`].
+pub unsafe fn co_submit128(entry: squeue::Entry128) -> Option<i32> {
+    // SAFETY: forwarded from the caller.
+    unsafe { co_submit_any(entry.into()) }
+}
+
+/// # Safety
+///
+/// As for [`co_submit`].
+unsafe fn co_submit_any(entry: AnySqe) -> Option<i32> {
     let co = Coroutine::current()?;
     // SAFETY: forwarded from the caller; we do not return before the completion.
     let idx = AioContext::with_current(|ctx| unsafe {
@@ -123,6 +149,88 @@ pub fn co_fallocate(
     unsafe { co_submit(entry) }.map(|r| to_result(r).map(drop))
 }
 
+/// Whether this thread's ring takes 128-byte SQEs, as [`co_uring_cmd`] needs.
+pub fn sqe128_available() -> bool {
+    AioContext::with_current(|ctx| ctx.ring().is_some_and(|r| r.is_sqe128()))
+}
+
+/// An `IORING_OP_URING_CMD` with the 80-byte command area of a 128-byte SQE: `cmd_op` and
+/// `cmd` are the driver's (for FUSE: `FUSE_IO_URING_CMD_*` and `struct fuse_uring_cmd_req`),
+/// `addr` and `len` go into the SQE's `addr` and `len` fields (FUSE: an iovec array and its
+/// length, 2).
+///
+/// The io-uring crate's `opcode::UringCmd80` (0.7) has no `len` field and leaves it zero;
+/// [`UringCmd::build`] sets it in the built SQE.
+///
+/// **In flight at thread exit.** A command the driver keeps (a FUSE entry waiting for a
+/// request) is still in flight when its thread's ring is dropped. The ring then leaks the
+/// memory the command points at (the coroutine frame or the [`Op`]'s buffer) rather than free
+/// it, and closing the ring makes the kernel cancel the command (`IO_URING_F_CANCEL`; FUSE
+/// completes it with `-ENOTCONN`, and never writes to the entry's buffers after that without a
+/// new command). Prefer ending such commands the driver's way first (FUSE: unmount), then
+/// leave the thread.
+#[derive(Clone, Copy, Debug)]
+pub struct UringCmd {
+    pub fd: RawFd,
+    pub cmd_op: u32,
+    pub cmd: [u8; 80],
+    pub addr: u64,
+    pub len: u32,
+}
+
+/// Offset of the `len` field in an SQE (`struct io_uring_sqe`, include/uapi/linux/io_uring.h).
+const SQE_LEN_OFFSET: usize = 24;
+
+impl UringCmd {
+    /// The SQE: the crate's `UringCmd80` with `len` filled in.
+    pub fn build(&self) -> squeue::Entry128 {
+        let e = opcode::UringCmd80::new(types::Fd(self.fd), self.cmd_op)
+            .cmd(self.cmd)
+            .addr(Some(self.addr))
+            .build();
+        if self.len == 0 {
+            return e;
+        }
+        // SAFETY: `Entry128` is `#[repr(C)]` over the kernel's 128-byte SQE (64-byte
+        // `io_uring_sqe` and 64 bytes of command), made of integers only, so it has no padding
+        // and every bit pattern is a valid value; the crate asserts its size is 128.
+        let mut bytes: [u8; 128] = unsafe { std::mem::transmute(e) };
+        bytes[SQE_LEN_OFFSET..SQE_LEN_OFFSET + 4].copy_from_slice(&self.len.to_ne_bytes());
+        // SAFETY: as above, back again.
+        unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(bytes) }
+    }
+}
+
+/// Submits `cmd` from the current coroutine and yields until it completes: the raw CQE
+/// result (negative errno). `None` if there is no ring of 128-byte SQEs, no running coroutine,
+/// or no room.
+///
+/// # Safety
+///
+/// Whatever `cmd` points at (through `addr`, and what the driver reaches from there) must stay
+/// valid until the completion; the caller's frame is enough, as in [`co_submit`].
+pub unsafe fn co_uring_cmd(cmd: &UringCmd) -> Option<i32> {
+    // SAFETY: forwarded from the caller.
+    unsafe { co_submit128(cmd.build()) }
+}
+
+/// [`co_uring_cmd`] for async tasks: the command points into `keep`, which the [`Op`] gives
+/// back with the raw result (`Ok(n)` or the errno as `Err`). Dropping the `Op` early leaves
+/// `keep` with the ring until the completion (or leaked at thread exit, see [`UringCmd`]).
+/// `Err(keep)` when the ring cannot take it.
+///
+/// # Safety
+///
+/// `build` may make the command point only at memory owned by `keep` that stays in place when
+/// `keep` moves (heap memory).
+pub unsafe fn uring_cmd_owned<K: 'static>(
+    keep: K,
+    build: impl FnOnce(&mut K) -> UringCmd,
+) -> Result<Op<K>, K> {
+    // SAFETY: forwarded from the caller.
+    unsafe { submit_owned(keep, |k| AnySqe::E128(build(k).build())) }
+}
+
 /// A buffer whose bytes stay where they are when the value moves (they live on the heap), so
 /// an [`Op`] may own it while the kernel fills it.
 ///
@@ -162,9 +270,9 @@ pub struct Op<K: 'static> {
 /// # Safety
 ///
 /// The entry may point only at memory owned by `keep` that stays in place when `keep` moves.
-unsafe fn submit_owned<K: 'static>(
+unsafe fn submit_owned<K: 'static, E: Into<AnySqe>>(
     mut keep: K,
-    entry: impl FnOnce(&mut K) -> squeue::Entry,
+    entry: impl FnOnce(&mut K) -> E,
 ) -> Result<Op<K>, K> {
     let e = entry(&mut keep);
     // SAFETY: the entry points into `keep`, which the `Op` (or, once dropped, the ring) owns
@@ -297,5 +405,41 @@ impl<K: 'static> Drop for Op<K> {
             log::warn!("io_uring request abandoned without its ring; leaking its buffer");
             std::mem::forget(k);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(e: squeue::Entry128) -> [u8; 128] {
+        // SAFETY: see `UringCmd::build`: a 128-byte plain-integer `repr(C)` value.
+        unsafe { std::mem::transmute(e) }
+    }
+
+    #[test]
+    fn uring_cmd_sqe_carries_len_addr_op_and_the_80_byte_area() {
+        let mut cmd = [0u8; 80];
+        for (i, b) in cmd.iter_mut().enumerate() {
+            *b = i as u8 + 1;
+        }
+        let c = UringCmd {
+            fd: 7,
+            cmd_op: 0x1234_5678,
+            cmd,
+            addr: 0x1122_3344_5566_7788,
+            len: 2,
+        };
+        let b = bytes(c.build().user_data(0xabcd));
+        assert_eq!(b[0], opcode::UringCmd80::CODE, "opcode");
+        assert_eq!(&b[4..8], &7i32.to_ne_bytes(), "fd");
+        assert_eq!(&b[8..12], &0x1234_5678u32.to_ne_bytes(), "cmd_op");
+        assert_eq!(&b[16..24], &0x1122_3344_5566_7788u64.to_ne_bytes(), "addr");
+        assert_eq!(&b[24..28], &2u32.to_ne_bytes(), "len");
+        assert_eq!(&b[32..40], &0xabcdu64.to_ne_bytes(), "user_data");
+        assert_eq!(&b[48..128], &cmd[..], "the 80-byte command area");
+        // The crate alone leaves `len` at zero, which is why `build` patches it.
+        let plain = opcode::UringCmd80::new(types::Fd(7), 1).build();
+        assert_eq!(&bytes(plain)[24..28], &[0; 4]);
     }
 }

@@ -25,7 +25,8 @@
 //!   field when `FUSE_INIT_EXT` is negotiated, exactly as the kernel header describes.
 //!
 //! Only the structs this export uses are defined; `fuse_notify_*`, locks, xattrs, ioctl,
-//! statx and io_uring structures are left out on purpose.
+//! and statx structures are left out on purpose. The FUSE-over-io_uring structures (7.42) are
+//! here for `crate::uring_transport`.
 #![allow(non_camel_case_types)]
 
 use core::mem::{offset_of, size_of};
@@ -1056,11 +1057,90 @@ pub const fn release_in_size(minor: u32) -> usize {
 }
 
 // ---------------------------------------------------------------------------------------
+// FUSE over io_uring (7.42, Linux 6.14): the buffers of a ring entry and the command of an
+// SQE. See `crate::uring_transport` and docs/fuse-uring.md.
+// ---------------------------------------------------------------------------------------
+
+/// Bytes of `fuse_uring_req_header.in_out`: room for `fuse_in_header` (request) or
+/// `fuse_out_header` (reply).
+pub const FUSE_URING_IN_OUT_HEADER_SZ: usize = 128;
+/// Bytes of `fuse_uring_req_header.op_in`: room for the opcode's fixed argument
+/// (`fuse_write_in`, `fuse_read_in`, ...).
+pub const FUSE_URING_OP_IN_OUT_SZ: usize = 128;
+
+/// `enum fuse_uring_cmd`: the `cmd_op` of an `IORING_OP_URING_CMD` on `/dev/fuse`.
+pub const FUSE_IO_URING_CMD_INVALID: u32 = 0;
+/// Register an entry's buffers on a queue and wait for its first request.
+pub const FUSE_IO_URING_CMD_REGISTER: u32 = 1;
+/// Hand in the reply to the entry's request and wait for its next request.
+pub const FUSE_IO_URING_CMD_COMMIT_AND_FETCH: u32 = 2;
+
+/// The kernel refuses an entry whose header iovec is shorter than this.
+pub const FUSE_URING_REQ_HEADER_SIZE: usize = size_of::<fuse_uring_req_header>();
+/// The iovecs of a REGISTER: header buffer and payload buffer (`sqe->len` must be this).
+pub const FUSE_URING_IOV_SEGS: u32 = 2;
+
+/// `struct fuse_uring_ent_in_out`: the part of the header buffer that describes the payload.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+pub struct fuse_uring_ent_in_out {
+    /// Unused (0).
+    pub flags: u64,
+    /// Request: the id to commit the reply with (the request's `unique`).
+    pub commit_id: u64,
+    /// Bytes of the payload buffer in use: the request's arguments after the fixed one, or
+    /// the reply's body after `fuse_out_header`.
+    pub payload_sz: u32,
+    /// Padding.
+    pub padding: u32,
+    /// Reserved.
+    pub reserved: u64,
+}
+
+/// `struct fuse_uring_req_header`: an entry's header buffer (iovec 0 of a REGISTER).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct fuse_uring_req_header {
+    /// `fuse_in_header` of the request; the reply's `fuse_out_header` goes here.
+    pub in_out: [u8; FUSE_URING_IN_OUT_HEADER_SZ],
+    /// The opcode's fixed argument (the kernel's `in_args[0]`), possibly empty.
+    pub op_in: [u8; FUSE_URING_OP_IN_OUT_SZ],
+    /// Payload size and commit id.
+    pub ring_ent_in_out: fuse_uring_ent_in_out,
+}
+
+/// `struct fuse_uring_cmd_req`: the start of the 80-byte command area of the SQE (the rest is
+/// zero).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+pub struct fuse_uring_cmd_req {
+    /// Unused (0).
+    pub flags: u64,
+    /// COMMIT_AND_FETCH: `fuse_uring_ent_in_out.commit_id` of the request answered.
+    pub commit_id: u64,
+    /// Kernel queue (CPU number) the entry belongs to.
+    pub qid: u16,
+    /// Padding.
+    pub padding: [u8; 6],
+}
+
+// ---------------------------------------------------------------------------------------
 // Layout pins: values of include/uapi/linux/fuse.h at 7.45 (x86-64 and every other arch:
 // all fields are naturally aligned and padded by hand, so the layout is the same everywhere)
 // ---------------------------------------------------------------------------------------
 
 const _: () = assert!(size_of::<fuse_in_header>() == 40);
+const _: () = assert!(size_of::<fuse_uring_ent_in_out>() == 32);
+const _: () = assert!(size_of::<fuse_uring_req_header>() == 288);
+const _: () = assert!(size_of::<fuse_uring_cmd_req>() == 24);
+const _: () = assert!(offset_of!(fuse_uring_req_header, op_in) == 128);
+const _: () = assert!(offset_of!(fuse_uring_req_header, ring_ent_in_out) == 256);
+const _: () = assert!(offset_of!(fuse_uring_ent_in_out, payload_sz) == 16);
+const _: () = assert!(offset_of!(fuse_uring_cmd_req, qid) == 16);
 const _: () = assert!(size_of::<fuse_out_header>() == 16);
 const _: () = assert!(size_of::<fuse_attr>() == 88);
 const _: () = assert!(size_of::<fuse_kstatfs>() == 80);
@@ -1197,6 +1277,23 @@ mod tests {
             Some("COPY_FILE_RANGE_64")
         );
         assert_eq!(opcode_name(7), None);
+    }
+
+    #[test]
+    fn uring_layout_matches_the_kernel_header() {
+        // include/uapi/linux/fuse.h (7.42+): 128 + 128 + 32 bytes of header buffer, a 24-byte
+        // command that fits the 80-byte SQE area, and FUSE_OVER_IO_URING in flags2 bit 9.
+        assert_eq!(FUSE_URING_REQ_HEADER_SIZE, 288);
+        assert_eq!(offset_of!(fuse_uring_ent_in_out, commit_id), 8);
+        assert_eq!(offset_of!(fuse_uring_ent_in_out, reserved), 24);
+        assert_eq!(offset_of!(fuse_uring_cmd_req, commit_id), 8);
+        assert!(size_of::<fuse_uring_cmd_req>() <= 80);
+        assert_eq!(FUSE_OVER_IO_URING >> 32, 1 << 9);
+        assert_eq!(FUSE_IO_URING_CMD_REGISTER, 1);
+        assert_eq!(FUSE_IO_URING_CMD_COMMIT_AND_FETCH, 2);
+        assert!(size_of::<fuse_in_header>() <= FUSE_URING_IN_OUT_HEADER_SZ);
+        assert!(size_of::<fuse_write_in>() <= FUSE_URING_OP_IN_OUT_SZ);
+        assert!(size_of::<fuse_init_in>() <= FUSE_URING_OP_IN_OUT_SZ);
     }
 
     #[test]

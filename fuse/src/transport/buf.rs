@@ -25,10 +25,11 @@
 use std::cell::RefCell;
 use std::io;
 use std::ops::{Deref, DerefMut};
+use std::os::fd::BorrowedFd;
 
 use crate::protocol::abi::FUSE_WRITE;
 use crate::protocol::request::{request_buffer_size, WRITE_HEADER_SIZE};
-use crate::sys::HugePages;
+use crate::sys::{HugePages, ReadError};
 
 /// Page size: WRITE data starts on a page boundary (enough for `O_DIRECT` on every common
 /// device).
@@ -156,6 +157,13 @@ impl RequestBuf {
         })
     }
 
+    /// Reads one request from a `/dev/fuse` fd into this buffer; returns its length.
+    pub fn read(&mut self, fd: BorrowedFd<'_>) -> Result<usize, ReadError> {
+        let n = crate::sys::read_request(fd, self.read_area())?;
+        self.set_len(n);
+        Ok(n)
+    }
+
     /// Where `read(2)` puts the request: from 80 bytes before the first page boundary.
     pub fn read_area(&mut self) -> &mut [u8] {
         &mut self.buf[PAGE - WRITE_HEADER_SIZE..]
@@ -214,9 +222,7 @@ mod tests {
     fn through_socket(buf: &mut RequestBuf, bytes: &[u8]) -> usize {
         let (mut tx, rx) = UnixStream::pair().unwrap();
         tx.write_all(bytes).unwrap();
-        let n = crate::sys::read_request(rx.as_fd(), buf.read_area()).unwrap();
-        buf.set_len(n);
-        n
+        buf.read(rx.as_fd()).unwrap()
     }
 
     #[test]

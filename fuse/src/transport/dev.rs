@@ -182,9 +182,8 @@ impl DevQueue {
                 return false;
             }
         };
-        match sys::read_request(self.fd.as_fd(), rb.read_area()) {
-            Ok(n) => {
-                rb.set_len(n);
+        match rb.read(self.fd.as_fd()) {
+            Ok(_) => {
                 self.session.served[self.index].fetch_add(1, Ordering::Relaxed);
                 self.start(rb);
                 true
@@ -312,9 +311,8 @@ impl DevQueue {
             log::error!("queue {}: {why}, and no reserve buffer", self.index);
             return;
         };
-        match sys::read_request(self.fd.as_fd(), reserve.read_area()) {
-            Ok(n) => {
-                reserve.set_len(n);
+        match reserve.read(self.fd.as_fd()) {
+            Ok(_) => {
                 self.session.served[self.index].fetch_add(1, Ordering::Relaxed);
                 self.answer_enomem(reserve.request().0, why);
             }

@@ -13,6 +13,7 @@
 
 pub mod buf;
 pub mod dev;
+pub mod uring;
 
 /// Set by the hidden `--inject-enomem buffer:AFTER:COUNT`.
 static FAIL_REQUEST_BUFS: runtime::fault::FailAfter = runtime::fault::FailAfter::new();
