@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, ValueEnum};
 
 use block::{AioMode, CacheMode, Format, OpenOptions};
-use fuse::server::{self, AllowOther, Lifecycle, ServerConfig};
+use fuse::server::{self, AllowOther, Lifecycle, ServerConfig, Transport};
 use fuse::session::Engine;
 
 mod daemon;
@@ -66,7 +66,7 @@ struct Cli {
     /// `io_uring` submits them to an io_uring owned by each queue thread's event loop, which
     /// also waits for the loop's fds, and resumes the request when the completion comes, on the
     /// same thread; `threads` hands them to a thread pool, with epoll event loops (QEMU's
-    /// `aio=threads`). `auto`: io_uring where the kernel allows it (it may be disabled by
+    /// `aio=threads`; io_uring loops with `--transport uring|auto`, which needs them). `auto`: io_uring where the kernel allows it (it may be disabled by
     /// `kernel.io_uring_disabled` or seccomp; then threads, with a warning) — except for an
     /// image in memory (tmpfs) or the null driver, where no request waits for a device and
     /// `threads` is measured cheaper.
@@ -154,6 +154,23 @@ struct Cli {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: Option<u16>,
 
+    /// How requests arrive from the kernel and replies go back: `dev` reads and writes
+    /// `/dev/fuse` (one fd per queue thread); `uring` is FUSE over io_uring (Linux 6.14+, and
+    /// root must `echo 1 > /sys/module/fuse/parameters/enable_uring`): the kernel puts each
+    /// request into a ring entry and takes the reply from it, through each queue thread's own
+    /// io_uring, one command per request; `/dev/fuse` still carries INIT, FORGET and
+    /// INTERRUPT. When the kernel refuses, `uring` warns and serves over `/dev/fuse`; `auto`
+    /// takes `uring` where the kernel allows it. The mounted line says which one serves.
+    #[arg(long, value_enum, default_value_t = TransportArg::Dev)]
+    transport: TransportArg,
+
+    /// With the io_uring transport: ring entries on each kernel queue (one per CPU), i.e.
+    /// requests each CPU's queue can have in flight at once (the kernel queues a CPU's
+    /// requests on that CPU's queue only). Each holds a `--max-request` payload buffer.
+    #[arg(long, value_name = "N", default_value_t = fuse::transport::uring::DEFAULT_ENTRIES as u16,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    uring_entries: u16,
+
     /// How each FUSE request runs: `coroutine` (a stackful coroutine per request, QEMU's
     /// model) or `async` (a Rust future per request, on the same event loops, queues and thread
     /// pool). With `async`, the raw, file and null drivers are natively async; qcow2 and the
@@ -214,6 +231,13 @@ enum AioArg {
     Threads,
     #[value(name = "io_uring")]
     IoUring,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TransportArg {
+    Dev,
+    Uring,
+    Auto,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -352,9 +376,15 @@ fn main() -> ExitCode {
         runtime::ring::inject_setup_failure(usize::MAX);
     }
     // Every event loop is created after this: the queue threads start in `server::run`.
+    // FUSE over io_uring needs every queue thread's event loop to be an io_uring, whatever
+    // path the disk I/O takes: the epoll loops of `--aio threads` (or of `auto` for an image
+    // in memory) are then io_uring loops, with the disk I/O still on the thread pool.
+    let epoll_loops = cli.transport == TransportArg::Dev;
     let aio = match cli.aio {
         AioArg::Threads => {
-            runtime::set_fd_monitor(runtime::FdMonitor::Epoll);
+            if epoll_loops {
+                runtime::set_fd_monitor(runtime::FdMonitor::Epoll);
+            }
             AioMode::Threads
         }
         AioArg::IoUring => {
@@ -377,7 +407,9 @@ fn main() -> ExitCode {
                     format!("'{}' is in memory", cli.image.display())
                 }
             );
-            runtime::set_fd_monitor(runtime::FdMonitor::Epoll);
+            if epoll_loops {
+                runtime::set_fd_monitor(runtime::FdMonitor::Epoll);
+            }
             AioMode::Threads
         }
         AioArg::Auto => AioMode::Auto,
@@ -453,6 +485,12 @@ fn main() -> ExitCode {
         inject_enomem: cli.inject_enomem,
         overlay,
         partition: cli.partition,
+        transport: match cli.transport {
+            TransportArg::Dev => Transport::Dev,
+            TransportArg::Uring => Transport::Uring,
+            TransportArg::Auto => Transport::Auto,
+        },
+        uring_entries: usize::from(cli.uring_entries),
     };
     let mut hooks = Hooks {
         daemon,

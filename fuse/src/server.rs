@@ -66,6 +66,23 @@ pub struct ServerConfig {
     pub overlay: Option<block::overlay::Overlay>,
     /// `--partition N`: export only partition N of the image's MBR or GPT table.
     pub partition: Option<u32>,
+    /// `--transport`: how requests arrive (`/dev/fuse`, or FUSE over io_uring).
+    pub transport: Transport,
+    /// `--uring-entries`: ring entries per kernel queue with the io_uring transport.
+    pub uring_entries: usize,
+}
+
+/// `--transport`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// Cloned `/dev/fuse` fds, read and written per request (`transport::dev`).
+    #[default]
+    Dev,
+    /// FUSE over io_uring (`transport::uring`); `/dev/fuse`, with a warning, when the kernel
+    /// or the event loops cannot.
+    Uring,
+    /// io_uring when the kernel allows it (`enable_uring` on), else `/dev/fuse`.
+    Auto,
 }
 
 /// `--inject-enomem WHAT:AFTER:COUNT`: after `after` allocations of `what`, fail `count`.
@@ -257,8 +274,16 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
     // SIGINT/SIGTERM can only be picked up by our signalfd.
     let signals = sys::SignalFd::new(&[libc::SIGINT, libc::SIGTERM])
         .map_err(|e| start_err(format!("cannot set up signal handling: {e}")))?;
+    let threads = cfg.threads.max(1);
+    // Before any event loop exists: the io_uring transport needs rings of 128-byte SQEs.
+    let ring_wanted = ring_wanted(cfg.transport);
+    if ring_wanted {
+        runtime::ring::set_ring_sqe128(true);
+    }
     let image = open_image(&cfg)?;
-    let (export, files) = build_export(&cfg, &image.blk)?;
+    let iothreads = spawn_iothreads(threads)?;
+    let ring = ring_wanted && rings_ready(cfg.transport, &iothreads);
+    let (export, files) = build_export(&cfg, &image.blk, ring)?;
     let writable = export.config().writable;
     let init = export.config().init;
     let mount = Mount::new(
@@ -273,13 +298,19 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
     )
     .map_err(start_err)?;
     let ctx = AioContext::current();
-    let threads = cfg.threads.max(1);
     let max_in_flight = cfg.max_in_flight.max(1);
     let session = Arc::new(
         Session::new(export.clone(), threads, cfg.engine).with_max_in_flight(max_in_flight),
     );
     log_setup(&cfg, &image.blk, &session, &ctx);
-    let queues = start_queues(&mount, &session, threads, init.max_write)?;
+    // The after-INIT hook must be armed before any queue reads: INIT is the first request.
+    if ring {
+        plan_ring(&cfg, &mount, &session, &iothreads)?;
+    } else {
+        // Nothing to start after INIT; the hook only tells the main loop INIT is done.
+        session.set_after_init(Box::new(|_| {}));
+    }
+    let queues = start_queues(&mount, &session, iothreads, init.max_write)?;
 
     let s = session.clone();
     let sigfd = Rc::new(signals);
@@ -296,8 +327,20 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
     )
     .map_err(start_err)?;
 
+    // The mount is live; the kernel's INIT comes at once. Waiting for it lets the mounted line
+    // say which transport serves (bounded: a kernel that never sends INIT is not our hang).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let init_timer = ctx.timer_new(|| {});
+    init_timer.modify(deadline);
+    while !session.init_replied()
+        && session.state() == SessionState::Running
+        && std::time::Instant::now() < deadline
+    {
+        ctx.poll(true);
+    }
+    drop(init_timer);
     println!(
-        "exported {}{} ({}, {}, {}) at {}{}; Ctrl-C or umount to stop",
+        "exported {}{} ({}, {}, {}) at {}{} via {}; Ctrl-C or umount to stop",
         cfg.image.display(),
         match cfg.partition {
             Some(n) => format!(" partition {n}"),
@@ -311,7 +354,8 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
             0 => String::new(),
             1 => " with 1 partition file".to_owned(),
             n => format!(" with {n} partition files"),
-        }
+        },
+        session.transport_name()
     );
     let not_ready = hooks.ready().err();
     if let Some(e) = &not_ready {
@@ -389,6 +433,7 @@ fn open_image(cfg: &ServerConfig) -> Result<OpenImage, ServerError> {
 fn build_export(
     cfg: &ServerConfig,
     blk: &Arc<BlockBackend>,
+    ring: bool,
 ) -> Result<(Arc<Export>, Files), ServerError> {
     let meta = std::fs::metadata(&cfg.mountpoint)
         .map_err(|e| start_err(format!("mountpoint {}: {e}", cfg.mountpoint.display())))?;
@@ -408,6 +453,9 @@ fn build_export(
         }
     }
     let mut init = InitConfig::default();
+    if ring {
+        init.flags |= crate::protocol::abi::FUSE_OVER_IO_URING;
+    }
     init.max_background = max_background_for(cfg.threads.max(1), cfg.max_in_flight.max(1));
     // The kernel's own ratio (3/4), as before.
     init.congestion_threshold = (u32::from(init.max_background) * 3 / 4) as u16;
@@ -478,23 +526,135 @@ struct Queues {
 fn start_queues(
     mount: &Mount,
     session: &Arc<Session>,
-    threads: usize,
+    iothreads: Vec<IoThread>,
     max_write: u32,
 ) -> Result<Queues, ServerError> {
     let fd = mount.fd().try_clone_to_owned().map_err(start_err)?;
     let main = DevQueue::new(0, fd, session.clone(), max_write);
     main.attach(&AioContext::current()).map_err(start_err)?;
-    let mut iothreads = Vec::with_capacity(threads - 1);
-    for i in 1..threads {
-        let io = IoThread::spawn(&format!("queue-{i}")).map_err(start_err)?;
+    for (n, io) in iothreads.iter().enumerate() {
+        let i = n + 1;
         let fd = sys::clone_dev_fuse(mount.fd())
             .map_err(|e| start_err(format!("cannot clone /dev/fuse for queue {i}: {e}")))?;
         let s = session.clone();
         io.run_sync(move || DevQueue::start_here(i, fd, s, max_write))
             .map_err(start_err)?;
-        iothreads.push(io);
     }
     Ok(Queues { main, iothreads })
+}
+
+/// The queue threads beyond the main one (queue 0), each with its event loop; their queues
+/// start in [`start_queues`].
+fn spawn_iothreads(threads: usize) -> Result<Vec<IoThread>, ServerError> {
+    (1..threads)
+        .map(|i| IoThread::spawn(&format!("queue-{i}")).map_err(start_err))
+        .collect()
+}
+
+/// Whether to try FUSE over io_uring: `--transport uring|auto` and the kernel allows it (the
+/// `enable_uring` parameter). Otherwise says why `/dev/fuse` serves — a warning when
+/// `uring` was asked for, a note for `auto`.
+fn ring_wanted(t: Transport) -> bool {
+    if t == Transport::Dev {
+        return false;
+    }
+    let why = match crate::transport::uring::kernel_enabled() {
+        Some(true) => match runtime::io_uring_supported() {
+            Ok(()) => return true,
+            Err(e) => format!("io_uring is not available ({e})"),
+        },
+        Some(false) => format!(
+            "the kernel has it switched off ({} is N; as root: echo 1 > {0})",
+            crate::transport::uring::ENABLE_PARAM
+        ),
+        None => "this kernel has no FUSE over io_uring (Linux 6.14+ with CONFIG_FUSE_IO_URING)"
+            .to_owned(),
+    };
+    if t == Transport::Uring {
+        log::warn!("--transport uring: {why}; serving over /dev/fuse");
+    } else {
+        log::info!("--transport auto: {why}; serving over /dev/fuse");
+    }
+    false
+}
+
+/// Whether every queue thread's event loop can carry the ring's commands (an io_uring of
+/// 128-byte SQEs). Decided before INIT offers the ring: once the kernel grants it, every
+/// kernel queue must get entries, or its requests wait forever.
+fn rings_ready(t: Transport, iothreads: &[IoThread]) -> bool {
+    let main = runtime::uring::sqe128_available();
+    let others = iothreads
+        .iter()
+        .all(|io| io.run_sync(runtime::uring::sqe128_available));
+    if main && others {
+        return true;
+    }
+    let why = "an event loop has no io_uring of 128-byte SQEs (io_uring setup failed, or the \
+               epoll loops were chosen)";
+    if t == Transport::Uring {
+        log::warn!("--transport uring: {why}; serving over /dev/fuse");
+    } else {
+        log::info!("--transport auto: {why}; serving over /dev/fuse");
+    }
+    false
+}
+
+/// Plans the io_uring transport on every queue thread (which kernel queues each serves) and
+/// arms the session's after-INIT hook, which starts them all once the INIT reply granted the
+/// ring — or, if the kernel did not grant it, drops the plans and says so.
+fn plan_ring(
+    cfg: &ServerConfig,
+    mount: &Mount,
+    session: &Arc<Session>,
+    iothreads: &[IoThread],
+) -> Result<(), ServerError> {
+    use crate::transport::uring::{self, UringQueue};
+    let cpus = uring::possible_cpus().map_err(start_err)?;
+    let threads = iothreads.len() + 1;
+    let entries = cfg.uring_entries.max(1);
+    let mut remotes = vec![AioContext::current().remote()];
+    for t in 0..threads {
+        let fd = sys::clone_dev_fuse(mount.fd())
+            .map_err(|e| start_err(format!("cannot clone /dev/fuse for the ring: {e}")))?;
+        let qids = uring::qids_for_thread(t, threads, cpus);
+        let s = session.clone();
+        let plan = move || UringQueue::prepare_here(t, fd, s, qids, entries);
+        match t {
+            0 => plan(),
+            _ => {
+                let io = &iothreads[t - 1];
+                remotes.push(io.run_sync(|| AioContext::current().remote()));
+                io.run_sync(plan)
+            }
+        }
+        .map_err(start_err)?;
+    }
+    let transport = cfg.transport;
+    session.set_after_init(Box::new(move |n| {
+        if n.flags & crate::protocol::abi::FUSE_OVER_IO_URING == 0 {
+            let why = "the kernel did not grant FUSE over io_uring in INIT";
+            if transport == Transport::Uring {
+                log::warn!("--transport uring: {why}; serving over /dev/fuse");
+            } else {
+                log::info!("--transport auto: {why}; serving over /dev/fuse");
+            }
+            for r in remotes {
+                r.schedule_oneshot(UringQueue::forget_here);
+            }
+            return;
+        }
+        log::info!(
+            "transport: io_uring, {entries} entries on each of {cpus} kernel queues, over \
+             {threads} queue thread(s); /dev/fuse for INIT, FORGET and INTERRUPT"
+        );
+        for r in remotes {
+            r.schedule_oneshot(UringQueue::start_here);
+        }
+    }));
+    session.set_transport_name(format!(
+        "io_uring ({entries} entries x {cpus} kernel queues)"
+    ));
+    Ok(())
 }
 
 /// Phase 6: stop reading, wait for the requests in flight (QEMU's drain), flush and close the
@@ -528,6 +688,17 @@ fn shutdown(
     // After an external umount this finds the session over and leaves the path alone.
     if let Err(e) = mount.unmount() {
         log::warn!("unmounting {}: {e}", cfg.mountpoint.display());
+    }
+    // The unmount ended the ring's pending commands (ENOTCONN): let every entry's coroutine
+    // return on its own thread before the threads go (a thread leaving with registered
+    // entries would strand its kernel queue).
+    if session.ring_entries() > 0
+        && !session.wait_ring_entries(ctx, std::time::Duration::from_secs(10))
+    {
+        log::warn!(
+            "{} io_uring entries still registered 10 s after the unmount",
+            session.ring_entries()
+        );
     }
     for io in queues.iothreads {
         io.stop();

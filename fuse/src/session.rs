@@ -12,13 +12,14 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use runtime::{AioContext, InFlight, RemoteContext};
 use zerocopy::FromBytes;
 
 use crate::export::{Export, Response};
 use crate::protocol::abi::fuse_in_header;
+use crate::protocol::reply::Negotiated;
 use crate::protocol::request::{self, ParseError, Request};
 use crate::transport::buf;
 
@@ -75,7 +76,24 @@ pub struct Session {
     /// — a backend's, after each request served inline — would kick it: a cross-thread wake-up
     /// per request.
     main: RemoteContext,
+    /// Run once by the transport that sends the INIT reply (see [`Session::replied`]): the
+    /// server starts the io_uring transport from it. `after_init_armed` keeps the check a
+    /// single load on every other reply.
+    after_init: Mutex<Option<AfterInit>>,
+    after_init_armed: AtomicBool,
+    /// Ring entries whose coroutine (or task) is still running (`transport::uring`).
+    ring_entries: AtomicUsize,
+    /// How requests arrive, for the log and the mounted line (`/dev/fuse` unless the server
+    /// sets up the ring and the kernel grants it).
+    transport: Mutex<String>,
+    /// Whether the kernel granted the ring (set by the after-INIT hook's caller).
+    ring_granted: AtomicBool,
+    /// Set once the INIT reply is out and the after-INIT hook ran.
+    init_replied: AtomicBool,
 }
+
+/// What runs after the INIT reply is out, with what was negotiated.
+pub type AfterInit = Box<dyn FnOnce(&Negotiated) + Send>;
 
 impl Session {
     pub fn new(export: Arc<Export>, queues: usize, engine: Engine) -> Session {
@@ -88,7 +106,93 @@ impl Session {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             peak_in_flight: (0..queues).map(|_| AtomicUsize::new(0)).collect(),
             main: AioContext::current().remote(),
+            after_init: Mutex::new(None),
+            after_init_armed: AtomicBool::new(false),
+            ring_entries: AtomicUsize::new(0),
+            transport: Mutex::new("/dev/fuse".to_owned()),
+            ring_granted: AtomicBool::new(false),
+            init_replied: AtomicBool::new(false),
         }
+    }
+
+    /// What the transport is called once the ring is granted (see [`Session::transport_name`]).
+    pub fn set_transport_name(&self, name: String) {
+        *self.transport.lock().unwrap_or_else(|e| e.into_inner()) = name;
+    }
+
+    /// How requests arrive: the name set by the server if INIT granted the ring, else
+    /// `/dev/fuse`.
+    pub fn transport_name(&self) -> String {
+        if self.ring_granted.load(Ordering::Acquire) {
+            self.transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        } else {
+            "/dev/fuse".to_owned()
+        }
+    }
+
+    /// Runs `hook` once, right after the INIT reply has been sent (the io_uring transport may
+    /// only register its entries then). Set it before the queues start.
+    pub fn set_after_init(&self, hook: AfterInit) {
+        *self.after_init.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+        self.after_init_armed.store(true, Ordering::Release);
+    }
+
+    /// Called by a transport after each reply it sent: the first one after INIT was
+    /// negotiated is the INIT reply (the kernel sends nothing else before it), so this runs
+    /// the after-INIT hook then.
+    pub(crate) fn replied(&self) {
+        if self.after_init_armed.load(Ordering::Relaxed) {
+            self.run_after_init();
+        }
+    }
+
+    #[cold]
+    fn run_after_init(&self) {
+        let Some(n) = self.export.negotiated() else {
+            return;
+        };
+        if !self.after_init_armed.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let hook = self
+            .after_init
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let granted = n.flags & crate::protocol::abi::FUSE_OVER_IO_URING != 0;
+        self.ring_granted.store(granted, Ordering::Release);
+        if let Some(hook) = hook {
+            hook(n);
+        }
+        self.init_replied.store(true, Ordering::Release);
+        // The main loop may be waiting for this (the mounted line names the transport).
+        self.main.schedule_oneshot(|| {});
+    }
+
+    /// Whether the INIT reply is out and the after-INIT hook has run.
+    pub fn init_replied(&self) -> bool {
+        self.init_replied.load(Ordering::Acquire)
+    }
+
+    /// Ring entries still being served (`transport::uring`); the server waits for 0 after
+    /// unmounting, before it stops the queue threads.
+    pub fn ring_entries(&self) -> usize {
+        self.ring_entries.load(Ordering::Acquire)
+    }
+
+    /// Runs the calling thread's loop until no ring entry is served any more, or `timeout`
+    /// passed; whether they all ended.
+    pub fn wait_ring_entries(&self, ctx: &AioContext, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let timer = ctx.timer_new(|| {});
+        timer.modify(deadline);
+        while self.ring_entries() > 0 && std::time::Instant::now() < deadline {
+            ctx.poll(true);
+        }
+        self.ring_entries() == 0
     }
 
     /// Runs the calling thread's loop (the one that created the session) until the session
@@ -260,6 +364,19 @@ impl Session {
                     .map(|(h, _)| (h.unique, libc::EINVAL)))
             }
         }
+    }
+}
+
+/// A ring entry's coroutine started (`transport::uring`).
+pub(crate) fn ring_entry_started(s: &Session) {
+    s.ring_entries.fetch_add(1, Ordering::AcqRel);
+}
+
+/// A ring entry's coroutine returned; the last one wakes the main loop (which may wait for
+/// them in [`Session::wait_ring_entries`]).
+pub(crate) fn ring_entry_ended(s: &Session) {
+    if s.ring_entries.fetch_sub(1, Ordering::AcqRel) == 1 {
+        s.main.schedule_oneshot(|| {});
     }
 }
 

@@ -649,13 +649,15 @@ pub struct Export {
 /// `CORO_FUSE_THREADS=N` runs the whole suite with `--threads N` (test.sh runs it with 1 and
 /// 4), `CORO_FUSE_ENGINE=E` with `--engine E` (test.sh runs it with `async`),
 /// `CORO_FUSE_AIO=A` with `--aio A` (`threads`, `io_uring` or `auto`; test.sh runs both
-/// engines with `threads` and with io_uring).
+/// engines with `threads` and with io_uring), `CORO_FUSE_TRANSPORT=T` with `--transport T`
+/// (test.sh runs the suite with `uring`).
 fn extra_args<S: AsRef<OsStr>>(args: &[S]) -> Vec<String> {
     let mut extra = Vec::new();
     for (var, flag) in [
         ("CORO_FUSE_THREADS", "--threads"),
         ("CORO_FUSE_ENGINE", "--engine"),
         ("CORO_FUSE_AIO", "--aio"),
+        ("CORO_FUSE_TRANSPORT", "--transport"),
     ] {
         let own = args.iter().any(|a| a.as_ref() == flag);
         match std::env::var(var) {

@@ -248,6 +248,7 @@ impl DevQueue {
         let (head, data) = rb.request();
         if let Some((unique, resp)) = self.session.co_serve(self.index, head, data) {
             self.send(unique, resp);
+            self.session.replied();
         }
         rb.give_back();
     }
@@ -260,6 +261,7 @@ impl DevQueue {
         let (head, data) = rb.request();
         if let Some((unique, resp)) = self.session.serve_async(self.index, head, data).await {
             self.send(unique, resp);
+            self.session.replied();
         }
         rb.give_back();
     }

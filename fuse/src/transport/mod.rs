@@ -5,6 +5,9 @@
 //! - [`dev`]: the classic one — a `/dev/fuse` fd per queue thread (the mount's, or a clone),
 //!   read with `read(2)` when the thread's event loop says it is readable, replies written with
 //!   `writev(2)`. QEMU: `block/export/fuse.c` (`read_from_fuse_fd()`, `fuse_write_response()`).
+//! - [`uring`]: FUSE over io_uring (Linux 6.14+) — ring entries per kernel queue, filled by the
+//!   kernel and committed back through each queue thread's `AioContext` io_uring; `/dev/fuse`
+//!   stays for INIT, FORGET and INTERRUPT.
 //! - [`buf`]: the buffers they read requests into and READ replies come from, and their pool.
 //!
 //! A transport's queue, for each request: take a buffer, read the request into it, count it

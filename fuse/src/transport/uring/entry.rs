@@ -1,40 +1,27 @@
-//! FUSE over io_uring (Linux 6.14+, protocol 7.42): requests arrive in *ring entries* instead
-//! of `read(2)` on `/dev/fuse`, and replies leave in the same entries.
+//! Ring entries: the memory a FUSE-over-io_uring request arrives in and its reply leaves from,
+//! and the two commands that move them (REGISTER, COMMIT_AND_FETCH). The queue that serves
+//! them is in `mod.rs`; the kernel facts are in `docs/fuse-uring.md`.
 //!
-//! This module is the groundwork of a second transport beside the `/dev/fuse` queues of
-//! [`crate::queue`]; it is standalone and not used by the server yet. The design notes, the
-//! kernel facts it relies on (with the kernel functions that show them) and measurements are
-//! in `docs/fuse-uring.md`. Kernel side: `fs/fuse/dev_uring.c`; libfuse: `lib/fuse_uring.c`.
-//!
-//! # The model
-//!
-//! - INIT is still read and answered on `/dev/fuse`; the reply must grant
-//!   [`FUSE_OVER_IO_URING`] (a `flags2` bit, so with `FUSE_INIT_EXT`), and the kernel offers
-//!   it only when `/sys/module/fuse/parameters/enable_uring` is on ([`check_offered`]).
-//! - The kernel has one queue per possible CPU ([`possible_cpus`]); a request goes to the
-//!   queue of the CPU its caller runs on. Every queue needs at least one registered entry
-//!   before the kernel switches to the ring; until then requests wait.
 //! - A [`RingEntry`] is a header buffer ([`fuse_uring_req_header`], 288 bytes) and a payload
 //!   buffer of at least [`payload_size`] bytes, handed to the kernel as two iovecs by a
 //!   REGISTER command (`IORING_OP_URING_CMD` with a 128-byte SQE). The command completes when
 //!   a request has been copied into the entry; the answer goes back in the same buffers with
 //!   COMMIT_AND_FETCH, which at once waits for the entry's next request.
-//! - INTERRUPT, FORGET and notifications still use `/dev/fuse`, so a `/dev/fuse` reader must
-//!   keep running beside the ring.
-//!
-//! One coroutine per entry runs [`co_serve_entry`]: it yields while the command is in flight
-//! (on the thread's AioContext ring, see `runtime::uring::co_uring_cmd`), turns the completed
-//! entry into the bytes [`crate::protocol::request::parse`] understands ([`RingEntry::request`]), calls
-//! the handler, writes its [`Reply`] into the entry ([`RingEntry::write_reply`]) and commits.
-//! Which thread serves which kernel queues is the caller's choice.
+//! - [`RingEntry::bytes`] turns the completed entry into the bytes
+//!   [`crate::protocol::request::parse`] understands; [`RingEntry::write_response`] writes the
+//!   export's answer.
+//! - [`co_serve_entry`] and [`RingHandler`] serve an entry with a handler of one's own (the
+//!   low-level test `fuse/tests/uring_transport.rs` uses them; the export goes through the
+//!   queue in `mod.rs`).
 //!
 //! # Unsafe code
 //!
 //! Unlike the rest of the crate, whose `unsafe` lives in [`crate::sys`], this module owns the
 //! memory it shares with the kernel ([`RingEntry`]: raw header allocation, iovecs) and submits
-//! the commands; each block says why it holds. An integration may move both into `sys`.
+//! the commands; each block says why it holds.
 //!
-//! QEMU: none yet (QEMU's FUSE export uses `/dev/fuse` only).
+//! Kernel: `fs/fuse/dev_uring.c`; libfuse: `lib/fuse_uring.c` (`fuse_uring_register_ent()`,
+//! `fuse_uring_commit_sqe()`). QEMU: none (its export uses `/dev/fuse` only).
 
 use std::fmt;
 use std::io;
@@ -43,6 +30,7 @@ use std::ptr::NonNull;
 
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
+use crate::export::Response;
 use crate::protocol::abi::{
     fuse_in_header, fuse_out_header, fuse_uring_cmd_req, fuse_uring_ent_in_out,
     fuse_uring_req_header, FUSE_IO_URING_CMD_COMMIT_AND_FETCH, FUSE_IO_URING_CMD_REGISTER,
@@ -52,6 +40,7 @@ use crate::protocol::abi::{
 use crate::protocol::reply::Reply;
 use crate::protocol::request::{self, ParseError, Request};
 use crate::sys::HugePages;
+use crate::transport::buf;
 
 /// The kernel parameter that allows FUSE over io_uring.
 pub const ENABLE_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
@@ -264,12 +253,8 @@ impl RingEntry {
     /// REGISTER and COMMIT_AND_FETCH: when the entry holds the next request).
     /// `Ok(false)`: the session is over (`ENOTCONN`, `ECONNABORTED`, `ECANCELED`: unmount,
     /// abort, or the ring closing).
-    fn co_command(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        cmd_op: u32,
-        commit_id: u64,
-    ) -> Result<bool, UringError> {
+    /// The command `cmd_op` for this entry.
+    fn command(&self, fd: BorrowedFd<'_>, cmd_op: u32, commit_id: u64) -> runtime::uring::UringCmd {
         let req = fuse_uring_cmd_req {
             commit_id,
             qid: self.qid,
@@ -277,25 +262,18 @@ impl RingEntry {
         };
         let mut cmd = [0u8; 80];
         cmd[..size_of::<fuse_uring_cmd_req>()].copy_from_slice(req.as_bytes());
-        let sqe = runtime::uring::UringCmd {
+        runtime::uring::UringCmd {
             fd: fd.as_raw_fd(),
             cmd_op,
             cmd,
             // The kernel reads the iovecs only in REGISTER; COMMIT_AND_FETCH ignores both.
             addr: self.iov.as_ptr() as u64,
             len: FUSE_URING_IOV_SEGS,
-        };
-        self.has_request = false;
-        self.in_flight = true;
-        // SAFETY: the command points at `iov`, which points at `header` and `payload`; all
-        // three are owned by `self`, which the caller lends for the whole wait (we return only
-        // after the completion), and are never freed while `in_flight` (see `Drop`).
-        let res = unsafe { runtime::uring::co_uring_cmd(&sqe) };
-        let Some(res) = res else {
-            self.in_flight = false;
-            return Err(UringError::NoRing);
-        };
-        self.in_flight = false;
+        }
+    }
+
+    /// What a command's result `res` (a CQE's: `-errno` or 0) means.
+    fn command_done(&mut self, cmd_op: u32, res: i32) -> Result<bool, UringError> {
         match -res {
             0 => {
                 self.has_request = true;
@@ -308,6 +286,69 @@ impl RingEntry {
                 errno,
             }),
         }
+    }
+
+    /// Submits command `cmd_op` for this entry and yields until the kernel completes it (for
+    /// REGISTER and COMMIT_AND_FETCH: when the entry holds the next request).
+    /// `Ok(false)`: the session is over (`ENOTCONN`, `ECONNABORTED`, `ECANCELED`: unmount,
+    /// abort, or the ring closing).
+    fn co_command(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        cmd_op: u32,
+        commit_id: u64,
+    ) -> Result<bool, UringError> {
+        let sqe = self.command(fd, cmd_op, commit_id);
+        self.has_request = false;
+        self.in_flight = true;
+        // SAFETY: the command points at `iov`, which points at `header` and `payload`; all
+        // three are owned by `self`, which the caller lends for the whole wait (we return only
+        // after the completion), and are never freed while `in_flight` (see `Drop`).
+        let res = unsafe { runtime::uring::co_uring_cmd(&sqe) };
+        self.in_flight = false;
+        match res {
+            Some(res) => self.command_done(cmd_op, res),
+            None => Err(UringError::NoRing),
+        }
+    }
+
+    /// [`RingEntry::co_command`] for async tasks: the command's future instead of a yield.
+    async fn command_async(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        cmd_op: u32,
+        commit_id: u64,
+    ) -> Result<bool, UringError> {
+        let sqe = self.command(fd, cmd_op, commit_id);
+        self.has_request = false;
+        self.in_flight = true;
+        // SAFETY: the command points at `iov`, `header` and `payload`, heap memory owned by
+        // `self` that does not move with it. The task owning this entry is polled to the end
+        // (the executor never cancels it); if it is dropped anyway (its thread exiting), the
+        // entry's `Drop` sees `in_flight` and leaks all three instead of freeing memory the
+        // kernel may still write.
+        let op = unsafe { runtime::uring::uring_cmd_owned((), |_| sqe) };
+        let Ok(op) = op else {
+            self.in_flight = false;
+            return Err(UringError::NoRing);
+        };
+        let ((), res) = op.await;
+        self.in_flight = false;
+        let res = res.map_or_else(|e| -e.raw_os_error().unwrap_or(libc::EIO), |n| n as i32);
+        self.command_done(cmd_op, res)
+    }
+
+    /// Registers the entry (async engine); see [`RingEntry::co_register`].
+    pub async fn register_async(&mut self, fd: BorrowedFd<'_>) -> Result<bool, UringError> {
+        self.command_async(fd, FUSE_IO_URING_CMD_REGISTER, 0).await
+    }
+
+    /// Commits the reply and waits for the next request (async engine); see
+    /// [`RingEntry::co_commit_and_fetch`].
+    pub async fn commit_and_fetch_async(&mut self, fd: BorrowedFd<'_>) -> Result<bool, UringError> {
+        let commit_id = self.header().ring_ent_in_out.commit_id;
+        self.command_async(fd, FUSE_IO_URING_CMD_COMMIT_AND_FETCH, commit_id)
+            .await
     }
 
     /// Registers the entry on its queue and waits for its first request. `Ok(false)`: the
@@ -340,7 +381,7 @@ impl RingEntry {
     /// The kernel copies the fixed argument (its `in_args[0]`, possibly empty) to `op_in`
     /// and the rest to the payload buffer (`payload_sz` bytes); `in_header.len` still counts
     /// all of it, so the fixed argument's size is `len - 40 - payload_sz`.
-    pub fn request(&mut self, minor: u32) -> Result<Request<'_>, UringError> {
+    pub fn bytes(&mut self) -> Result<(&[u8], &[u8]), UringError> {
         let h = self
             .in_header()
             .ok_or_else(|| UringError::BadRequest("no request in the entry".into()))?;
@@ -369,14 +410,36 @@ impl RingEntry {
             Some(p) => &p[..payload_sz],
             None => &[],
         };
-        let write_data = if h.opcode == FUSE_WRITE {
-            payload
+        if h.opcode == FUSE_WRITE {
+            Ok((&self.scratch, payload))
         } else {
             self.scratch.extend_from_slice(payload);
-            &[]
-        };
-        request::parse(&self.scratch, write_data, minor)
+            Ok((&self.scratch, &[]))
+        }
+    }
+
+    /// [`RingEntry::bytes`], parsed.
+    pub fn request(&mut self, minor: u32) -> Result<Request<'_>, UringError> {
+        let (head, data) = self.bytes()?;
+        request::parse(head, data, minor)
             .map_err(|e: ParseError| UringError::BadRequest(e.to_string()))
+    }
+
+    /// Writes the export's answer to request `unique` into the entry (see
+    /// [`RingEntry::write_reply`]); a READ's buffer goes back to the pool. `Response::None` —
+    /// a request that takes no reply, which the kernel never sends over the ring, or one that
+    /// halted the session — is answered EIO: the kernel waits for every entry's commit.
+    pub fn write_response(&mut self, unique: u64, resp: Response) -> Result<(), UringError> {
+        let r = match &resp {
+            Response::None => self.write_reply(&Reply::err(unique, libc::EIO)),
+            Response::Err(errno) => self.write_reply(&Reply::err(unique, *errno)),
+            Response::Bytes(b) => self.write_reply(&Reply::ok(unique, &[b])),
+            Response::Data(data, len) => self.write_reply(&Reply::ok(unique, &[&data[..*len]])),
+        };
+        if let Response::Data(data, _) = resp {
+            buf::give_back(data);
+        }
+        r
     }
 
     /// Writes `reply` into the entry: `fuse_out_header` into the header buffer, the body into
