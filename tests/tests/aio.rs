@@ -64,7 +64,8 @@ fn io_uring_with_cache_none_serves_direct_io() {
     );
 }
 
-/// `--aio threads` runs epoll event loops (the thread pool does the blocking I/O).
+/// `--aio threads` runs epoll event loops (the thread pool does the blocking I/O) — with the
+/// `/dev/fuse` transport; the io_uring transport needs io_uring loops (`transport.rs`).
 #[test]
 fn threads_runs_epoll_loops() {
     require!(fuse_available());
@@ -73,7 +74,7 @@ fn threads_runs_epoll_loops() {
     let model = random_image(&img, 256 * KIB, 2);
     let mnt = dir.path().join("mnt");
     fs::write(&mnt, b"").expect("mountpoint");
-    let mut e = Export::start(&img, &mnt, &["--aio", "threads"]);
+    let mut e = Export::start(&img, &mnt, &["--aio", "threads", "--transport", "dev"]);
     let got = fs::read(e.path()).expect("read the export");
     assert!(got == model);
     let x = e.stop_ok();
@@ -95,7 +96,7 @@ fn auto_picks_the_ring_on_disk_and_the_pool_in_memory() {
         let model = random_image(&img, 256 * KIB, 3);
         let mnt = dir.path().join("mnt");
         fs::write(&mnt, b"").expect("mountpoint");
-        let mut e = Export::start(&img, &mnt, &["--aio", "auto"]);
+        let mut e = Export::start(&img, &mnt, &["--aio", "auto", "--transport", "dev"]);
         let got = fs::read(e.path()).expect("read the export");
         assert!(got == model);
         let x = e.stop_ok();

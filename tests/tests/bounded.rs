@@ -1,6 +1,10 @@
 //! Bounded resources: a queue never has more than `--max-in-flight` requests in flight, however
 //! many the clients send, and a request whose coroutine stack or buffer cannot be allocated is
 //! answered ENOMEM while the export keeps serving (never an abort).
+//!
+//! These are the `/dev/fuse` transport's mechanics (its read handler pauses at the bound and
+//! allocates per request), so the tests pin `--transport dev`; the io_uring transport's bound is
+//! its entries, allocated once at INIT, tested in `transport.rs`.
 
 use std::fs;
 use std::io;
@@ -44,7 +48,7 @@ fn a_flood_never_exceeds_the_bound_of_a_queue() {
     sparse_image(&img, (CLIENTS * BLOCKS * MIB) as u64);
     let mnt = dir.path().join("mnt");
     fs::write(&mnt, b"").unwrap();
-    let mut e = Export::start(&img, &mnt, &["--max-in-flight", "4", "--threads", "2"]);
+    let mut e = Export::start(&img, &mnt, &["--max-in-flight", "4", "--threads", "2", "--transport", "dev"]);
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
             let p = e.path().to_path_buf();
@@ -97,6 +101,8 @@ fn writes_with_injected_enomem(rule: &str, engine: &str, why: &str) -> Vec<io::R
         engine,
         "--threads",
         "1",
+        "--transport",
+        "dev",
     ];
     let mut e = Export::start(&img, &mnt, &args);
     let f = open_rw(e.path());
@@ -177,7 +183,7 @@ fn fio_verify_through_a_bound_of_two() {
     sparse_image(&img, 64 << 20);
     let mnt = dir.path().join("mnt");
     fs::write(&mnt, b"").unwrap();
-    let mut e = Export::start(&img, &mnt, &["--max-in-flight", "2", "--threads", "2"]);
+    let mut e = Export::start(&img, &mnt, &["--max-in-flight", "2", "--threads", "2", "--transport", "dev"]);
     assert!(
         e.stderr().contains("max_background 4"),
         "max_background follows the bound: {}",
@@ -214,7 +220,7 @@ fn an_address_space_limit_fails_requests_with_enomem_not_an_abort() {
     sparse_image(&img, (CLIENTS * BLOCKS * MIB) as u64);
     let mnt = dir.path().join("mnt");
     fs::write(&mnt, b"").unwrap();
-    let args = ["--max-in-flight", "1024", "--threads", "1"];
+    let args = ["--max-in-flight", "1024", "--threads", "1", "--transport", "dev"];
     let mut e = Export::start(&img, &mnt, &args);
     let limit = (status_kib(e.pid(), "VmSize") + 24 * 1024) * 1024;
     let rlim = libc::rlimit {
