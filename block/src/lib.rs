@@ -255,7 +255,7 @@ pub struct Window<'a> {
 /// past the end returns zeros.
 ///
 /// `Any` lets a caller ask a node's concrete type (as `&dyn Any`): the async engine recognises
-/// the leaves it drives natively that way ([`AsyncLeaf`]), so this trait needs not name them.
+/// the leaves it drives natively that way ([`AsyncLeaf`]), so this trait need not name them.
 pub trait BlockDriver: Any + Send + Sync {
     /// The driver's name as `qemu-img info` would print it ("raw", "qcow2", "null", "file").
     fn format_name(&self) -> &'static str;
