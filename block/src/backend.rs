@@ -42,11 +42,12 @@
 //!
 //! ## Two engines
 //!
-//! Every `co_` method has an async form (`pread_async`, …) for `--engine async`. Both run the
-//! same checks (the pure helpers `check_range`, `write_range`, `block_status_len`, …) and count
-//! the request in flight the same way; the async forms then reach the driver through
-//! [`crate::async_io`] or, for anything slow or unusual, run the `co_` method itself in a
-//! coroutine. The padding, serialising and growth logic exists once.
+//! Every `co_` method has an async form (`pread_async`, …) for `--engine async`, defined with
+//! the rest of the async engine in [`crate::async_engine`] (`async_engine/backend.rs`). Both run
+//! the same checks (the pure helpers here: `check_range`, `write_range`, `block_status_len`, …,
+//! `pub(crate)` for that reason) and count the request in flight the same way; the async forms
+//! then reach the driver natively or, for anything slow or unusual, run the `co_` method itself
+//! in a coroutine. The padding, serialising and growth logic exists once, here.
 //!
 //! ## In flight and drain
 //!
@@ -69,7 +70,6 @@ use std::sync::Arc;
 
 use runtime::{AioContext, CoMutex, CoReadGuard, CoRwLock, InFlight, InFlightGuard};
 
-use crate::async_io::AsyncPath;
 use crate::sys::AlignedBuf;
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
 
@@ -139,15 +139,15 @@ pub struct BackendOptions {
 ///
 /// QEMU: `BlockBackend`.
 pub struct BlockBackend {
-    driver: Arc<dyn BlockDriver>,
+    pub(crate) driver: Arc<dyn BlockDriver>,
     read_only: bool,
     write_beyond_eof: bool,
-    discard: Discard,
+    pub(crate) discard: Discard,
     detect_zeroes: DetectZeroes,
     /// Offset/length alignment the driver needs (≥ 1).
-    align: u64,
+    pub(crate) align: u64,
     /// Buffer address alignment the driver needs (a power of two ≥ 1).
-    mem_align: u64,
+    pub(crate) mem_align: u64,
     /// Cached `driver.getlength()`, refreshed after every size change. Written with Release and
     /// read with Acquire: a thread that sees a new size also sees the driver state that the
     /// resize wrote before it (the null driver's size, a raw window's bookkeeping).
@@ -239,13 +239,13 @@ impl BlockBackend {
     }
 
     /// Counts a request in until the guard drops. QEMU: `blk_inc_in_flight()`.
-    fn enter(&self) -> InFlightGuard<'_> {
+    pub(crate) fn enter(&self) -> InFlightGuard<'_> {
         self.in_flight.enter()
     }
 
     /// `Some(may_unmap)` if this write is to become a write-zeroes (detect-zeroes is on and
     /// the buffer is all zeros). QEMU: the `detect_zeroes` check in `bdrv_aligned_pwritev()`.
-    fn detected_zeroes(&self, buf: &[u8]) -> Option<bool> {
+    pub(crate) fn detected_zeroes(&self, buf: &[u8]) -> Option<bool> {
         if self.detect_zeroes == DetectZeroes::Off || buf.is_empty() || !buffer_is_zero(buf) {
             return None;
         }
@@ -254,11 +254,11 @@ impl BlockBackend {
 
     /// `may_unmap` as the discard option allows it. QEMU: `bdrv_co_pwrite_zeroes()` drops
     /// `BDRV_REQ_MAY_UNMAP` without `BDRV_O_UNMAP`.
-    fn allow_unmap(&self, may_unmap: bool) -> bool {
+    pub(crate) fn allow_unmap(&self, may_unmap: bool) -> bool {
         may_unmap && self.discard == Discard::Unmap
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
@@ -266,7 +266,7 @@ impl BlockBackend {
     }
 
     /// QEMU: `blk_check_byte_request()`.
-    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.size();
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
@@ -285,7 +285,7 @@ impl BlockBackend {
 
     /// The pure part of the write range check, shared by both engines: `Some(end)` if the
     /// image must first grow to `end`.
-    fn write_range(&self, offset: u64, len: u64) -> Result<Option<u64>> {
+    pub(crate) fn write_range(&self, offset: u64, len: u64) -> Result<Option<u64>> {
         let size = self.size();
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(None),
@@ -482,7 +482,7 @@ impl BlockBackend {
     }
 
     /// The checks of a block-status query (shared by both engines): the length clamped at EOF.
-    fn block_status_len(&self, offset: u64, len: u64) -> Result<u64> {
+    pub(crate) fn block_status_len(&self, offset: u64, len: u64) -> Result<u64> {
         let size = self.size();
         if offset >= size {
             return Err(BlockError::OutOfRange { offset, len, size });
@@ -529,153 +529,6 @@ impl BlockBackend {
             log::warn!("closing a block backend with {n} request(s) in flight; drain() first");
         }
         self.driver.close()
-    }
-}
-
-/// The async engine's forms (see [`crate::async_io`]): the same checks and in-flight
-/// accounting, then either the natively async driver path or — for drivers without one, an
-/// alignment, growth or truncation — the `co_` method above run in a coroutine through
-/// [`runtime::co_bridge`], with owned copies of the caller's buffers. They take
-/// `self: &Arc<Self>` because the bridge's coroutine must own a reference.
-impl BlockBackend {
-    /// The native route, when the request needs none of the slow paths.
-    fn native(&self) -> Option<AsyncPath<'_>> {
-        if self.align > 1 || self.mem_align > 1 {
-            return None; // padding, bouncing, the serialising lock: the coroutine code does them
-        }
-        self.driver.async_path()
-    }
-
-    /// Runs `f(backend)` in a coroutine and awaits it.
-    async fn bridged<R: 'static>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&BlockBackend) -> R + 'static,
-    ) -> R {
-        let me = self.clone();
-        runtime::co_bridge(move || f(&me)).await
-    }
-
-    /// Reads `buf.len()` bytes at `offset`. The async form of [`BlockBackend::co_pread`].
-    pub async fn pread_async(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let Some(path) = self.native() else {
-            let len = buf.len();
-            let (own, res) = self
-                .bridged(move |b| {
-                    let mut own = vec![0; len];
-                    let r = b.co_pread(offset, &mut own);
-                    (own, r)
-                })
-                .await;
-            res?;
-            buf.copy_from_slice(&own);
-            return Ok(());
-        };
-        let _req = self.enter();
-        self.check_range(offset, buf.len() as u64)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        path.preadv(offset, buf).await
-    }
-
-    /// Writes `buf` at `offset`. The async form of [`BlockBackend::co_pwrite`].
-    pub async fn pwrite_async(self: &Arc<Self>, offset: u64, buf: &[u8]) -> Result<()> {
-        if let Some(may_unmap) = self.detected_zeroes(buf) {
-            return self
-                .pwrite_zeroes_async(offset, buf.len() as u64, may_unmap)
-                .await;
-        }
-        let len = buf.len() as u64;
-        if let Some(path) = self.native().filter(|p| !p.touches_guard(offset, len)) {
-            let req = self.enter();
-            self.check_writable()?;
-            if self.write_range(offset, buf.len() as u64)?.is_none() {
-                if buf.is_empty() {
-                    return Ok(());
-                }
-                return path.pwritev(offset, buf).await;
-            }
-            drop(req); // growth: the bridge counts the request itself
-        }
-        let data = buf.to_vec();
-        self.bridged(move |b| b.co_pwrite(offset, &data)).await
-    }
-
-    /// The async form of [`BlockBackend::co_flush`].
-    pub async fn flush_async(self: &Arc<Self>) -> Result<()> {
-        let Some(path) = self.native() else {
-            return self.bridged(|b| b.co_flush()).await;
-        };
-        let _req = self.enter();
-        path.flush().await
-    }
-
-    /// The async form of [`BlockBackend::co_pwrite_zeroes`].
-    pub async fn pwrite_zeroes_async(
-        self: &Arc<Self>,
-        offset: u64,
-        len: u64,
-        may_unmap: bool,
-    ) -> Result<()> {
-        let may_unmap = self.allow_unmap(may_unmap);
-        if let Some(path) = self.native().filter(|p| !p.touches_guard(offset, len)) {
-            let req = self.enter();
-            self.check_writable()?;
-            if self.write_range(offset, len)?.is_none() {
-                if len == 0 {
-                    return Ok(());
-                }
-                return path.pwrite_zeroes(offset, len, may_unmap).await;
-            }
-            drop(req);
-        }
-        self.bridged(move |b| b.co_pwrite_zeroes(offset, len, may_unmap))
-            .await
-    }
-
-    /// The async form of [`BlockBackend::co_pdiscard`].
-    pub async fn pdiscard_async(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
-        if self.discard == Discard::Ignore {
-            let _req = self.enter();
-            self.check_writable()?;
-            return self.check_range(offset, len);
-        }
-        let Some(path) = self.native().filter(|p| !p.touches_guard(offset, len)) else {
-            return self.bridged(move |b| b.co_pdiscard(offset, len)).await;
-        };
-        let _req = self.enter();
-        self.check_writable()?;
-        self.check_range(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        path.pdiscard(offset, len).await
-    }
-
-    /// The async form of [`BlockBackend::co_block_status`].
-    pub async fn block_status_async(
-        self: &Arc<Self>,
-        offset: u64,
-        len: u64,
-    ) -> Result<(BlockStatus, u64)> {
-        let Some(path) = self.native() else {
-            return self.bridged(move |b| b.co_block_status(offset, len)).await;
-        };
-        let _req = self.enter();
-        let len = self.block_status_len(offset, len)?;
-        let (status, n) = path.block_status(offset, len)?;
-        Ok((status, n.clamp(1, len)))
-    }
-
-    /// The async form of [`BlockBackend::co_truncate`]; always through the bridge (a cold
-    /// path that needs the resize lock and, with an alignment, the serialising lock).
-    pub async fn truncate_async(self: &Arc<Self>, size: u64) -> Result<()> {
-        self.bridged(move |b| b.co_truncate(size)).await
-    }
-
-    /// Whether requests of the async engine reach the driver natively (else the bridge).
-    pub fn is_natively_async(&self) -> bool {
-        self.native().is_some()
     }
 }
 

@@ -58,6 +58,14 @@
 //! lands in a hole never fails, whatever its alignment. [`BlockDriver::request_alignment`]
 //! reports the result; the [`crate::BlockBackend`] pads and bounces unaligned requests.
 //!
+//! ## Two engines
+//!
+//! This file is the driver as the coroutine engine runs it. The async engine's forms of the
+//! operations that may block (`preadv_async`, …) are in `async_engine/file.rs`
+//! ([`crate::async_engine`]); they share the inline attempts, the counters and the flags here
+//! (`pub(crate)` for that reason) and differ only in the hand-off to the pool or the ring,
+//! which must own its buffer.
+//!
 //! ## Errors
 //!
 //! A failed `fdatasync` in writeback mode poisons further flushes (QEMU's
@@ -70,7 +78,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::async_io::{AsyncLeaf, AsyncPath};
 use crate::image_lock::{self, LockError, Perm};
 use crate::sys::{self, AlignedBuf, FallocMode, FileKind, OpenFlags, RwFlags, Whence};
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
@@ -126,15 +133,15 @@ pub struct FileStats {
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     inline_reads: AtomicU64,
     inline_writes: AtomicU64,
     inline_misses: AtomicU64,
-    pool_requests: AtomicU64,
-    ring_requests: AtomicU64,
+    pub(crate) pool_requests: AtomicU64,
+    pub(crate) ring_requests: AtomicU64,
 }
 
-fn bump(c: &AtomicU64) {
+pub(crate) fn bump(c: &AtomicU64) {
     // A statistic: no other memory depends on it.
     c.fetch_add(1, Ordering::Relaxed);
 }
@@ -142,15 +149,15 @@ fn bump(c: &AtomicU64) {
 /// The `file` protocol driver. QEMU: `BDRVRawState` with `bdrv_file`/`bdrv_host_device`.
 pub struct FileDriver {
     /// Shared with thread-pool jobs of the async path, which must own what they use.
-    fd: Arc<OwnedFd>,
+    pub(crate) fd: Arc<OwnedFd>,
     path: PathBuf,
     kind: FileKind,
     read_only: bool,
-    direct: bool,
+    pub(crate) direct: bool,
     /// Requests that would block go to the thread's io_uring when it has one.
-    uring: bool,
+    pub(crate) uring: bool,
     request_alignment: u64,
-    mem_alignment: u64,
+    pub(crate) mem_alignment: u64,
     /// Whether this image holds lock bytes (false with force-share or without OFD support).
     locked: bool,
     // Capability flags, cleared the first time the kernel says "not supported". Relaxed: a
@@ -164,24 +171,24 @@ pub struct FileDriver {
     /// small write does not run inline either: a tmpfs write holds the inode lock for its
     /// whole copy, and the queue thread would sleep on it behind a 1 MiB write (or several),
     /// reading no requests meanwhile.
-    pool_writes: AtomicUsize,
+    pub(crate) pool_writes: AtomicUsize,
     /// Buffered writes of a regular file go to the pool through this lane, one at a time: they
     /// serialise on the inode lock anyway (see `runtime::Lane`). `None` with O_DIRECT (writes
     /// may run in parallel) and for block devices.
-    write_lane: Option<runtime::Lane>,
-    has_punch_hole: AtomicBool,
-    has_zero_range: AtomicBool,
+    pub(crate) write_lane: Option<runtime::Lane>,
+    pub(crate) has_punch_hole: AtomicBool,
+    pub(crate) has_zero_range: AtomicBool,
     /// errno of a failed `fdatasync` in writeback mode; 0 if none. QEMU:
     /// `page_cache_inconsistent`.
     page_cache_inconsistent: AtomicI32,
-    counters: Counters,
+    pub(crate) counters: Counters,
 }
 
 /// Counts a write in [`FileDriver::pool_writes`] while it lives.
-struct PoolWrite<'a>(&'a AtomicUsize);
+pub(crate) struct PoolWrite<'a>(&'a AtomicUsize);
 
 impl<'a> PoolWrite<'a> {
-    fn enter(count: &'a AtomicUsize) -> PoolWrite<'a> {
+    pub(crate) fn enter(count: &'a AtomicUsize) -> PoolWrite<'a> {
         count.fetch_add(1, Ordering::Relaxed);
         PoolWrite(count)
     }
@@ -335,7 +342,7 @@ impl FileDriver {
         self.fd.as_fd()
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
@@ -370,7 +377,7 @@ impl FileDriver {
     /// file. Measured on ext4, 4k random buffered writes at QD32 (`scripts/aio-compare.sh`):
     /// the ring reached 0.75x the lane's IOPS with 2 queue threads and 0.53x with one, at
     /// 1.5-2x the CPU per request.
-    fn ring_writes(&self) -> bool {
+    pub(crate) fn ring_writes(&self) -> bool {
         self.uring && self.write_lane.is_none()
     }
 
@@ -378,7 +385,7 @@ impl FileDriver {
     /// ones run inline) go to the pool so that a second CPU copies while the queue thread reads
     /// the next request; io_uring would copy on the queue thread itself (tmpfs reads never
     /// block). Measured on tmpfs, 1M sequential reads: the ring 0.87x the pool.
-    fn ring_reads(&self) -> bool {
+    pub(crate) fn ring_reads(&self) -> bool {
         self.uring && !self.memory_backed
     }
 
@@ -509,7 +516,7 @@ impl FileDriver {
 
     /// What a `fallocate` result means: done, not supported (remembered in `flag`), or an
     /// error. Shared by both engines.
-    fn fallocate_result(
+    pub(crate) fn fallocate_result(
         &self,
         flag: &AtomicBool,
         mode: FallocMode,
@@ -532,7 +539,7 @@ impl FileDriver {
     /// The inline part of a read, shared by both engines: a memory-backed file or an
     /// `RWF_NOWAIT` hit completes it; otherwise says how much is done and the rest goes to the
     /// thread pool.
-    fn read_inline(&self, offset: u64, buf: &mut [u8]) -> Result<Inline> {
+    pub(crate) fn read_inline(&self, offset: u64, buf: &mut [u8]) -> Result<Inline> {
         if self.memory_backed && buf.len() <= INLINE_MAX {
             bump(&self.counters.inline_reads);
             read_full(self.fd(), buf, offset, false)?;
@@ -564,7 +571,7 @@ impl FileDriver {
     }
 
     /// The inline part of a write; see [`FileDriver::read_inline`].
-    fn write_inline(&self, offset: u64, buf: &[u8]) -> Result<Inline> {
+    pub(crate) fn write_inline(&self, offset: u64, buf: &[u8]) -> Result<Inline> {
         self.check_writable()?;
         if self.memory_backed
             && buf.len() <= INLINE_MAX
@@ -595,7 +602,7 @@ impl FileDriver {
 
     /// Before an `fdatasync`: `Ok(false)` if there is nothing to flush, the remembered error
     /// if an earlier one failed.
-    fn flush_needed(&self) -> Result<bool> {
+    pub(crate) fn flush_needed(&self) -> Result<bool> {
         if self.read_only {
             return Ok(false); // as bdrv_co_flush(): nothing of ours to make durable
         }
@@ -607,7 +614,7 @@ impl FileDriver {
     }
 
     /// After an `fdatasync`: a failure in writeback mode poisons later flushes.
-    fn flush_result(&self, res: io::Result<()>) -> Result<()> {
+    pub(crate) fn flush_result(&self, res: io::Result<()>) -> Result<()> {
         if let Err(e) = &res {
             if !self.direct {
                 let errno = e.raw_os_error().unwrap_or(libc::EIO);
@@ -619,7 +626,7 @@ impl FileDriver {
 }
 
 /// How far the inline attempt got.
-enum Inline {
+pub(crate) enum Inline {
     Done,
     /// This many bytes are done; the rest needs the thread pool.
     Rest(usize),
@@ -638,7 +645,7 @@ fn not_supported(e: &io::Error) -> bool {
     )
 }
 
-fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+pub(crate) fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     loop {
         match f() {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -649,7 +656,12 @@ fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
 
 /// Reads all of `buf`, filling what lies beyond EOF with zeros. QEMU:
 /// `handle_aiocb_rw_linear()` plus the `iov_memset()` of `handle_aiocb_rw()`.
-fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64, direct: bool) -> io::Result<()> {
+pub(crate) fn read_full(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    offset: u64,
+    direct: bool,
+) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         match sys::pread(fd, &mut buf[done..], offset + done as u64) {
@@ -666,7 +678,7 @@ fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64, direct: bool) -> i
     Ok(())
 }
 
-fn write_full(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<()> {
+pub(crate) fn write_full(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         match sys::pwrite(fd, &buf[done..], offset + done as u64) {
@@ -898,253 +910,6 @@ impl BlockDriver for FileDriver {
 
     fn close(&self) -> Result<()> {
         self.co_flush()
-    }
-
-    fn async_path(&self) -> Option<AsyncPath<'_>> {
-        Some(AsyncPath::new(AsyncLeaf::File(self)))
-    }
-}
-
-/// The async engine's forms of the operations that may block (see [`crate::async_io`]). The
-/// inline attempts and the bookkeeping are the coroutine engine's; only the hand-off to the
-/// thread pool differs: a pool job must own what it touches (a future may be dropped at any
-/// `.await`), so it gets a clone of the fd's `Arc` and an owned buffer, and the caller's
-/// buffer is copied from or into it — one allocation and one copy per pool request that the
-/// coroutine engine (which lends the buffer itself) does not pay. Inline requests (page-cache
-/// hits, memory-backed files) cost exactly the same in both engines.
-impl FileDriver {
-    fn owned_buf(&self, len: usize) -> Result<AlignedBuf> {
-        Ok(AlignedBuf::zeroed(len, self.mem_alignment as usize)?)
-    }
-
-    /// Runs `f` with a clone of the fd on the thread pool and awaits it.
-    async fn pool<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(BorrowedFd<'_>) -> R + Send + 'static,
-    ) -> R {
-        self.pool_in(None, f).await
-    }
-
-    /// [`Self::pool`], in `lane` if given.
-    async fn pool_in<R: Send + 'static>(
-        &self,
-        lane: Option<&runtime::Lane>,
-        f: impl FnOnce(BorrowedFd<'_>) -> R + Send + 'static,
-    ) -> R {
-        bump(&self.counters.pool_requests);
-        let fd = self.fd.clone();
-        runtime::ThreadPool::global()
-            .submit_async_in(lane, move || f(fd.as_fd()))
-            .await
-    }
-
-    /// Reads `own[at..]` from `offset` (zeros past EOF), or writes it, through the thread's
-    /// ring; the buffer and how far it is done (all of it, or less if the ring stopped taking
-    /// requests: the rest is the caller's).
-    async fn ring_owned(
-        &self,
-        write: bool,
-        mut own: AlignedBuf,
-        mut at: usize,
-        offset: u64,
-    ) -> Result<(AlignedBuf, usize)> {
-        let start = at;
-        while at < own.len() {
-            let off = offset + (at - start) as u64;
-            let submitted = if write {
-                runtime::uring::write_owned(self.fd.clone(), own, at, off)
-            } else {
-                runtime::uring::read_owned(self.fd.clone(), own, at, off)
-            };
-            let op = match submitted {
-                Ok(op) => op,
-                Err((_, buf)) => return Ok((buf, at)),
-            };
-            let ((_, buf), res) = op.await;
-            own = buf;
-            bump(&self.counters.ring_requests);
-            match res {
-                Ok(0) if write => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                Ok(0) => break, // end of file
-                Ok(n) => at += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // See read_full: after a short O_DIRECT read, EINVAL means the end of the file.
-                Err(e)
-                    if !write
-                        && self.direct
-                        && at > start
-                        && e.raw_os_error() == Some(libc::EINVAL) =>
-                {
-                    break
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        own[at..].fill(0); // only a read stops early without an error
-        let len = own.len();
-        Ok((own, len))
-    }
-
-    /// A request without a buffer (`fdatasync`, `fallocate`) through the ring, `EINTR`
-    /// retried; `None` if the ring cannot take it.
-    async fn ring_call<O>(
-        &self,
-        op: impl Fn(Arc<OwnedFd>) -> std::result::Result<O, Arc<OwnedFd>>,
-    ) -> Option<io::Result<()>>
-    where
-        O: std::future::Future<Output = (Arc<OwnedFd>, io::Result<usize>)>,
-    {
-        if !self.uring {
-            return None;
-        }
-        loop {
-            let (_, res) = op(self.fd.clone()).ok()?.await;
-            match res {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => {
-                    bump(&self.counters.ring_requests);
-                    return Some(r.map(drop));
-                }
-            }
-        }
-    }
-
-    pub(crate) async fn preadv_async(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let done = match self.read_inline(offset, buf)? {
-            Inline::Done => return Ok(()),
-            Inline::Rest(n) => n,
-        };
-        let rest = &mut buf[done..];
-        let (off, direct) = (offset + done as u64, self.direct);
-        let mut own = self.owned_buf(rest.len())?;
-        let n = rest.len();
-        let mut at = 0;
-        if self.ring_reads() {
-            (own, at) = self.ring_owned(false, own, 0, off).await?;
-            if at == n {
-                rest.copy_from_slice(&own[..n]);
-                return Ok(());
-            }
-        }
-        let (own, res) = self
-            .pool(move |fd| {
-                let r = read_full(fd, &mut own[at..n], off + at as u64, direct);
-                (own, r)
-            })
-            .await;
-        res?;
-        rest.copy_from_slice(&own[..n]);
-        Ok(())
-    }
-
-    pub(crate) async fn pwritev_async(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        let done = match self.write_inline(offset, buf)? {
-            Inline::Done => return Ok(()),
-            Inline::Rest(n) => n,
-        };
-        let rest = &buf[done..];
-        let off = offset + done as u64;
-        let mut own = self.owned_buf(rest.len())?;
-        let n = rest.len();
-        own[..n].copy_from_slice(rest);
-        let _busy = PoolWrite::enter(&self.pool_writes);
-        let mut at = 0;
-        if self.ring_writes() {
-            (own, at) = self.ring_owned(true, own, 0, off).await?;
-            if at == n {
-                return Ok(());
-            }
-        }
-        let lane = self.write_lane.as_ref();
-        Ok(self
-            .pool_in(lane, move |fd| write_full(fd, &own[at..n], off + at as u64))
-            .await?)
-    }
-
-    pub(crate) async fn flush_async(&self) -> Result<()> {
-        if !self.flush_needed()? {
-            return Ok(());
-        }
-        let ring = self
-            .ring_call(|fd| runtime::uring::fsync_owned(fd, true))
-            .await;
-        let res = match ring {
-            Some(res) => res,
-            None => self.pool(|fd| retry_eintr(|| sys::fdatasync(fd))).await,
-        };
-        self.flush_result(res)
-    }
-
-    async fn fallocate_async(
-        &self,
-        flag: &AtomicBool,
-        mode: FallocMode,
-        offset: u64,
-        len: u64,
-    ) -> Result<bool> {
-        if !flag.load(Ordering::Relaxed) {
-            return Ok(false);
-        }
-        let ring = self
-            .ring_call(|fd| runtime::uring::fallocate_owned(fd, mode.bits(), offset, len))
-            .await;
-        let res = match ring {
-            Some(res) => res,
-            None => {
-                self.pool(move |fd| retry_eintr(|| sys::fallocate(fd, mode, offset, len)))
-                    .await
-            }
-        };
-        self.fallocate_result(flag, mode, res)
-    }
-
-    pub(crate) async fn pwrite_zeroes_async(
-        &self,
-        offset: u64,
-        len: u64,
-        may_unmap: bool,
-    ) -> Result<()> {
-        self.check_writable()?;
-        if len == 0 {
-            return Ok(());
-        }
-        if may_unmap
-            && self
-                .fallocate_async(&self.has_punch_hole, FallocMode::PunchHole, offset, len)
-                .await?
-        {
-            return Ok(());
-        }
-        if self
-            .fallocate_async(&self.has_zero_range, FallocMode::ZeroRange, offset, len)
-            .await?
-        {
-            return Ok(());
-        }
-        const CHUNK: u64 = 1 << 20;
-        let zeros = self.owned_buf(len.min(CHUNK) as usize)?;
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK) as usize;
-            self.pwritev_async(offset + done, &zeros[..n]).await?;
-            done += n as u64;
-        }
-        Ok(())
-    }
-
-    pub(crate) async fn pdiscard_async(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_writable()?;
-        if len == 0 {
-            return Ok(());
-        }
-        if self
-            .fallocate_async(&self.has_punch_hole, FallocMode::PunchHole, offset, len)
-            .await?
-        {
-            Ok(())
-        } else {
-            Err(BlockError::NotSupported("discard (fallocate PUNCH_HOLE)"))
-        }
     }
 }
 

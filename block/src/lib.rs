@@ -18,6 +18,13 @@
 //! image is shared by all queue threads; state that needs a lock across a yield uses
 //! `runtime::CoMutex`.
 //!
+//! The async engine (`--engine async`) is a sibling, [`async_engine`]: the `*_async` forms of
+//! `BlockBackend`'s requests and of the `file` driver's blocking operations, and the enum
+//! dispatch that reaches `file` and `null` through `raw` windows without a trait object. The
+//! [`BlockDriver`] trait names neither the async engine nor any concrete driver (its I/O methods
+//! are the coroutine engine's `co_` ones); the async engine finds its way down a stack through
+//! [`BlockDriver::window`] (raw) and recognises its leaves by their type.
+//!
 //! # Example: open an image and read it from a coroutine
 //!
 //! ```
@@ -49,7 +56,6 @@
 //! | module | QEMU | owns |
 //! |---|---|---|
 //! | [`backend`] | `block/block-backend.c`, `block/io.c` | `BlockBackend`: checks, alignment, in-flight, drain |
-//! | [`async_io`] | none (the async engine) | the natively async route to file/raw/null, and the bridge for the rest |
 //! | [`file`](mod@file) | `block/file-posix.c` | the `file` protocol driver |
 //! | [`image_lock`] | `block/file-posix.c` (lock bytes) | QEMU-compatible image locking |
 //! | [`raw`] | `block/raw-format.c` | the `raw` format, with an offset/size window |
@@ -62,8 +68,9 @@
 //! | [`partition`] | none (Linux `block/partitions/{msdos,efi}.c`) | MBR and GPT partition tables as byte windows |
 //! | [`probe`] | `block.c` `bdrv_probe_all()`, each driver's `bdrv_probe` | image format detection |
 //! | `sys` (private) | the syscalls of the above | every `unsafe` of the crate |
+//! | [`async_engine`] (`async_engine/`) | none (the async counterpart of `block/block-backend.c`, `block/io.c` and `block/file-posix.c`'s `co_` paths) | the async engine: `AsyncLeaf`/`AsyncPath` (`mod.rs`), `BlockBackend::*_async` (`backend.rs`), `FileDriver`'s async forms (`file.rs`); qcow2 and the rest through the coroutine bridge |
 
-pub mod async_io;
+pub mod async_engine;
 pub mod backend;
 pub mod blkdebug;
 pub mod blklogwrites;
@@ -80,12 +87,13 @@ pub mod qcow2;
 pub mod raw;
 mod sys;
 
+use std::any::Any;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use async_io::{AsyncLeaf, AsyncPath};
+pub use async_engine::{AsyncLeaf, AsyncPath};
 pub use backend::{BackendOptions, BlockBackend, DetectZeroes, Discard};
 pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Gate, Rule, RuleId};
 pub use blklogwrites::{BlklogwritesDriver, LoggedOp};
@@ -225,6 +233,19 @@ pub enum BlockStatus {
     Unallocated,
 }
 
+/// What a node that forwards every request to one child, shifted by a fixed offset, does to
+/// them (a `raw` window): see [`BlockDriver::window`].
+#[derive(Clone, Copy)]
+pub struct Window<'a> {
+    /// The node every request goes on to.
+    pub child: &'a dyn BlockDriver,
+    /// Added to every offset on the way down.
+    pub offset: u64,
+    /// The first `guard` bytes of the child (0: none) are checked by the node itself: a write,
+    /// write-zeroes or discard that touches them must go through the node, not around it.
+    pub guard: u64,
+}
+
 /// A block driver: a format (raw, qcow2, null) or protocol (file) node.
 ///
 /// QEMU: `BlockDriver` in `include/block/block_int-common.h`. All offsets are bytes; requests
@@ -232,7 +253,10 @@ pub enum BlockStatus {
 /// [`BlockDriver::min_mem_alignment`], and inside [`BlockDriver::getlength`] rounded up to the
 /// request alignment (the backend checks and pads), except `co_truncate`. A read of the padding
 /// past the end returns zeros.
-pub trait BlockDriver: Send + Sync {
+///
+/// `Any` lets a caller ask a node's concrete type (as `&dyn Any`): the async engine recognises
+/// the leaves it drives natively that way ([`AsyncLeaf`]), so this trait need not name them.
+pub trait BlockDriver: Any + Send + Sync {
     /// The driver's name as `qemu-img info` would print it ("raw", "qcow2", "null", "file").
     fn format_name(&self) -> &'static str;
 
@@ -300,9 +324,13 @@ pub trait BlockDriver: Send + Sync {
         None
     }
 
-    /// The natively async route to this node's data, if it has one ([`async_io`]); `None`
-    /// (the default) sends the async engine's requests through the coroutine bridge.
-    fn async_path(&self) -> Option<AsyncPath<'_>> {
+    /// If this node passes every read, write, flush, write-zeroes, discard and block-status
+    /// query to one child unchanged but for a fixed shift of the offset (a `raw` window), the
+    /// child and the shift; `None` (the default) if it does work of its own. The node's size
+    /// and truncation stay its own, and so do changes of the `guard` range. A caller may skip
+    /// such a node: the async engine does, to reach a leaf it drives natively
+    /// ([`AsyncPath::of`]). QEMU: `raw_adjust_offset()` of `block/raw-format.c`.
+    fn window(&self) -> Option<Window<'_>> {
         None
     }
 }

@@ -1,11 +1,11 @@
 //! The `null-co` driver: a device of a given size that reads as zeros and forgets writes.
 //!
 //! QEMU: `block/null.c` (`null-co` with `read-zeroes=on`). Benchmarks use it to measure the
-//! transport (FUSE, coroutines, the event loop) without any storage underneath.
+//! transport (FUSE, coroutines, the event loop) without any storage underneath. No method
+//! ever waits, so the async engine calls the same methods ([`crate::async_engine`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::async_io::{AsyncLeaf, AsyncPath};
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
 
 /// The `null-co` driver. QEMU: `BDRVNullState`.
@@ -75,10 +75,5 @@ impl BlockDriver for NullDriver {
         self.check_writable()?;
         self.size.store(size, Ordering::Relaxed);
         Ok(())
-    }
-
-    /// Natively async: no method of this driver ever waits.
-    fn async_path(&self) -> Option<AsyncPath<'_>> {
-        Some(AsyncPath::new(AsyncLeaf::Null(self)))
     }
 }

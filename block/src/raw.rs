@@ -31,9 +31,8 @@ use std::sync::Arc;
 
 use runtime::CoMutex;
 
-use crate::async_io::AsyncPath;
 use crate::backend::{BackendOptions, BlockBackend};
-use crate::{probe, BlockDriver, BlockError, BlockStatus, Result};
+use crate::{probe, BlockDriver, BlockError, BlockStatus, Result, Window};
 
 /// The bytes a probe looks at, and so the bytes guarded on a probed image. QEMU:
 /// `BLOCK_PROBE_BUF_SIZE`.
@@ -242,17 +241,17 @@ impl BlockDriver for RawDriver {
         self.child.close()
     }
 
-    /// The child's path, shifted by the window's offset. Raw adds nothing else to a request;
-    /// truncation, which it does check, goes through the coroutine bridge. A check raw makes
-    /// on some writes must be declared here with [`AsyncPath::guard_first`] (here: the
-    /// probed-image first-sector guard, in the child's coordinates, before the shift), or the
-    /// async engine would skip it.
-    fn async_path(&self) -> Option<AsyncPath<'_>> {
-        let mut path = self.child.async_path()?;
-        if self.probed {
-            path = path.guard_first(PROBE_SECTOR)?;
-        }
-        path.shifted(self.offset)
+    /// The child, shifted by the window's offset: raw adds nothing else to a request but its
+    /// size (which the backend above checks) and its truncation rules. A check raw makes on
+    /// some changes must be declared here in `guard` (the probed-image first-sector guard, in
+    /// the child's coordinates), or whoever looks through the window — the async engine —
+    /// would skip it.
+    fn window(&self) -> Option<Window<'_>> {
+        Some(Window {
+            child: &*self.child,
+            offset: self.offset,
+            guard: if self.probed { PROBE_SECTOR } else { 0 },
+        })
     }
 }
 

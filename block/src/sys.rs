@@ -364,7 +364,7 @@ unsafe impl Sync for AlignedBuf {}
 
 // SAFETY: the bytes live in the heap allocation `ptr`, owned by the value until it is dropped
 // and never moved or reallocated; moving an `AlignedBuf` moves only the pointer.
-unsafe impl runtime::uring::StableBuf for AlignedBuf {
+unsafe impl runtime::executor::uring::StableBuf for AlignedBuf {
     fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
     }

@@ -73,7 +73,7 @@ fn io_uring_mode_without_a_ring_uses_the_pool() {
         )
         .expect("open writeback");
         block_on(async {
-            let path = block::BlockDriver::async_path(&wb).expect("async path");
+            let path = block::AsyncPath::of(&wb).expect("async path");
             path.pwritev(0, &pattern(65_536, 9)).await.expect("write");
             path.flush().await.expect("flush");
         });

@@ -145,9 +145,7 @@ fn driver_read(file: &Arc<FileDriver>, engine: Engine, off: u64, len: usize) -> 
             co(move || f.co_preadv(off, &mut buf).map(|()| buf.to_vec()))
         }
         Engine::Async => block_on(async {
-            let path = file
-                .async_path()
-                .expect("the file driver has an async path");
+            let path = block::AsyncPath::of(&**file).expect("the file driver has an async path");
             path.preadv(off, &mut buf).await.map(|()| buf.to_vec())
         }),
     }
@@ -162,9 +160,7 @@ fn driver_write(file: &Arc<FileDriver>, engine: Engine, off: u64, data: &[u8]) -
             co(move || f.co_pwritev(off, &buf))
         }
         Engine::Async => block_on(async {
-            let path = file
-                .async_path()
-                .expect("the file driver has an async path");
+            let path = block::AsyncPath::of(&**file).expect("the file driver has an async path");
             path.pwritev(off, &buf).await
         }),
     }

@@ -36,7 +36,7 @@ pub fn wait_while(ctx: &AioContext, mut cond: impl FnMut() -> bool) {
         "wait_while() would block a coroutine's thread; yield instead"
     );
     assert!(
-        !crate::executor::in_task(),
+        !crate::aio::in_task_poll(),
         "wait_while() inside an async task would poll its own loop from inside a poll; await instead"
     );
     waiters().push(ctx.remote());

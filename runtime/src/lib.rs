@@ -24,7 +24,8 @@
 //! `std::task::Waker` schedules it on the same context, through the same bottom halves and
 //! remote queue. The coroutine locks, the thread pool and timers have async forms
 //! ([`CoMutex::lock_async`], [`ThreadPool::submit_async`], [`executor::sleep`]), and
-//! [`block_on`] waits for a future from the main loop:
+//! [`block_on`] waits for a future from the main loop. All of the async engine lives in
+//! [`executor`] (`runtime/src/executor/`), so a reader of the coroutine engine can skip it:
 //!
 //! ```
 //! use runtime::{block_on, executor, spawn_local, ThreadPool};
@@ -40,7 +41,7 @@
 //!
 //! A context waits through an **io_uring** when the kernel allows it ([`ring`]; else epoll,
 //! [`FdMonitor`]): its fd handlers are polls on the ring, and a coroutine or task can put its own
-//! I/O on the same ring ([`uring::co_read`], [`uring::read_owned`]) and be resumed by the
+//! I/O on the same ring ([`uring::co_read`], [`executor::uring::read_owned`]) and be resumed by the
 //! completion on its own thread — the yield on I/O without a thread-pool hop.
 //!
 //! An [`IoThread`] is a thread whose only job is to poll its context; [`wait_while`] blocks the
@@ -79,14 +80,14 @@
 //! | [`bh`] | `util/async.c` | bottom halves |
 //! | [`timer`] | `util/qemu-timer.c` | timers |
 //! | [`coroutine`] | `util/qemu-coroutine.c` | coroutines, wakes, the stack pool |
-//! | [`executor`] | none (the async/await counterpart of `util/qemu-coroutine.c`) | async tasks, wakers, `block_on`, the coroutine bridge, `sleep` |
 //! | [`lock`] | `util/qemu-coroutine-lock.c` | `CoMutex`, `CoQueue`, `CoRwLock`, `co_sleep` |
 //! | [`thread_pool`] | `util/thread-pool.c` | `ThreadPool` |
 //! | [`iothread`] | `iothread.c` | `IoThread` |
 //! | [`aio_wait`] | `util/aio-wait.c` | `wait_while`, `kick` |
 //! | [`ring`] | `util/fdmon-io_uring.c`, `aio_add_sqe()` | the io_uring of a context: fd polls, SQEs, completions |
-//! | [`uring`] | `block/io_uring.c` | I/O on the thread's ring: `co_read` & co. for coroutines, `Op` futures for tasks |
+//! | [`uring`] | `block/io_uring.c` | I/O on the thread's ring for coroutines: `co_read` & co. |
 //! | `sys` (private) | `util/fdmon-epoll.c` | the epoll and eventfd syscalls (the fallback monitor) |
+//! | [`executor`] (`executor/`) | none (the async/await counterpart of `util/qemu-coroutine.c` and of the waits above) | the async engine: tasks, wakers, `block_on`, `sleep`, the coroutine bridge (`task.rs`, `wait.rs`, `bridge.rs`), and the async forms of the locks, the pool and ring I/O (`lock.rs`, `thread_pool.rs`, `uring.rs`: the same names as their coroutine twins) |
 //!
 //! `docs/runtime.md` at the repository root walks through the same material with diagrams and
 //! the measured costs.
@@ -114,13 +115,15 @@ pub use coroutine::{
     co_yield, in_coroutine, inject_stack_failures, spawn, CoPanic, CoWaker, Coroutine, JoinHandle,
     PoolConfig, NO_STACK,
 };
-pub use executor::{block_on, co_bridge, spawn_detached, spawn_local, TaskHandle};
+pub use executor::{
+    block_on, co_bridge, spawn_detached, spawn_local, CoMutexLock, CoQueueWait, PoolFuture,
+    TaskHandle,
+};
 pub use iothread::IoThread;
 pub use lock::{
-    co_sleep, co_sleep_until, CoMutex, CoMutexGuard, CoMutexLock, CoQueue, CoQueueWait,
-    CoReadGuard, CoRwLock, CoWriteGuard,
+    co_sleep, co_sleep_until, CoMutex, CoMutexGuard, CoQueue, CoReadGuard, CoRwLock, CoWriteGuard,
 };
-pub use thread_pool::{inject_spawn_failures, Lane, PoolFuture, ThreadPool};
+pub use thread_pool::{inject_spawn_failures, Lane, ThreadPool};
 pub use timer::Timer;
 
 #[doc(hidden)]

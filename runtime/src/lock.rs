@@ -21,32 +21,23 @@
 //! (QEMU's `handoff` protocol); the data sits inside the lock, as in `std::sync::Mutex`, and is
 //! reached through a guard that unlocks when dropped.
 //!
-//! ## Async waiters
-//!
-//! [`CoMutex::lock_async`] and [`CoQueue::wait_async`] are the same locks for async tasks (see
-//! [`crate::executor`]): one wait queue holds both kinds of waiter (`Waiter`: a `CoWaker` or a
-//! `std::task::Waker`), so a coroutine and a future contending for one mutex are served in
-//! one FIFO order and hand the lock to each other. Each waiter carries a ticket, increasing in
-//! queue order; since waiters leave the queue only from the front (or by cancellation), a
-//! waiting future knows it was picked when the front ticket is past its own (or the queue is
-//! empty) — no extra allocation per wait. A future can be dropped while it waits (coroutines
-//! cannot): it then leaves the queue, or, if it was already picked, passes the lock (or the
-//! wake-up) on to the next waiter.
+//! Async tasks wait in the same queues: a waiter is a coroutine or a task (`WaiterKind`), so a
+//! coroutine and a future contending for one mutex are served in one FIFO order. The async
+//! forms (`CoMutex::lock_async`, `CoQueue::wait_async`) and the tickets by which a waiting
+//! future finds out it was picked are the async engine's: `executor/lock.rs`.
 
 use std::cell::UnsafeCell;
 use std::collections::VecDeque;
-use std::future::Future;
 use std::ops::{Deref, DerefMut};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use crate::aio::AioContext;
 use crate::coroutine::{co_yield, CoWaker};
 
-fn lock_state<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock_state<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The protected sections below only move waiters between queues and cannot panic halfway,
     // so a poisoned lock still holds consistent state.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -56,12 +47,12 @@ fn lock_state<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 ///
 /// QEMU: `CoMutex`, `qemu_co_mutex_lock()`, `qemu_co_mutex_unlock()`.
 pub struct CoMutex<T: ?Sized> {
-    state: Mutex<MutexState>,
+    pub(crate) state: Mutex<MutexState>,
     /// Mirrors `state.locked` for spinners, who read it without taking `state`.
-    busy: AtomicBool,
+    pub(crate) busy: AtomicBool,
     /// The thread of the current holder ([`thread_tag`]), a hint for spinners; Relaxed: a stale
     /// value only costs a useless spin or a queueing.
-    owner: AtomicUsize,
+    pub(crate) owner: AtomicUsize,
     data: UnsafeCell<T>,
 }
 
@@ -74,26 +65,27 @@ thread_local! {
 }
 
 /// A number unique to the calling thread while it lives: the address of a thread-local.
-fn thread_tag() -> usize {
+pub(crate) fn thread_tag() -> usize {
     TAG.with(|t| t as *const u8 as usize)
 }
 
 #[derive(Default)]
-struct MutexState {
-    locked: bool,
-    waiters: WaitList,
+pub(crate) struct MutexState {
+    pub(crate) locked: bool,
+    pub(crate) waiters: WaitList,
 }
 
 /// Who waits: a coroutine or an async task.
-enum WaiterKind {
+pub(crate) enum WaiterKind {
     Co(CoWaker),
     Task(Waker),
 }
 
-/// One entry of a wait queue; tickets increase from front to back.
-struct Waiter {
-    ticket: u64,
-    kind: WaiterKind,
+/// One entry of a wait queue; tickets increase from front to back (only a task waiter reads
+/// its ticket: see `executor/lock.rs`).
+pub(crate) struct Waiter {
+    pub(crate) ticket: u64,
+    pub(crate) kind: WaiterKind,
 }
 
 impl Waiter {
@@ -105,15 +97,15 @@ impl Waiter {
     }
 }
 
-/// A FIFO of coroutine and task waiters (see "Async waiters" in the module doc).
+/// A FIFO of coroutine and task waiters, shared by both engines.
 #[derive(Default)]
-struct WaitList {
-    queue: VecDeque<Waiter>,
+pub(crate) struct WaitList {
+    pub(crate) queue: VecDeque<Waiter>,
     next_ticket: u64,
 }
 
 impl WaitList {
-    fn push(&mut self, kind: WaiterKind) -> u64 {
+    pub(crate) fn push(&mut self, kind: WaiterKind) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         self.queue.push_back(Waiter { ticket, kind });
@@ -126,28 +118,6 @@ impl WaitList {
 
     fn pop_front(&mut self) -> Option<Waiter> {
         self.queue.pop_front()
-    }
-
-    /// Whether the waiter with `ticket` has left the queue from the front (was picked).
-    fn was_picked(&self, ticket: u64) -> bool {
-        self.queue.front().is_none_or(|w| w.ticket > ticket)
-    }
-
-    /// Keeps the newest waker of a task that is polled again while it waits.
-    fn update_waker(&mut self, ticket: u64, waker: &Waker) {
-        if let Some(w) = self.queue.iter_mut().find(|w| w.ticket == ticket) {
-            match &mut w.kind {
-                WaiterKind::Task(old) if old.will_wake(waker) => {}
-                kind => *kind = WaiterKind::Task(waker.clone()),
-            }
-        }
-    }
-
-    /// Removes a waiter that gave up (a dropped future).
-    fn remove(&mut self, ticket: u64) {
-        if let Some(i) = self.queue.iter().position(|w| w.ticket == ticket) {
-            self.queue.remove(i);
-        }
     }
 
     fn len(&self) -> usize {
@@ -217,17 +187,6 @@ impl<T: ?Sized> CoMutex<T> {
         CoMutexGuard { mutex: self }
     }
 
-    /// Takes the lock from an async task; the future completes when the lock is ours. Shares
-    /// the FIFO of [`CoMutex::co_lock`]. Dropping the future while it waits gives up the place
-    /// (or passes on the lock, if it had just been handed over).
-    pub fn lock_async(&self) -> CoMutexLock<'_, T> {
-        CoMutexLock {
-            mutex: self,
-            ticket: None,
-            acquired: false,
-        }
-    }
-
     /// Takes the lock if it is free.
     pub fn try_lock(&self) -> Option<CoMutexGuard<'_, T>> {
         let mut st = lock_state(&self.state);
@@ -250,7 +209,7 @@ impl<T: ?Sized> CoMutex<T> {
         lock_state(&self.state).waiters.len()
     }
 
-    fn unlock(&self) {
+    pub(crate) fn unlock(&self) {
         let next = {
             let mut st = lock_state(&self.state);
             let next = st.waiters.pop_front();
@@ -270,68 +229,9 @@ impl<T: ?Sized> CoMutex<T> {
     }
 }
 
-/// The future of [`CoMutex::lock_async`].
-pub struct CoMutexLock<'a, T: ?Sized> {
-    mutex: &'a CoMutex<T>,
-    /// Our place in the queue, once we had to wait.
-    ticket: Option<u64>,
-    /// The guard was handed out.
-    acquired: bool,
-}
-
-impl<'a, T: ?Sized> Future for CoMutexLock<'a, T> {
-    type Output = CoMutexGuard<'a, T>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CoMutexGuard<'a, T>> {
-        let this = self.get_mut();
-        let mut st = lock_state(&this.mutex.state);
-        let got = match this.ticket {
-            None if !st.locked => {
-                st.locked = true;
-                true
-            }
-            None => {
-                this.ticket = Some(st.waiters.push(WaiterKind::Task(cx.waker().clone())));
-                false
-            }
-            // Picked by `unlock`, which handed the lock over (`locked` stayed true).
-            Some(t) if st.waiters.was_picked(t) => true,
-            Some(t) => {
-                st.waiters.update_waker(t, cx.waker());
-                false
-            }
-        };
-        if got {
-            this.acquired = true;
-            this.mutex.busy.store(true, Ordering::Relaxed);
-            this.mutex.owner.store(thread_tag(), Ordering::Relaxed);
-            Poll::Ready(CoMutexGuard { mutex: this.mutex })
-        } else {
-            Poll::Pending
-        }
-    }
-}
-
-impl<T: ?Sized> Drop for CoMutexLock<'_, T> {
-    fn drop(&mut self) {
-        let Some(t) = self.ticket else { return };
-        if self.acquired {
-            return;
-        }
-        let mut st = lock_state(&self.mutex.state);
-        if st.waiters.was_picked(t) {
-            // The lock was handed to us but never taken: pass it on.
-            drop(st);
-            self.mutex.unlock();
-        } else {
-            st.waiters.remove(t);
-        }
-    }
-}
-
 /// Holds a [`CoMutex`]; unlocks when dropped.
 pub struct CoMutexGuard<'a, T: ?Sized> {
-    mutex: &'a CoMutex<T>,
+    pub(crate) mutex: &'a CoMutex<T>,
 }
 
 impl<T: ?Sized> Deref for CoMutexGuard<'_, T> {
@@ -368,7 +268,7 @@ impl<'a, T: ?Sized> CoMutexGuard<'a, T> {
 /// `qemu_co_queue_restart_all()`.
 #[derive(Default)]
 pub struct CoQueue {
-    waiters: Mutex<WaitList>,
+    pub(crate) waiters: Mutex<WaitList>,
 }
 
 impl CoQueue {
@@ -380,17 +280,6 @@ impl CoQueue {
     pub fn co_wait(&self) {
         lock_state(&self.waiters).push_current_co();
         co_yield();
-    }
-
-    /// Waits, from an async task, until `next()` or `restart_all()` picks it; shares the FIFO
-    /// of [`CoQueue::co_wait`]. Dropping the future while it waits leaves the queue; dropping
-    /// it after it was picked passes the wake-up on to the next waiter.
-    pub fn wait_async(&self) -> CoQueueWait<'_> {
-        CoQueueWait {
-            queue: self,
-            ticket: None,
-            done: false,
-        }
     }
 
     /// Releases `guard` while waiting and takes the mutex again before returning, so the
@@ -432,52 +321,6 @@ impl CoQueue {
     /// How many coroutines wait (for statistics and tests).
     pub fn len(&self) -> usize {
         lock_state(&self.waiters).len()
-    }
-}
-
-/// The future of [`CoQueue::wait_async`].
-pub struct CoQueueWait<'a> {
-    queue: &'a CoQueue,
-    ticket: Option<u64>,
-    done: bool,
-}
-
-impl Future for CoQueueWait<'_> {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        let mut st = lock_state(&this.queue.waiters);
-        match this.ticket {
-            None => {
-                this.ticket = Some(st.push(WaiterKind::Task(cx.waker().clone())));
-                Poll::Pending
-            }
-            Some(t) if st.was_picked(t) => {
-                this.done = true;
-                Poll::Ready(())
-            }
-            Some(t) => {
-                st.update_waker(t, cx.waker());
-                Poll::Pending
-            }
-        }
-    }
-}
-
-impl Drop for CoQueueWait<'_> {
-    fn drop(&mut self) {
-        let Some(t) = self.ticket else { return };
-        if self.done {
-            return;
-        }
-        let mut st = lock_state(&self.queue.waiters);
-        if st.was_picked(t) {
-            drop(st);
-            self.queue.next();
-        } else {
-            st.remove(t);
-        }
     }
 }
 

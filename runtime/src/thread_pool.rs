@@ -26,13 +26,17 @@
 //! sleeping, until the lane is empty. Linux's io_uring does the same with its "hashed" work
 //! (`io_wq_hash_work()` for buffered writes to one inode). The wake-up of each finished job's
 //! submitter is delivered before the next job starts.
+//!
+//! ## Async tasks
+//!
+//! A job may also wake an async task (`Wakeup::Task`): the workers, lanes and queue are shared
+//! by both engines. The async form, `ThreadPool::submit_async` with its `PoolFuture`, is the
+//! async engine's: `executor/thread_pool.rs`.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::task::{Context, Poll, Waker};
+use std::task::Waker;
 use std::thread;
 use std::time::Duration;
 
@@ -40,7 +44,7 @@ use crate::coroutine::{co_yield, CoWaker, Coroutine};
 
 /// Whom a finished job wakes: a coroutine ([`ThreadPool::submit_co`]) or an async task
 /// ([`ThreadPool::submit_async`]).
-enum Wakeup {
+pub(crate) enum Wakeup {
     Co(CoWaker),
     Task(Waker),
 }
@@ -63,7 +67,7 @@ impl Wakeup {
 /// A job returns whom to wake, if anyone, so that the worker can count itself idle *before*
 /// the wake: otherwise the woken submitter's next job would find no idle worker and start a
 /// needless new one.
-type Job = Box<dyn FnOnce() -> Option<Wakeup> + Send>;
+pub(crate) type Job = Box<dyn FnOnce() -> Option<Wakeup> + Send>;
 
 struct State {
     queue: VecDeque<Job>,
@@ -196,7 +200,7 @@ impl ThreadPool {
     }
 
     /// Queues `job` in `lane` (or, without one, in the pool).
-    fn push_in(&self, lane: Option<&Lane>, job: Job) {
+    pub(crate) fn push_in(&self, lane: Option<&Lane>, job: Job) {
         let Some(lane) = lane else {
             return self.push(job);
         };
@@ -333,43 +337,6 @@ impl ThreadPool {
         self.submit_co_in(lane, job)
     }
 
-    /// Runs `f` on a worker; the returned future completes with `f`'s result. The async
-    /// counterpart of [`ThreadPool::submit_co`]; a panic in `f` resumes in the awaiting task.
-    ///
-    /// The job is queued at once, not at the first poll. `f` is `'static`: a future may be
-    /// dropped or leaked at any `.await`, so it cannot lend a borrowed buffer to the worker the
-    /// way [`ThreadPool::submit_co_scoped`] does (see `executor`, "Borrowing across threads").
-    /// Dropping the future early discards the result; the job still runs.
-    pub fn submit_async<R: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> R + Send + 'static,
-    ) -> PoolFuture<R> {
-        self.submit_async_in(None, f)
-    }
-
-    /// [`ThreadPool::submit_async`], in `lane` if given.
-    pub fn submit_async_in<R: Send + 'static>(
-        &self,
-        lane: Option<&Lane>,
-        f: impl FnOnce() -> R + Send + 'static,
-    ) -> PoolFuture<R> {
-        let slot = Arc::new(Mutex::new(PoolSlot {
-            result: None,
-            waiter: None,
-        }));
-        let done = slot.clone();
-        self.push_in(
-            lane,
-            Box::new(move || {
-                let r = catch_unwind(AssertUnwindSafe(f));
-                let mut st = done.lock().unwrap_or_else(|e| e.into_inner());
-                st.result = Some(r);
-                st.waiter.take().map(Wakeup::Task)
-            }),
-        );
-        PoolFuture { slot }
-    }
-
     /// Runs `f` on a worker, then `cb(result)` on the calling thread's event loop. The callback
     /// form of [`ThreadPool::submit_co`]; a panic in `f` is logged and `cb` is not called.
     ///
@@ -395,41 +362,6 @@ impl ThreadPool {
     /// Workers alive now (for tests and statistics).
     pub fn threads(&self) -> usize {
         self.inner.lock().threads
-    }
-}
-
-struct PoolSlot<R> {
-    result: Option<thread::Result<R>>,
-    /// The task to wake when the result arrives (set by a `Pending` poll).
-    waiter: Option<Waker>,
-}
-
-/// The completion of a [`ThreadPool::submit_async`] job.
-pub struct PoolFuture<R> {
-    slot: Arc<Mutex<PoolSlot<R>>>,
-}
-
-impl<R> Future for PoolFuture<R> {
-    type Output = R;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<R> {
-        // The worker stores the result and takes the waker under this same lock, so a result
-        // is never missed and a waker never left behind.
-        let mut st = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        match st.result.take() {
-            Some(Ok(r)) => Poll::Ready(r),
-            Some(Err(p)) => {
-                drop(st);
-                resume_unwind(p)
-            }
-            None => {
-                match &mut st.waiter {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    w => *w = Some(cx.waker().clone()),
-                }
-                Poll::Pending
-            }
-        }
     }
 }
 

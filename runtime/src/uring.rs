@@ -1,5 +1,4 @@
-//! I/O on the calling thread's io_uring, for coroutines (yield until the completion) and for
-//! async tasks (a future that owns its buffer).
+//! I/O on the calling thread's io_uring, for coroutines: yield until the completion.
 //!
 //! QEMU: `block/io_uring.c` (`luring_co_submit()`: fill an SQE, yield, be entered from the
 //! completion) on top of `aio_add_sqe()` (QEMU 10.2).
@@ -11,30 +10,24 @@
 //! with the result. The buffer is the coroutine's own, borrowed: a suspended coroutine is never
 //! freed, so it outlives the request.
 //!
-//! An async task cannot lend a buffer that way (a future may be dropped at any `.await`), so
-//! [`read_owned`] and [`write_owned`] take an owned buffer and the fd's `Arc`, and their
-//! [`Op`] future gives them back with the result. Dropping an `Op` before its completion hands
-//! both to the ring, which frees them when the completion comes.
+//! An async task cannot lend a buffer that way (a future may be dropped at any `.await`): its
+//! forms, which own their buffer and fd, are the async engine's (`executor/uring.rs`,
+//! [`crate::executor::uring`]).
 //!
-//! [`co_uring_cmd`] and [`uring_cmd_owned`] submit an `IORING_OP_URING_CMD` with the 80-byte
+//! [`co_uring_cmd`] (and, for tasks, `executor::uring::uring_cmd_owned`) submit an `IORING_OP_URING_CMD` with the 80-byte
 //! command area ([`UringCmd`]), a driver-defined command such as FUSE over io_uring's
 //! REGISTER. Such a command may stay in flight for as long as the driver likes (a FUSE entry
 //! waits for the next request); see [`UringCmd`] for what happens to it at thread exit. They
 //! need a ring of 128-byte SQEs ([`crate::ring::set_ring_sqe128`]); [`sqe128_available`] says
 //! whether this thread has one.
 //!
-//! Every function returns `None` (or gives the buffer back) when the request cannot go through
+//! Every function returns `None` when the request cannot go through
 //! a ring — the thread's context waits with epoll, the call is not in a coroutine, or the
 //! submission queue is full and the kernel takes nothing — and the caller then does the I/O as
 //! before, on the thread pool. Results are raw: a short read is the caller's to continue.
 
-use std::future::Future;
 use std::io;
-use std::marker::PhantomData;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use io_uring::{opcode, squeue, types};
 
@@ -48,7 +41,7 @@ pub fn available() -> bool {
 }
 
 /// A completion's result as an `io::Result`: negative values are errnos.
-fn to_result(res: i32) -> io::Result<usize> {
+pub(crate) fn to_result(res: i32) -> io::Result<usize> {
     if res < 0 {
         Err(io::Error::from_raw_os_error(-res))
     } else {
@@ -118,7 +111,7 @@ pub fn co_write(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> Option<io::Resul
     unsafe { co_submit(entry) }.map(to_result)
 }
 
-fn fsync_entry(fd: i32, datasync: bool) -> squeue::Entry {
+pub(crate) fn fsync_entry(fd: i32, datasync: bool) -> squeue::Entry {
     let flags = if datasync {
         types::FsyncFlags::DATASYNC
     } else {
@@ -164,7 +157,8 @@ pub fn sqe128_available() -> bool {
 ///
 /// **In flight at thread exit.** A command the driver keeps (a FUSE entry waiting for a
 /// request) is still in flight when its thread's ring is dropped. The ring then leaks the
-/// memory the command points at (the coroutine frame or the [`Op`]'s buffer) rather than free
+/// memory the command points at (the coroutine frame or the buffer of a task's
+/// [`Op`](crate::executor::uring::Op)) rather than free
 /// it, and closing the ring makes the kernel cancel the command (`IO_URING_F_CANCEL`; FUSE
 /// completes it with `-ENOTCONN`, and never writes to the entry's buffers after that without a
 /// new command). Prefer ending such commands the driver's way first (FUSE: unmount), then
@@ -212,200 +206,6 @@ impl UringCmd {
 pub unsafe fn co_uring_cmd(cmd: &UringCmd) -> Option<i32> {
     // SAFETY: forwarded from the caller.
     unsafe { co_submit128(cmd.build()) }
-}
-
-/// [`co_uring_cmd`] for async tasks: the command points into `keep`, which the [`Op`] gives
-/// back with the raw result (`Ok(n)` or the errno as `Err`). Dropping the `Op` early leaves
-/// `keep` with the ring until the completion (or leaked at thread exit, see [`UringCmd`]).
-/// `Err(keep)` when the ring cannot take it.
-///
-/// # Safety
-///
-/// `build` may make the command point only at memory owned by `keep` that stays in place when
-/// `keep` moves (heap memory).
-pub unsafe fn uring_cmd_owned<K: 'static>(
-    keep: K,
-    build: impl FnOnce(&mut K) -> UringCmd,
-) -> Result<Op<K>, K> {
-    // SAFETY: forwarded from the caller.
-    unsafe { submit_owned(keep, |k| AnySqe::E128(build(k).build())) }
-}
-
-/// A buffer whose bytes stay where they are when the value moves (they live on the heap), so
-/// an [`Op`] may own it while the kernel fills it.
-///
-/// # Safety
-///
-/// `as_mut_ptr()`/`len()` must describe memory owned by the value, valid and unchanged in
-/// place until the value is dropped, however the value itself is moved.
-pub unsafe trait StableBuf: 'static {
-    fn as_mut_ptr(&mut self) -> *mut u8;
-    fn len(&self) -> usize;
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-// SAFETY: a `Vec`'s elements live in its heap allocation, which moving the `Vec` keeps.
-unsafe impl StableBuf for Vec<u8> {
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        Vec::as_mut_ptr(self)
-    }
-    fn len(&self) -> usize {
-        Vec::len(self)
-    }
-}
-
-/// A request submitted by an async task: resolves to what it owns (buffer and fd) and the raw
-/// result. Dropping it early leaves both with the ring until the completion.
-#[must_use = "the request runs anyway; drop the Op only to abandon its result"]
-pub struct Op<K: 'static> {
-    idx: u32,
-    keep: Option<K>,
-    _not_send: PhantomData<*const ()>,
-}
-
-/// Submits an entry built from the owned `keep` (whose memory it may point into).
-///
-/// # Safety
-///
-/// The entry may point only at memory owned by `keep` that stays in place when `keep` moves.
-unsafe fn submit_owned<K: 'static, E: Into<AnySqe>>(
-    mut keep: K,
-    entry: impl FnOnce(&mut K) -> E,
-) -> Result<Op<K>, K> {
-    let e = entry(&mut keep);
-    // SAFETY: the entry points into `keep`, which the `Op` (or, once dropped, the ring) owns
-    // until the completion.
-    let idx =
-        AioContext::with_current(|ctx| unsafe { ctx.ring()?.submit(e, Waker::noop().clone()) });
-    match idx {
-        Some(idx) => Ok(Op {
-            idx,
-            keep: Some(keep),
-            _not_send: PhantomData,
-        }),
-        None => Err(keep),
-    }
-}
-
-/// What an owned read or write gives back: the fd and the buffer.
-pub type Owned<B> = (Arc<OwnedFd>, B);
-
-/// `pread` into `buf[at..]` (an owned buffer) at file `offset`, for async tasks. `Err` gives
-/// fd and buffer back when the ring cannot take the request. Panics if `at > buf.len()`.
-pub fn read_owned<B: StableBuf>(
-    fd: Arc<OwnedFd>,
-    buf: B,
-    at: usize,
-    offset: u64,
-) -> Result<Op<Owned<B>>, Owned<B>> {
-    assert!(at <= buf.len(), "read_owned: start {at} past the buffer");
-    // SAFETY: the entry points into the buffer owned by `keep` (heap memory, see
-    // `StableBuf`), at most to its end, and `keep` holds the fd open.
-    unsafe {
-        submit_owned((fd, buf), |(fd, buf)| {
-            let len = u32::try_from(buf.len() - at).unwrap_or(u32::MAX);
-            opcode::Read::new(types::Fd(fd.as_raw_fd()), buf.as_mut_ptr().add(at), len)
-                .offset(offset)
-                .build()
-        })
-    }
-}
-
-/// `pwrite` from `buf[at..]` (an owned buffer), for async tasks; see [`read_owned`].
-pub fn write_owned<B: StableBuf>(
-    fd: Arc<OwnedFd>,
-    buf: B,
-    at: usize,
-    offset: u64,
-) -> Result<Op<Owned<B>>, Owned<B>> {
-    assert!(at <= buf.len(), "write_owned: start {at} past the buffer");
-    // SAFETY: as in `read_owned`.
-    unsafe {
-        submit_owned((fd, buf), |(fd, buf)| {
-            let len = u32::try_from(buf.len() - at).unwrap_or(u32::MAX);
-            let ptr = buf.as_mut_ptr().add(at).cast_const();
-            opcode::Write::new(types::Fd(fd.as_raw_fd()), ptr, len)
-                .offset(offset)
-                .build()
-        })
-    }
-}
-
-/// `fsync`/`fdatasync` for async tasks.
-pub fn fsync_owned(fd: Arc<OwnedFd>, datasync: bool) -> Result<Op<Arc<OwnedFd>>, Arc<OwnedFd>> {
-    // SAFETY: the entry points at no memory; `keep` holds the fd open.
-    unsafe { submit_owned(fd, |fd| fsync_entry(fd.as_raw_fd(), datasync)) }
-}
-
-/// `fallocate` for async tasks.
-pub fn fallocate_owned(
-    fd: Arc<OwnedFd>,
-    mode: i32,
-    offset: u64,
-    len: u64,
-) -> Result<Op<Arc<OwnedFd>>, Arc<OwnedFd>> {
-    // SAFETY: the entry points at no memory; `keep` holds the fd open.
-    unsafe {
-        submit_owned(fd, |fd| {
-            opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), len)
-                .offset(offset)
-                .mode(mode)
-                .build()
-        })
-    }
-}
-
-// An `Op` never pins what it keeps (the kernel sees the buffer's heap memory, not the `Op`).
-impl<K: 'static> Unpin for Op<K> {}
-
-impl<K: 'static> Future for Op<K> {
-    type Output = (K, io::Result<usize>);
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        if this.keep.is_none() {
-            // Its slot may already serve another request: touching it would steal that one's
-            // result or waker.
-            panic!("io_uring Op polled after it completed");
-        }
-        let r = AioContext::with_current(|ctx| {
-            let ring = ctx.ring()?;
-            let r = ring.take_result(this.idx);
-            if r.is_none() {
-                ring.set_waker(this.idx, cx.waker());
-            }
-            r
-        });
-        match r {
-            Some(r) => match this.keep.take() {
-                Some(k) => Poll::Ready((k, to_result(r))),
-                None => unreachable!("checked above"),
-            },
-            None => Poll::Pending,
-        }
-    }
-}
-
-impl<K: 'static> Drop for Op<K> {
-    fn drop(&mut self) {
-        let mut keep = self.keep.take();
-        if keep.is_none() {
-            return; // completed and collected
-        }
-        // Still in flight (or completed and not collected): the ring keeps the memory until
-        // the completion. `try_with`: at thread exit the context may be gone already.
-        let _ = crate::aio::try_with_current(|ctx| {
-            if let (Some(ring), Some(k)) = (ctx.ring(), keep.take()) {
-                ring.orphan(self.idx, Box::new(k));
-            }
-        });
-        if let Some(k) = keep {
-            log::warn!("io_uring request abandoned without its ring; leaking its buffer");
-            std::mem::forget(k);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use runtime::uring::{self, StableBuf};
-use runtime::{block_on, spawn, spawn_local, AioContext};
+use runtime::executor::uring::StableBuf;
+use runtime::uring;
+use runtime::{block_on, executor, spawn, spawn_local, AioContext};
 
 /// The bytes of block `i` of a test file: distinct per block and per position.
 fn pattern(i: usize, len: usize) -> Vec<u8> {
@@ -136,19 +137,21 @@ fn async_owned_round_trip_under_block_on() {
     let d = data.clone();
     let got = block_on(async move {
         let task = spawn_local(async move {
-            let op = uring::write_owned(fd, d.clone(), 1000, 512)
+            let op = executor::uring::write_owned(fd, d.clone(), 1000, 512)
                 .map_err(|_| "full")
                 .unwrap();
             let ((fd, buf), r) = op.await;
             assert_eq!(r.unwrap(), d.len() - 1000, "write_owned writes buf[at..]");
             assert_eq!(buf, d, "the buffer comes back unchanged");
 
-            let op = uring::fsync_owned(fd, true).map_err(|_| "full").unwrap();
+            let op = executor::uring::fsync_owned(fd, true)
+                .map_err(|_| "full")
+                .unwrap();
             let (fd, r) = op.await;
             assert_eq!(r.unwrap(), 0);
 
             // Read into the tail of a buffer: the head stays as it was.
-            let op = uring::read_owned(fd, vec![0xaau8; 16 + d.len() - 1000], 16, 512)
+            let op = executor::uring::read_owned(fd, vec![0xaau8; 16 + d.len() - 1000], 16, 512)
                 .map_err(|_| "full")
                 .unwrap();
             let ((fd, buf), r) = op.await;
@@ -156,12 +159,12 @@ fn async_owned_round_trip_under_block_on() {
             assert!(buf[..16].iter().all(|&b| b == 0xaa));
 
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            let op = uring::fallocate_owned(fd.clone(), mode, 0, 4096)
+            let op = executor::uring::fallocate_owned(fd.clone(), mode, 0, 4096)
                 .map_err(|_| "full")
                 .unwrap();
             let (_, r) = op.await;
             r.unwrap();
-            let op = uring::read_owned(fd, vec![0xffu8; 4096], 0, 0)
+            let op = executor::uring::read_owned(fd, vec![0xffu8; 4096], 0, 0)
                 .map_err(|_| "full")
                 .unwrap();
             let ((_, zeros), r) = op.await;
@@ -512,7 +515,7 @@ fn dropped_op_frees_its_buffer_once_at_the_completion() {
     let fd: Arc<OwnedFd> = Arc::new(r.into());
 
     // In flight when dropped: the ring keeps the buffer until the completion.
-    let op = uring::read_owned(fd.clone(), CountedBuf(vec![0; 8]), 0, 0)
+    let op = executor::uring::read_owned(fd.clone(), CountedBuf(vec![0; 8]), 0, 0)
         .map_err(|_| "full")
         .unwrap();
     ctx.poll(false); // submitted; the pipe is empty
@@ -546,7 +549,7 @@ fn dropped_op_frees_its_buffer_once_at_the_completion() {
 
     // Completed but not collected when dropped: freed at the drop.
     w.write_all(b"Y").unwrap();
-    let op = uring::read_owned(fd.clone(), CountedBuf(vec![0; 8]), 0, 0)
+    let op = executor::uring::read_owned(fd.clone(), CountedBuf(vec![0; 8]), 0, 0)
         .map_err(|_| "full")
         .unwrap();
     let before = ctx.ring_stats().unwrap().completed;
@@ -568,7 +571,7 @@ fn dropped_op_frees_its_buffer_once_at_the_completion() {
     // Awaited to the end: the buffer comes back, the ring does not drop it.
     w.write_all(b"X").unwrap();
     let ((_, buf), res) = block_on(
-        uring::read_owned(fd, CountedBuf(vec![0; 8]), 0, 0)
+        executor::uring::read_owned(fd, CountedBuf(vec![0; 8]), 0, 0)
             .map_err(|_| "full")
             .unwrap(),
     );
@@ -695,7 +698,7 @@ fn op_polled_after_ready_panics() {
     std::fs::write(tf.path(), b"hello").unwrap();
     let fd: Arc<OwnedFd> = Arc::new(tf.reopen().unwrap().into());
     let r = block_on(async move {
-        let mut op = match uring::read_owned(fd, vec![0u8; 5], 0, 0) {
+        let mut op = match executor::uring::read_owned(fd, vec![0u8; 5], 0, 0) {
             Ok(op) => op,
             Err(_) => panic!("the ring took no request"),
         };

@@ -14,7 +14,7 @@ use std::thread;
 use std::time::Duration;
 
 use runtime::ring::{inject_setup_failure, set_ring_entries};
-use runtime::{set_fd_monitor, spawn, uring, AioContext, FdMonitor};
+use runtime::{executor, set_fd_monitor, spawn, uring, AioContext, FdMonitor};
 
 static KNOBS: Mutex<()> = Mutex::new(());
 
@@ -90,7 +90,7 @@ fn epoll_context_works(ctx: AioContext) {
     });
     assert_eq!(h.join().unwrap(), [true; 4], "ring I/O without a ring");
     let fd: Arc<OwnedFd> = Arc::new(tempfile::tempfile().unwrap().into());
-    match uring::read_owned(fd, vec![7u8; 4], 0, 0) {
+    match executor::uring::read_owned(fd, vec![7u8; 4], 0, 0) {
         Ok(_) => panic!("read_owned accepted without a ring"),
         Err((_, buf)) => assert_eq!(buf, [7; 4], "the buffer comes back"),
     }

@@ -14,7 +14,7 @@ use std::thread;
 
 use runtime::ring::set_ring_sqe128;
 use runtime::uring::{self, UringCmd};
-use runtime::{block_on, spawn, spawn_local};
+use runtime::{block_on, executor, spawn, spawn_local};
 
 /// `SOCKET_URING_OP_SIOCINQ` (include/uapi/linux/io_uring.h).
 const SOCKET_URING_OP_SIOCINQ: u32 = 0;
@@ -54,7 +54,7 @@ fn async_case() -> i32 {
     block_on(async move {
         let task = spawn_local(async move {
             // SAFETY: the command points at no memory.
-            let op = unsafe { uring::uring_cmd_owned(s, |s| siocinq(s)) }
+            let op = unsafe { executor::uring::uring_cmd_owned(s, |s| siocinq(s)) }
                 .map_err(|_| "full")
                 .unwrap();
             let (_s, r) = op.await;
@@ -103,7 +103,7 @@ fn uring_cmd_from_a_coroutine_and_a_task_and_refused_on_a_64_byte_ring() {
             "a 128-byte SQE is not pushed on a 64-byte ring"
         );
         // SAFETY: as above.
-        let op = unsafe { uring::uring_cmd_owned(s, |s| siocinq(s)) };
+        let op = unsafe { executor::uring::uring_cmd_owned(s, |s| siocinq(s)) };
         assert!(op.is_err(), "the task gets its socket back");
     })
     .join()

@@ -1,66 +1,24 @@
-//! A small executor for Rust futures on the same [`AioContext`] that runs the coroutines:
-//! spawn a local task, wake it from any thread, `block_on` from the main loop, and the bridge
-//! from a future to a coroutine.
+//! Async tasks: the per-thread task table, the waker of a task, spawning ([`spawn_local`],
+//! [`spawn_detached`]), a task's result ([`TaskHandle`]) and the panic boundary
+//! ([`catch_unwind`]).
 //!
-//! QEMU has no counterpart: this is the async/await counterpart of `util/qemu-coroutine.c` on
-//! `util/async.c`. Where a coroutine is a stack that a wake *enters*, a task is a boxed future
-//! that a wake *polls*; both are woken through the same loop, so the two engines can be compared
-//! on equal terms (same `poll()`, same bottom halves, same remote queue, same thread pool).
-//!
-//! ## The model
-//!
-//! - [`spawn_local`] boxes the future into a per-thread task table and **polls it at once**, as
-//!   `Coroutine::new(..).enter()` runs a coroutine until its first yield. A task never leaves
-//!   the thread that spawned it (its *home*), so the future may be `!Send` (hold `Rc`s, borrow
-//!   its own locals across `.await`).
-//! - The [`std::task::Waker`] of a task is an `Arc<TaskShared>` (the std [`Wake`] trait): the
-//!   task's slot number, its home context, and a `scheduled` flag so that any number of wakes
-//!   before the next poll queue it once. Waking never allocates:
-//!   - from the home thread: push the `Arc` on the thread's ready queue and, if none is pending,
-//!     schedule one bottom half that polls the ready tasks (no syscall);
-//!   - from another thread: push it on the home context's remote queue and `notify()` the loop
-//!     (the same path as [`crate::CoWaker::wake`], QEMU's `aio_co_schedule`).
-//! - **A task is never cancelled.** There is no abort: the table owns the future and polls it
-//!   until it returns; dropping a [`TaskHandle`] only detaches it. Request handlers rely on
-//!   this (a FUSE request always gets its reply), as coroutines are never unwound. Suspended
-//!   tasks left at thread exit are leaked with a warning, like suspended coroutines.
-//! - **Panics** are caught at the task boundary: a [`TaskHandle`] yields `Err(CoPanic)`
-//!   ([`catch_unwind`]), a detached task's panic is caught around its poll and logged. A panic
-//!   never unwinds into the event loop.
-//!
-//! ## Borrowing across threads
-//!
-//! A coroutine may lend a borrowed buffer to a worker thread
-//! ([`crate::ThreadPool::submit_co_scoped`]) because a suspended coroutine is never freed. A
-//! future can be dropped — or `mem::forget`-ten — at any `.await`, so the same trick would be
-//! unsound. The async forms therefore move **owned** data: [`crate::ThreadPool::submit_async`]
-//! and [`co_bridge`] take `'static` closures, and callers that hold a borrowed buffer copy
-//! through an owned one. That copy is the price of cancellation safety; `docs/comparison.md`
-//! measures it.
-//!
-//! ## Costs per task
-//!
-//! One heap allocation for the boxed future (exactly its size for [`spawn_detached`]); the
-//! `Arc<TaskShared>` of a finished task is reused when no waker of it survives (as coroutine
-//! slots are). Polling clones the waker once (one atomic increment). Nothing else allocates.
-//! The wrappers here are structs with pin projections rather than `async` blocks, because an
-//! `async` wrapper stores the wrapped future twice (argument slot and pinned local).
+//! QEMU: none (the async/await counterpart of `util/qemu-coroutine.c`, whose twin here is
+//! `coroutine.rs`; a wake goes through `util/async.c` as `aio_co_wake()` does). See the
+//! module documentation of [`crate::executor`] for the model.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::{poll_fn, Future};
-use std::panic::{resume_unwind, AssertUnwindSafe};
-use std::pin::{pin, Pin};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
-use std::thread;
-use std::time::{Duration, Instant};
 
-use crate::aio::{self, AioContext, Remote, RemoteContext, Resume, Shared};
-use crate::coroutine::{CoPanic, Coroutine};
+use crate::aio::{self, AioContext, Remote, Resume, Shared};
+use crate::coroutine::CoPanic;
 
 type BoxFuture = Pin<Box<dyn Future<Output = ()>>>;
 
@@ -183,7 +141,7 @@ impl Resume for TaskShared {
 }
 
 /// Polls a task once, unless it finished (a stale wake) or is being polled (impossible: see
-/// [`block_on`]'s rule against nested loops).
+/// [`super::block_on`]'s rule against nested loops).
 fn run_task(task: &Arc<TaskShared>) {
     let slot = task.slot as usize;
     let future = EXEC.with(|e| {
@@ -384,153 +342,6 @@ impl<T> fmt::Debug for TaskHandle<T> {
             .field("finished", &self.is_finished())
             .finish()
     }
-}
-
-/// The waker of [`block_on`]: a flag, and a kick of the blocked loop when woken from afar.
-struct BlockOnWaker {
-    woken: AtomicBool,
-    home: RemoteContext,
-}
-
-impl Wake for BlockOnWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        // Release pairs with the Acquire load in `block_on`.
-        self.woken.store(true, Ordering::Release);
-        if !self.home.is_current() {
-            // A queued no-op, not a bare notify: it cannot be lost between the flag check and
-            // the blocking wait (see `aio_wait`).
-            self.home.kick();
-        }
-    }
-}
-
-/// Polls `fut` to completion on the calling thread, running this thread's event loop (so its
-/// tasks, coroutines, timers and fd handlers) while it waits. For the main thread and tests;
-/// must not be called inside a coroutine or a task (it would block their loop from inside).
-///
-/// The async counterpart of [`crate::wait_while`] (`AIO_WAIT_WHILE`).
-pub fn block_on<F: Future>(fut: F) -> F::Output {
-    assert!(
-        !crate::in_coroutine() && !in_task(),
-        "block_on() inside a coroutine or a task would block its own event loop"
-    );
-    let ctx = AioContext::current();
-    let flag = Arc::new(BlockOnWaker {
-        woken: AtomicBool::new(false),
-        home: ctx.remote(),
-    });
-    let waker = Waker::from(flag.clone());
-    let mut fut = pin!(fut);
-    loop {
-        flag.woken.store(false, Ordering::Relaxed);
-        let polled = {
-            let _polling = PollingGuard::new();
-            fut.as_mut().poll(&mut Context::from_waker(&waker))
-        };
-        if let Poll::Ready(v) = polled {
-            return v;
-        }
-        while !flag.woken.load(Ordering::Acquire) {
-            ctx.poll(true);
-        }
-    }
-}
-
-struct BridgeState<R> {
-    result: RefCell<Option<thread::Result<R>>>,
-    waiter: Cell<Option<Waker>>,
-}
-
-/// Runs `f` in a coroutine of this thread (entered at once) and waits for it: the bridge that
-/// lets a future call code written for coroutines (`co_` functions). `f` owns what it uses;
-/// if the future is dropped early the coroutine still finishes and its result is discarded.
-/// A panic in `f` resumes in the awaiting task. If no coroutine stack can be had, this panics
-/// with a message starting with [`crate::coroutine::NO_STACK`].
-///
-/// Costs: a coroutine (pooled stack) and a shared cell per call.
-pub async fn co_bridge<R: 'static>(f: impl FnOnce() -> R + 'static) -> R {
-    let state = Rc::new(BridgeState {
-        result: RefCell::new(None),
-        waiter: Cell::new(None),
-    });
-    let s = state.clone();
-    let co = Coroutine::try_new(move || {
-        let r = std::panic::catch_unwind(AssertUnwindSafe(f));
-        *s.result.borrow_mut() = Some(r);
-        if let Some(w) = s.waiter.take() {
-            w.wake();
-        }
-    });
-    match co {
-        Ok(co) => co.enter(),
-        // A panic, not an abort: the caller's task catches it (the FUSE queue replies ENOMEM).
-        Err(e) => panic!("{}: {e}", crate::coroutine::NO_STACK),
-    }
-    let r = poll_fn(|cx| {
-        if let Some(r) = state.result.borrow_mut().take() {
-            return Poll::Ready(r);
-        }
-        state.waiter.set(Some(cx.waker().clone()));
-        Poll::Pending
-    })
-    .await;
-    r.unwrap_or_else(|p| resume_unwind(p))
-}
-
-/// Waits until `deadline` on this thread's context timer. Dropping the future disarms it.
-///
-/// The async counterpart of [`crate::co_sleep_until`].
-pub async fn sleep_until(deadline: Instant) {
-    struct Fired {
-        done: Cell<bool>,
-        waiter: Cell<Option<Waker>>,
-    }
-    let fired = Rc::new(Fired {
-        done: Cell::new(false),
-        waiter: Cell::new(None),
-    });
-    let f = fired.clone();
-    let timer = AioContext::with_current(|ctx| {
-        ctx.timer_new(move || {
-            f.done.set(true);
-            if let Some(w) = f.waiter.take() {
-                w.wake();
-            }
-        })
-    });
-    timer.modify(deadline);
-    poll_fn(|cx| {
-        if fired.done.get() {
-            return Poll::Ready(());
-        }
-        fired.waiter.set(Some(cx.waker().clone()));
-        Poll::Pending
-    })
-    .await;
-}
-
-/// Waits at least `dur`. The async counterpart of [`crate::co_sleep`].
-pub async fn sleep(dur: Duration) {
-    sleep_until(Instant::now() + dur).await;
-}
-
-/// Returns `Pending` once (after waking itself), so other ready tasks run first. The async
-/// counterpart of a coroutine waking itself and yielding.
-pub async fn yield_now() {
-    let mut yielded = false;
-    poll_fn(|cx| {
-        if yielded {
-            return Poll::Ready(());
-        }
-        yielded = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    })
-    .await;
 }
 
 /// Tasks of this thread that are suspended (spawned and not finished), for tests.
