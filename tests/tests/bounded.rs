@@ -48,7 +48,18 @@ fn a_flood_never_exceeds_the_bound_of_a_queue() {
     sparse_image(&img, (CLIENTS * BLOCKS * MIB) as u64);
     let mnt = dir.path().join("mnt");
     fs::write(&mnt, b"").unwrap();
-    let mut e = Export::start(&img, &mnt, &["--max-in-flight", "4", "--threads", "2", "--transport", "dev"]);
+    let mut e = Export::start(
+        &img,
+        &mnt,
+        &[
+            "--max-in-flight",
+            "4",
+            "--threads",
+            "2",
+            "--transport",
+            "dev",
+        ],
+    );
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
             let p = e.path().to_path_buf();
@@ -183,7 +194,18 @@ fn fio_verify_through_a_bound_of_two() {
     sparse_image(&img, 64 << 20);
     let mnt = dir.path().join("mnt");
     fs::write(&mnt, b"").unwrap();
-    let mut e = Export::start(&img, &mnt, &["--max-in-flight", "2", "--threads", "2", "--transport", "dev"]);
+    let mut e = Export::start(
+        &img,
+        &mnt,
+        &[
+            "--max-in-flight",
+            "2",
+            "--threads",
+            "2",
+            "--transport",
+            "dev",
+        ],
+    );
     assert!(
         e.stderr().contains("max_background 4"),
         "max_background follows the bound: {}",
@@ -220,7 +242,14 @@ fn an_address_space_limit_fails_requests_with_enomem_not_an_abort() {
     sparse_image(&img, (CLIENTS * BLOCKS * MIB) as u64);
     let mnt = dir.path().join("mnt");
     fs::write(&mnt, b"").unwrap();
-    let args = ["--max-in-flight", "1024", "--threads", "1", "--transport", "dev"];
+    let args = [
+        "--max-in-flight",
+        "1024",
+        "--threads",
+        "1",
+        "--transport",
+        "dev",
+    ];
     let mut e = Export::start(&img, &mnt, &args);
     let limit = (status_kib(e.pid(), "VmSize") + 24 * 1024) * 1024;
     let rlim = libc::rlimit {

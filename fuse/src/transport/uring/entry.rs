@@ -327,7 +327,7 @@ impl RingEntry {
         // (the executor never cancels it); if it is dropped anyway (its thread exiting), the
         // entry's `Drop` sees `in_flight` and leaks all three instead of freeing memory the
         // kernel may still write.
-        let op = unsafe { runtime::uring::uring_cmd_owned((), |_| sqe) };
+        let op = unsafe { runtime::executor::uring::uring_cmd_owned((), |_| sqe) };
         let Ok(op) = op else {
             self.in_flight = false;
             return Err(UringError::NoRing);
