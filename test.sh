@@ -6,7 +6,9 @@
 # image is on a disk, the thread pool for images in memory, as most test images are), then 1
 # queue thread with --aio threads (thread pool, epoll loops), 4 with --aio io_uring (forced,
 # tmpfs images too), and the async engine (one future per request instead of one coroutine)
-# with 2 threads under --aio io_uring and under --aio threads. See docs/TESTING.md.
+# with 2 threads under --aio io_uring and under --aio threads; then twice with --transport uring
+# (FUSE over io_uring: default engine, and async with 1 thread and --aio threads). See
+# docs/TESTING.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo build --workspace --all-targets --quiet
@@ -24,3 +26,7 @@ echo "== end-to-end suite with --engine async --threads 2 --aio io_uring =="
 CORO_FUSE_ENGINE=async CORO_FUSE_THREADS=2 CORO_FUSE_AIO=io_uring cargo test -p tests
 echo "== end-to-end suite with --engine async --threads 2 --aio threads =="
 CORO_FUSE_ENGINE=async CORO_FUSE_THREADS=2 CORO_FUSE_AIO=threads cargo test -p tests
+echo "== end-to-end suite with --transport uring (FUSE over io_uring) =="
+CORO_FUSE_TRANSPORT=uring cargo test -p tests
+echo "== end-to-end suite with --transport uring --engine async --threads 1 --aio threads =="
+CORO_FUSE_TRANSPORT=uring CORO_FUSE_ENGINE=async CORO_FUSE_THREADS=1 CORO_FUSE_AIO=threads cargo test -p tests

@@ -679,6 +679,12 @@ fn shutdown(
         "requests served per queue (engine: {}): {served:?}",
         cfg.engine.name()
     );
+    if session.transport_name() != "/dev/fuse" {
+        log::info!(
+            "requests that arrived in io_uring entries: {}",
+            session.ring_served()
+        );
+    }
     log::info!(
         "peak in flight per queue (bound {}): {:?}",
         session.max_in_flight(),

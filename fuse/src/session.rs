@@ -90,6 +90,8 @@ pub struct Session {
     ring_granted: AtomicBool,
     /// Set once the INIT reply is out and the after-INIT hook ran.
     init_replied: AtomicBool,
+    /// Requests that arrived in io_uring entries (also counted in `served`).
+    pub(crate) ring_served: AtomicU64,
 }
 
 /// What runs after the INIT reply is out, with what was negotiated.
@@ -112,6 +114,7 @@ impl Session {
             transport: Mutex::new("/dev/fuse".to_owned()),
             ring_granted: AtomicBool::new(false),
             init_replied: AtomicBool::new(false),
+            ring_served: AtomicU64::new(0),
         }
     }
 
@@ -175,6 +178,11 @@ impl Session {
     /// Whether the INIT reply is out and the after-INIT hook has run.
     pub fn init_replied(&self) -> bool {
         self.init_replied.load(Ordering::Acquire)
+    }
+
+    /// Requests that arrived in io_uring entries so far.
+    pub fn ring_served(&self) -> u64 {
+        self.ring_served.load(Ordering::Relaxed)
     }
 
     /// Ring entries still being served (`transport::uring`); the server waits for 0 after

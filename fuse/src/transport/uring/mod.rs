@@ -180,6 +180,7 @@ impl UringQueue {
         match result {
             Ok(true) => {
                 self.session.served[self.index].fetch_add(1, Ordering::Relaxed);
+                self.session.ring_served.fetch_add(1, Ordering::Relaxed);
                 true
             }
             // Unmounted (by us or from outside), aborted, or the ring closing.
