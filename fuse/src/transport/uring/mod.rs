@@ -42,7 +42,7 @@ pub use entry::*;
 use std::cell::RefCell;
 use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use runtime::Coroutine;
@@ -186,10 +186,15 @@ impl UringQueue {
             // Unmounted (by us or from outside), aborted, or the ring closing.
             Ok(false) => false,
             Err(e) => {
-                log::warn!(
-                    "fuse ring queue {}: {e}; the kernel serves this connection over /dev/fuse",
-                    entry.qid()
-                );
+                // Every entry of every queue hears the same refusal: say it once.
+                static SAID: AtomicBool = AtomicBool::new(false);
+                if !SAID.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "fuse ring queue {}: {e}; the kernel serves this connection over \
+                         /dev/fuse",
+                        entry.qid()
+                    );
+                }
                 false
             }
         }
