@@ -203,6 +203,11 @@ struct Cli {
     #[arg(long, hide = true, value_name = "RULE", value_parser = block::Rule::parse)]
     inject_error: Vec<block::Rule>,
 
+    /// Test hook: io_uring entries get payload buffers of SIZE bytes (smaller than the kernel's
+    /// minimum, the kernel refuses them: the fallback to /dev/fuse).
+    #[arg(long, hide = true, value_name = "SIZE", value_parser = parse_size)]
+    inject_uring_payload: Option<u64>,
+
     /// Test hook: io_uring setup fails as on a kernel without it.
     #[arg(long, hide = true)]
     inject_no_io_uring: bool,
@@ -491,6 +496,7 @@ fn main() -> ExitCode {
             TransportArg::Auto => Transport::Auto,
         },
         uring_entries: usize::from(cli.uring_entries),
+        uring_payload: cli.inject_uring_payload.map(|n| n as usize),
     };
     let mut hooks = Hooks {
         daemon,

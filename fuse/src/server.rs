@@ -70,6 +70,8 @@ pub struct ServerConfig {
     pub transport: Transport,
     /// `--uring-entries`: ring entries per kernel queue with the io_uring transport.
     pub uring_entries: usize,
+    /// Test hook (hidden `--inject-uring-payload`): ring payload buffers of this size.
+    pub uring_payload: Option<usize>,
 }
 
 /// `--transport`.
@@ -618,7 +620,8 @@ fn plan_ring(
             .map_err(|e| start_err(format!("cannot clone /dev/fuse for the ring: {e}")))?;
         let qids = uring::qids_for_thread(t, threads, cpus);
         let s = session.clone();
-        let plan = move || UringQueue::prepare_here(t, fd, s, qids, entries);
+        let payload = cfg.uring_payload;
+        let plan = move || UringQueue::prepare_here(t, fd, s, qids, entries, payload);
         match t {
             0 => plan(),
             _ => {

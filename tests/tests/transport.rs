@@ -45,7 +45,10 @@ fn uring_enabled() -> Option<MutexGuard<'static, ()>> {
 fn ring_served(stderr: &str) -> u64 {
     stderr
         .lines()
-        .find_map(|l| l.split("requests that arrived in io_uring entries: ").nth(1))
+        .find_map(|l| {
+            l.split("requests that arrived in io_uring entries: ")
+                .nth(1)
+        })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }
@@ -192,8 +195,10 @@ fn sigterm_under_load_stops_a_uring_export() {
 }
 
 /// The fallbacks, each with a clear message and a working export over `/dev/fuse`: the kernel
-/// parameter off (`uring` warns, `auto` notes it), and event loops without io_uring (the
-/// hidden `--inject-no-io-uring`). With the parameter on, `auto` takes the ring.
+/// parameter off (`uring` warns, `auto` notes it), event loops without io_uring (the hidden
+/// `--inject-no-io-uring`), and the kernel refusing REGISTER after granting the ring in INIT
+/// (payload buffers below its minimum, the hidden `--inject-uring-payload`). With the
+/// parameter on, `auto` takes the ring.
 #[test]
 fn uring_falls_back_to_dev_fuse_with_a_message() {
     require!(fuse_available());
@@ -211,13 +216,29 @@ fn uring_falls_back_to_dev_fuse_with_a_message() {
         assert_same_bytes(&read_all(e.path()), &model, &format!("{args:?}"));
         let line = e.stdout();
         let x = e.stop_ok();
-        assert!(line.contains(&format!("via {via}")), "{args:?}: {line}\n{x}");
+        assert!(
+            line.contains(&format!("via {via}")),
+            "{args:?}: {line}\n{x}"
+        );
         if let Some(l) = log {
             assert!(x.stderr.contains(l), "{args:?}: no '{l}' in the log\n{x}");
         }
         x
     };
     check(&["--transport", "auto"], "io_uring", None);
+    // The kernel refuses REGISTER (a payload buffer below its minimum): it drops the ring for
+    // the whole connection and the same export serves over /dev/fuse; said once.
+    let x = check(
+        &["--transport", "uring", "--inject-uring-payload", "4096"],
+        "io_uring",
+        Some("the kernel serves this connection over /dev/fuse"),
+    );
+    assert_eq!(
+        x.stderr.matches("serves this connection over").count(),
+        1,
+        "{x}"
+    );
+    assert_eq!(ring_served(&x.stderr), 0, "{x}");
     let x = check(
         &["--transport", "uring", "--inject-no-io-uring"],
         "/dev/fuse",

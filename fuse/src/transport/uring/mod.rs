@@ -66,6 +66,9 @@ pub struct UringQueue {
     qids: Vec<u16>,
     /// Entries registered on each of them.
     entries: usize,
+    /// Payload buffer size instead of the kernel's minimum (a test hook: a smaller one makes
+    /// the kernel refuse REGISTER, the fallback path).
+    payload_override: Option<usize>,
 }
 
 thread_local! {
@@ -83,6 +86,7 @@ impl UringQueue {
         session: Arc<Session>,
         qids: Vec<u16>,
         entries: usize,
+        payload_override: Option<usize>,
     ) -> Result<(), UringError> {
         if !runtime::uring::sqe128_available() {
             return Err(UringError::NoRing);
@@ -93,6 +97,7 @@ impl UringQueue {
             session,
             qids,
             entries: entries.max(1),
+            payload_override,
         };
         PLANNED.with(|p| *p.borrow_mut() = Some(q));
         Ok(())
@@ -113,7 +118,9 @@ impl UringQueue {
         let Some(n) = q.session.export.negotiated().copied() else {
             return;
         };
-        let payload = payload_size(n.max_write, n.max_pages, 4096);
+        let payload = q
+            .payload_override
+            .unwrap_or_else(|| payload_size(n.max_write, n.max_pages, 4096));
         let q = Rc::new(q);
         let mut started = 0;
         for &qid in &q.qids {
