@@ -309,11 +309,23 @@ impl Session {
         head: &[u8],
         data: &[u8],
     ) -> Option<(u64, Response)> {
+        self.co_serve_into(queue, head, data, None)
+    }
+
+    /// [`Session::co_serve`] with a buffer the transport lends for READ data
+    /// ([`Export::co_handle_into`]).
+    pub(crate) fn co_serve_into(
+        &self,
+        queue: usize,
+        head: &[u8],
+        data: &[u8],
+        out: Option<&mut [u8]>,
+    ) -> Option<(u64, Response)> {
         let req = match self.parse(queue, head, data) {
             Ok(req) => req,
             Err(errno) => return errno.map(|(unique, e)| (unique, Response::Err(e))),
         };
-        let resp = catch_unwind(AssertUnwindSafe(|| self.export.co_handle(&req)))
+        let resp = catch_unwind(AssertUnwindSafe(|| self.export.co_handle_into(&req, out)))
             .unwrap_or_else(|_| panicked(&req));
         Some((req.unique(), resp))
     }
@@ -325,11 +337,22 @@ impl Session {
         head: &[u8],
         data: &[u8],
     ) -> Option<(u64, Response)> {
+        self.serve_async_into(queue, head, data, None).await
+    }
+
+    /// [`Session::serve_async`] with a buffer the transport lends for READ data.
+    pub(crate) async fn serve_async_into(
+        &self,
+        queue: usize,
+        head: &[u8],
+        data: &[u8],
+        out: Option<&mut [u8]>,
+    ) -> Option<(u64, Response)> {
         let req = match self.parse(queue, head, data) {
             Ok(req) => req,
             Err(errno) => return errno.map(|(unique, e)| (unique, Response::Err(e))),
         };
-        let resp = runtime::executor::catch_unwind(self.export.handle_async(&req))
+        let resp = runtime::executor::catch_unwind(self.export.handle_async_into(&req, out))
             .await
             .unwrap_or_else(|p| {
                 if p.message.starts_with(runtime::NO_STACK) {

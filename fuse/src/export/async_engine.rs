@@ -9,16 +9,27 @@ impl Export {
     /// Handles one request as a future (`--engine async`). Same semantics as
     /// [`Export::co_handle`]: only `io_async` differs from `co_io`.
     pub async fn handle_async(&self, req: &Request<'_>) -> Response {
+        self.handle_async_into(req, None).await
+    }
+
+    /// [`Export::handle_async`] with a buffer the transport lends for READ data, as
+    /// [`Export::co_handle_into`].
+    pub async fn handle_async_into(&self, req: &Request<'_>, out: Option<&mut [u8]>) -> Response {
         match self.plan(req) {
             Step::Done(r) => r,
-            Step::Io(io) => self.io_async(io).await,
+            Step::Io(io) => self.io_async(io, out).await,
         }
     }
 
     /// The I/O of a request, async engine: [`Export::co_io`] with `.await`s.
-    async fn io_async(&self, io: Io<'_>) -> Response {
+    async fn io_async(&self, io: Io<'_>, out: Option<&mut [u8]>) -> Response {
         let blk = &self.blk;
         match io {
+            Io::Read { offset, len } if out.as_ref().is_some_and(|o| o.len() >= len) => {
+                let out = out.unwrap_or_default();
+                let r = blk.pread_async(offset, &mut out[..len]).await;
+                read_in_place_finish(len, offset, r)
+            }
             Io::Read { offset, len } => match read_buffer(len) {
                 Then::Go(mut buf) => {
                     let r = blk.pread_async(offset, &mut buf[..len]).await;

@@ -11,16 +11,27 @@ use super::*;
 impl Export {
     /// Handles one request; runs in the request's coroutine (`--engine coroutine`).
     pub fn co_handle(&self, req: &Request<'_>) -> Response {
+        self.co_handle_into(req, None)
+    }
+
+    /// [`Export::co_handle`] with a buffer the transport lends for READ data (a ring entry's
+    /// payload buffer): a READ that fits is read straight into it ([`Response::InPlace`]).
+    pub fn co_handle_into(&self, req: &Request<'_>, out: Option<&mut [u8]>) -> Response {
         match self.plan(req) {
             Step::Done(r) => r,
-            Step::Io(io) => self.co_io(io),
+            Step::Io(io) => self.co_io(io, out),
         }
     }
 
     /// The I/O of a request, coroutine engine: `co_` calls that yield inside the block layer.
-    fn co_io(&self, io: Io<'_>) -> Response {
+    fn co_io(&self, io: Io<'_>, out: Option<&mut [u8]>) -> Response {
         let blk = &self.blk;
         match io {
+            Io::Read { offset, len } if out.as_ref().is_some_and(|o| o.len() >= len) => {
+                let out = out.unwrap_or_default();
+                let r = blk.co_pread(offset, &mut out[..len]);
+                read_in_place_finish(len, offset, r)
+            }
             Io::Read { offset, len } => match read_buffer(len) {
                 Then::Go(mut buf) => {
                     let r = blk.co_pread(offset, &mut buf[..len]);

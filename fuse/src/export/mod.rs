@@ -79,6 +79,9 @@ pub enum Response {
     Bytes(SmallVec<[u8; 128]>),
     /// READ data: the first `len` bytes of the buffer. The buffer goes back to the pool.
     Data(Buf, usize),
+    /// READ data already in the buffer the transport lent ([`Export::co_handle_into`]): its
+    /// first `len` bytes.
+    InPlace(usize),
 }
 
 impl Response {
@@ -776,6 +779,17 @@ fn read_finish(data: Buf, len: usize, offset: u64, r: block::Result<()>) -> Resp
     }
 }
 
+/// [`read_finish`] for a read into the transport's own buffer.
+fn read_in_place_finish(len: usize, offset: u64, r: block::Result<()>) -> Response {
+    match r {
+        Ok(()) => Response::InPlace(len),
+        Err(e) => {
+            log::debug!("read {offset}+{len}: {e}");
+            Response::Err(errno_of(&e))
+        }
+    }
+}
+
 fn flush_finish(r: block::Result<()>) -> Response {
     match r {
         Ok(()) => Response::ok(),
@@ -841,6 +855,7 @@ mod tests {
                 buf::give_back(data);
                 (3, v)
             }
+            Response::InPlace(_) => panic!("no buffer was lent"),
         }
     }
 

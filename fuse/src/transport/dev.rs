@@ -345,6 +345,11 @@ impl DevQueue {
                 self.fd.as_fd(),
                 &Reply::ok(unique, &[&data[..*len]]).io_slices(),
             ),
+            // This transport lends no buffer, so the export never answers in place.
+            Response::InPlace(_) => {
+                log::error!("queue {}: an in-place reply without a buffer", self.index);
+                sys::write_reply(self.fd.as_fd(), &Reply::err(unique, libc::EIO).io_slices())
+            }
         };
         if let Response::Data(data, _) = resp {
             buf::give_back(data);

@@ -382,6 +382,31 @@ impl RingEntry {
     /// and the rest to the payload buffer (`payload_sz` bytes); `in_header.len` still counts
     /// all of it, so the fixed argument's size is `len - 40 - payload_sz`.
     pub fn bytes(&mut self) -> Result<(&[u8], &[u8]), UringError> {
+        let (payload_sz, write) = self.gather()?;
+        let payload: &[u8] = match &self.payload {
+            Some(p) if write => &p[..payload_sz],
+            _ => &[],
+        };
+        Ok((&self.scratch, payload))
+    }
+
+    /// [`RingEntry::bytes`], and the payload buffer for the reply when the request does not
+    /// need it any more (every request but a WRITE: its payload was copied into the request
+    /// bytes), so that a READ can be read straight into it ([`Response::InPlace`]).
+    #[allow(clippy::type_complexity)]
+    pub fn bytes_and_out(&mut self) -> Result<(&[u8], &[u8], Option<&mut [u8]>), UringError> {
+        let (payload_sz, write) = self.gather()?;
+        match self.payload.as_mut() {
+            Some(p) if write => Ok((&self.scratch, &p[..payload_sz], None)),
+            Some(p) => Ok((&self.scratch, &[], Some(&mut p[..]))),
+            None => Ok((&self.scratch, &[], None)),
+        }
+    }
+
+    /// Puts the request's header, fixed argument and (but for a WRITE) payload into
+    /// `scratch`; returns the payload size and whether it is a WRITE (whose data stays in the
+    /// payload buffer).
+    fn gather(&mut self) -> Result<(usize, bool), UringError> {
         let h = self
             .in_header()
             .ok_or_else(|| UringError::BadRequest("no request in the entry".into()))?;
@@ -406,16 +431,13 @@ impl RingEntry {
         self.scratch.clear();
         self.scratch.extend_from_slice(&hdr.in_out[..hdr_len]);
         self.scratch.extend_from_slice(&hdr.op_in[..op_len]);
-        let payload: &[u8] = match &self.payload {
-            Some(p) => &p[..payload_sz],
-            None => &[],
-        };
-        if h.opcode == FUSE_WRITE {
-            Ok((&self.scratch, payload))
-        } else {
-            self.scratch.extend_from_slice(payload);
-            Ok((&self.scratch, &[]))
+        let write = h.opcode == FUSE_WRITE;
+        if !write {
+            if let Some(p) = &self.payload {
+                self.scratch.extend_from_slice(&p[..payload_sz]);
+            }
         }
+        Ok((payload_sz, write))
     }
 
     /// [`RingEntry::bytes`], parsed.
@@ -435,11 +457,39 @@ impl RingEntry {
             Response::Err(errno) => self.write_reply(&Reply::err(unique, *errno)),
             Response::Bytes(b) => self.write_reply(&Reply::ok(unique, &[b])),
             Response::Data(data, len) => self.write_reply(&Reply::ok(unique, &[&data[..*len]])),
+            Response::InPlace(len) => self.write_in_place(unique, *len),
         };
         if let Response::Data(data, _) = resp {
             buf::give_back(data);
         }
         r
+    }
+
+    /// A success reply whose body, `len` bytes, is already in the payload buffer (a READ read
+    /// straight into it).
+    fn write_in_place(&mut self, unique: u64, len: usize) -> Result<(), UringError> {
+        let capacity = self.payload_capacity();
+        if len > capacity {
+            return Err(UringError::ReplyTooLong { len, capacity });
+        }
+        let out = fuse_out_header {
+            len: (size_of::<fuse_out_header>() + len) as u32,
+            error: 0,
+            unique,
+        };
+        self.write_out_header(&out, len);
+        Ok(())
+    }
+
+    fn write_out_header(&mut self, out: &fuse_out_header, body: usize) {
+        let hdr = self.header_mut();
+        hdr.in_out[..size_of::<fuse_out_header>()].copy_from_slice(out.as_bytes());
+        let commit_id = hdr.ring_ent_in_out.commit_id;
+        hdr.ring_ent_in_out = fuse_uring_ent_in_out {
+            commit_id,
+            payload_sz: body as u32,
+            ..Default::default()
+        };
     }
 
     /// Writes `reply` into the entry: `fuse_out_header` into the header buffer, the body into
@@ -463,14 +513,7 @@ impl RingEntry {
             }
         }
         let out: fuse_out_header = *reply.header();
-        let hdr = self.header_mut();
-        hdr.in_out[..size_of::<fuse_out_header>()].copy_from_slice(out.as_bytes());
-        let commit_id = hdr.ring_ent_in_out.commit_id;
-        hdr.ring_ent_in_out = fuse_uring_ent_in_out {
-            commit_id,
-            payload_sz: body as u32,
-            ..Default::default()
-        };
+        self.write_out_header(&out, body);
         Ok(())
     }
 }
@@ -659,6 +702,50 @@ mod tests {
             e.write_reply(&Reply::ok(5, &[&big])),
             Err(UringError::ReplyTooLong { len: 8193, .. })
         ));
+    }
+
+    #[test]
+    fn a_read_is_answered_in_the_payload_buffer() {
+        let mut e = RingEntry::new(0, 8192).unwrap();
+        let r = fuse_read_in {
+            offset: 0,
+            size: 100,
+            ..Default::default()
+        };
+        let h = fuse_in_header {
+            len: (40 + size_of::<fuse_read_in>()) as u32,
+            opcode: FUSE_READ,
+            unique: 9,
+            ..Default::default()
+        };
+        kernel_fills(&mut e, h, r.as_bytes(), &[]);
+        let (head, data, out) = e.bytes_and_out().unwrap();
+        assert_eq!((head.len(), data.len()), (h.len as usize, 0));
+        let out = out.expect("a READ lends the payload buffer");
+        out[..100].fill(0x5a);
+        e.write_response(9, Response::InPlace(100)).unwrap();
+        let (o, _) = fuse_out_header::read_from_prefix(&e.header().in_out).unwrap();
+        assert_eq!((o.len, o.error, o.unique), (16 + 100, 0, 9));
+        assert_eq!(e.header().ring_ent_in_out.payload_sz, 100);
+        assert!(e.payload.as_ref().unwrap()[..100]
+            .iter()
+            .all(|&b| b == 0x5a));
+
+        // A WRITE's payload is its data: not lent.
+        let w = fuse_write_in {
+            size: 3,
+            ..Default::default()
+        };
+        let h = fuse_in_header {
+            len: 40 + 40 + 3,
+            opcode: FUSE_WRITE,
+            unique: 10,
+            ..Default::default()
+        };
+        kernel_fills(&mut e, h, w.as_bytes(), b"abc");
+        let (_, data, out) = e.bytes_and_out().unwrap();
+        assert_eq!(data, b"abc");
+        assert!(out.is_none());
     }
 
     #[test]

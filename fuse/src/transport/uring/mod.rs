@@ -215,10 +215,11 @@ impl UringQueue {
         }
         let _in_flight = self.session.in_flight.enter();
         let qid = entry.qid();
-        match entry.bytes() {
-            Ok((head, data)) => self
+        // A READ's data goes straight into the entry's payload buffer: no copy.
+        match entry.bytes_and_out() {
+            Ok((head, data, out)) => self
                 .session
-                .co_serve(self.index, head, data)
+                .co_serve_into(self.index, head, data, out)
                 .unwrap_or((unique, Response::None)),
             Err(e) => self.bad(qid, unique, e),
         }
@@ -232,10 +233,10 @@ impl UringQueue {
         }
         let _in_flight = self.session.in_flight.enter();
         let qid = entry.qid();
-        match entry.bytes() {
-            Ok((head, data)) => self
+        match entry.bytes_and_out() {
+            Ok((head, data, out)) => self
                 .session
-                .serve_async(self.index, head, data)
+                .serve_async_into(self.index, head, data, out)
                 .await
                 .unwrap_or((unique, Response::None)),
             Err(e) => self.bad(qid, unique, e),
