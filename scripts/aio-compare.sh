@@ -9,7 +9,8 @@
 #   scripts/aio-compare.sh [-t SECONDS] [-r ROUNDS] [-j JOBS] [-f raw|qcow2] [-o CSV]
 # Env: A, B (argument strings of the two sides; default "--aio threads" / "--aio io_uring"),
 #      COMMON (arguments of both, e.g. "--cache none --threads 1"), WORKDIR (default
-#      /dev/shm/aio-compare; a disk folder measures a disk), CORO_FUSE (binary).
+#      /dev/shm/aio-compare; a disk folder measures a disk), CORO_FUSE (binary), BIN_A/BIN_B
+#      (a binary per side, e.g. two builds compared with A="" B="").
 # Jobs: the peer-compare list (seqread seqwrite randread randwrite randread-qd1 randread-2jobs
 #       randrw-2jobs). Needs: root, /dev/fuse, fio, qemu-img, python3.
 set -euo pipefail
@@ -38,7 +39,10 @@ start() { # side args...
   local s=$1; shift
   touch "$work/$s.mnt"
   # shellcheck disable=SC2086  # the argument strings are word lists
-  "$bin" -f "$fmt" $common "$@" "$work/$s.img" "$work/$s.mnt" >"$work/$s.log" 2>&1 & pids+=($!)
+  local b=$bin
+  [[ $s == a && -n ${BIN_A:-} ]] && b=$BIN_A
+  [[ $s == b && -n ${BIN_B:-} ]] && b=$BIN_B
+  "$b" -f "$fmt" $common "$@" "$work/$s.img" "$work/$s.mnt" >"$work/$s.log" 2>&1 & pids+=($!)
   for _ in $(seq 100); do mountpoint -q "$work/$s.mnt" && return; sleep 0.1; done
   echo "aio-compare: side $s never mounted" >&2; cat "$work/$s.log" >&2; exit 1
 }
