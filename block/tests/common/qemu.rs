@@ -26,9 +26,19 @@ pub fn have_qemu(test: &str) -> bool {
     ok
 }
 
-/// Runs a command that must succeed; returns its stdout.
+/// Runs a command that must succeed; returns its stdout. A QEMU lock conflict is retried for
+/// up to 5 s: the image lock goes with the last reference to the file's fd, which a thread-pool
+/// job or an abandoned ring request may still hold for a moment after the driver was dropped.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run a qemu tool");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut out = cmd.output().expect("run a qemu tool");
+    while !out.status.success()
+        && String::from_utf8_lossy(&out.stderr).contains("Failed to get")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        out = cmd.output().expect("run a qemu tool");
+    }
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}",
