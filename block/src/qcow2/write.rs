@@ -123,10 +123,22 @@ impl Qcow2Driver {
             drop(m);
             done += match plan? {
                 WritePlan::InPlace { host, len } => {
+                    log::trace!(
+                        "qcow2: write {len} bytes at {pos}: cluster allocated, in place at host \
+                         {host}; metadata lock released"
+                    );
                     self.co_write_host(host, &rest[..len as usize])?;
                     len as usize
                 }
-                WritePlan::Alloc(a) => self.co_write_alloc(&a, pos, rest)?,
+                WritePlan::Alloc(a) => {
+                    log::trace!(
+                        "qcow2: write at {pos}: {} new cluster(s) at host {}; metadata lock \
+                         released for the data write",
+                        a.old.len(),
+                        a.host
+                    );
+                    self.co_write_alloc(&a, pos, rest)?
+                }
             };
             if done >= buf.len() {
                 return Ok(());
@@ -188,6 +200,11 @@ impl Qcow2Driver {
             }
         };
         drop(m);
+        log::trace!(
+            "qcow2: data at host {} written; L2 entries linked in the cache, written to the \
+             file now",
+            a.host
+        );
         self.co_link_unlocked(a, w)?;
         Ok(len)
     }
