@@ -163,6 +163,11 @@ impl Qcow2Driver {
         let res = if head == 0 && len == total {
             self.co_write_host(a.host, &buf[..len])
         } else {
+            log::trace!(
+                "qcow2: copy-on-write: {head} bytes before and {} after the request come from \
+                 the old cluster(s); one {total}-byte data write",
+                total - head - len
+            );
             self.co_cow_buffer(a, head, &buf[..len]).and_then(|data| {
                 self.co_write_host(a.host, &data)?;
                 // The copied bytes were durable in the old cluster: they must be durable in
@@ -184,6 +189,11 @@ impl Qcow2Driver {
         if !self.direct {
             // O_DIRECT: the L2 write is a read-modify-write of whole sectors, which two
             // requests linking into one sector must not do at the same time.
+            log::trace!(
+                "qcow2: data at host {} written; L2 entries written under the metadata lock \
+                 (O_DIRECT: a read-modify-write of their sector)",
+                a.host
+            );
             if let Err(e) = self.co_link(&mut m, a) {
                 self.leak_after_failed_link(a.host, n, &e);
                 return Err(e);
