@@ -537,7 +537,7 @@ impl FileDriver {
     }
 
     /// Why a request completed inline, for the trace.
-    fn inline_why(&self) -> &'static str {
+    pub(crate) fn inline_why(&self) -> &'static str {
         if self.memory_backed {
             "memory-backed file"
         } else {
@@ -820,9 +820,10 @@ impl BlockDriver for FileDriver {
         let (fd, direct) = (self.fd(), self.direct);
         if self.ring_reads() && runtime::in_coroutine() {
             log::trace!(
-                "file: read {} bytes at {}: to the ring",
+                "file: read {} bytes at {}: not inline ({}); to the ring",
                 buf.len() - done,
-                offset + done as u64
+                offset + done as u64,
+                if direct { "O_DIRECT" } else { "page-cache miss" }
             );
             done += self.ring_read(&mut buf[done..], offset + done as u64)?;
             if done == buf.len() {
@@ -851,9 +852,10 @@ impl BlockDriver for FileDriver {
         let _busy = PoolWrite::enter(&self.pool_writes);
         if self.ring_writes() && runtime::in_coroutine() {
             log::trace!(
-                "file: write {} bytes at {}: to the ring",
+                "file: write {} bytes at {}: not inline ({}); to the ring",
                 buf.len() - done,
-                offset + done as u64
+                offset + done as u64,
+                if self.direct { "O_DIRECT" } else { "would block" }
             );
             done += self.ring_write(&buf[done..], offset + done as u64)?;
             if done == buf.len() {

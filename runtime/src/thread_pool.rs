@@ -292,6 +292,9 @@ impl ThreadPool {
         f: impl FnOnce() -> R + Send + 'static,
     ) -> R {
         let waker = CoWaker::current();
+        // Before the push: the worker may finish (and say so) before this coroutine yields.
+        let lane_note = if lane.is_some() { " (in a lane)" } else { "" };
+        log::trace!("{waker}: yields: job handed to the thread pool{lane_note}");
         let slot: Arc<Mutex<Option<thread::Result<R>>>> = Arc::new(Mutex::new(None));
         let result = slot.clone();
         self.push_in(
@@ -305,11 +308,6 @@ impl ThreadPool {
                 );
                 Some(Wakeup::Co(waker))
             }),
-        );
-        let lane_note = if lane.is_some() { " (in a lane)" } else { "" };
-        log::trace!(
-            "{}: yields: job handed to the thread pool{lane_note}",
-            Running
         );
         loop {
             co_yield();
