@@ -823,7 +823,11 @@ impl BlockDriver for FileDriver {
                 "file: read {} bytes at {}: not inline ({}); to the ring",
                 buf.len() - done,
                 offset + done as u64,
-                if direct { "O_DIRECT" } else { "page-cache miss" }
+                if direct {
+                    "O_DIRECT"
+                } else {
+                    "page-cache miss"
+                }
             );
             done += self.ring_read(&mut buf[done..], offset + done as u64)?;
             if done == buf.len() {
@@ -855,7 +859,11 @@ impl BlockDriver for FileDriver {
                 "file: write {} bytes at {}: not inline ({}); to the ring",
                 buf.len() - done,
                 offset + done as u64,
-                if self.direct { "O_DIRECT" } else { "would block" }
+                if self.direct {
+                    "O_DIRECT"
+                } else {
+                    "would block"
+                }
             );
             done += self.ring_write(&buf[done..], offset + done as u64)?;
             if done == buf.len() {

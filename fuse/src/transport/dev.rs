@@ -4,8 +4,9 @@
 //! QEMU: `block/export/fuse.c` — `read_from_fuse_fd()` (the fd handler),
 //! `co_read_from_fuse_fd()` (the read), `fuse_write_response()` (the reply).
 //!
-//! The request lifecycle (DESIGN.md): fd readable → [`DevQueue::on_readable`] reads one request
-//! into a pooled [`RequestBuf`] → a coroutine is created and entered → `in_flight += 1` (a
+//! The request lifecycle (`docs/lifecycle.md` walks through it step by step, and `-vv`
+//! traces it): fd readable → [`DevQueue::on_readable`] reads one request into a pooled
+//! [`RequestBuf`] → a coroutine is created and entered → `in_flight += 1` (a
 //! `runtime::InFlight` guard, its first statement) → [`Session::co_serve`] parses it and runs
 //! the export's handler (which may yield in the block layer) → one `writev` reply on the same
 //! fd → the guard drops (`in_flight -= 1`), the buffer goes back to the pool.
