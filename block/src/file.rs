@@ -536,6 +536,15 @@ impl FileDriver {
         }
     }
 
+    /// Why a request completed inline, for the trace.
+    pub(crate) fn inline_why(&self) -> &'static str {
+        if self.memory_backed {
+            "memory-backed file"
+        } else {
+            "page-cache hit, RWF_NOWAIT"
+        }
+    }
+
     /// The inline part of a read, shared by both engines: a memory-backed file or an
     /// `RWF_NOWAIT` hit completes it; otherwise says how much is done and the rest goes to the
     /// thread pool.
@@ -798,11 +807,28 @@ impl BlockDriver for FileDriver {
 
     fn co_preadv(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut done = match self.read_inline(offset, buf)? {
-            Inline::Done => return Ok(()),
+            Inline::Done => {
+                log::trace!(
+                    "file: read {} bytes at {offset}: done inline, no yield ({})",
+                    buf.len(),
+                    self.inline_why()
+                );
+                return Ok(());
+            }
             Inline::Rest(n) => n,
         };
         let (fd, direct) = (self.fd(), self.direct);
         if self.ring_reads() && runtime::in_coroutine() {
+            log::trace!(
+                "file: read {} bytes at {}: not inline ({}); to the ring",
+                buf.len() - done,
+                offset + done as u64,
+                if direct {
+                    "O_DIRECT"
+                } else {
+                    "page-cache miss"
+                }
+            );
             done += self.ring_read(&mut buf[done..], offset + done as u64)?;
             if done == buf.len() {
                 return Ok(());
@@ -810,17 +836,35 @@ impl BlockDriver for FileDriver {
         }
         let rest = &mut buf[done..];
         let off = offset + done as u64;
+        log::trace!("file: read {} bytes at {off}: blocking syscall", rest.len());
         Ok(self.blocking(move || read_full(fd, rest, off, direct))?)
     }
 
     fn co_pwritev(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let mut done = match self.write_inline(offset, buf)? {
-            Inline::Done => return Ok(()),
+            Inline::Done => {
+                log::trace!(
+                    "file: write {} bytes at {offset}: done inline, no yield ({})",
+                    buf.len(),
+                    self.inline_why()
+                );
+                return Ok(());
+            }
             Inline::Rest(n) => n,
         };
         let fd = self.fd();
         let _busy = PoolWrite::enter(&self.pool_writes);
         if self.ring_writes() && runtime::in_coroutine() {
+            log::trace!(
+                "file: write {} bytes at {}: not inline ({}); to the ring",
+                buf.len() - done,
+                offset + done as u64,
+                if self.direct {
+                    "O_DIRECT"
+                } else {
+                    "would block"
+                }
+            );
             done += self.ring_write(&buf[done..], offset + done as u64)?;
             if done == buf.len() {
                 return Ok(());
@@ -828,6 +872,15 @@ impl BlockDriver for FileDriver {
         }
         let rest = &buf[done..];
         let off = offset + done as u64;
+        log::trace!(
+            "file: write {} bytes at {off}: blocking syscall{}",
+            rest.len(),
+            if self.write_lane.is_some() {
+                " (the file's write lane)"
+            } else {
+                ""
+            }
+        );
         Ok(self.blocking_in(self.write_lane.as_ref(), move || write_full(fd, rest, off))?)
     }
 

@@ -377,6 +377,36 @@ impl fmt::Debug for Coroutine {
     }
 }
 
+/// `co 3@main`: slot 3 of the coroutine table of the thread (context) `main`. For trace lines:
+/// a slot is reused once its coroutine has finished, so the name is unique among the
+/// coroutines alive at one time, not forever.
+impl fmt::Display for Coroutine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "co {}@{}", self.shared.slot, self.shared.home.name)
+    }
+}
+
+/// The same name as its coroutine's ([`Coroutine`]'s `Display`).
+impl fmt::Display for CoWaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "co {}@{}", self.shared.slot, self.shared.home.name)
+    }
+}
+
+/// The running coroutine's name (`co 3@main`), or `no coroutine`, looked up only when
+/// formatted: for `log::trace!` lines at yield points, which cost a level check when tracing
+/// is off.
+pub(crate) struct Running;
+
+impl fmt::Display for Running {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match Coroutine::current() {
+            Some(co) => co.fmt(f),
+            None => f.write_str("no coroutine"),
+        }
+    }
+}
+
 impl CoWaker {
     /// The running coroutine's waker. Panics outside a coroutine.
     pub fn current() -> CoWaker {

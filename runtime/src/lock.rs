@@ -35,7 +35,7 @@ use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use crate::aio::AioContext;
-use crate::coroutine::{co_yield, CoWaker};
+use crate::coroutine::{co_yield, CoWaker, Running};
 
 pub(crate) fn lock_state<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The protected sections below only move waiters between queues and cannot panic halfway,
@@ -181,8 +181,16 @@ impl<T: ?Sized> CoMutex<T> {
             }
             spins = spins.max(1);
         }
+        log::trace!(
+            "{}: yields: waits for a CoMutex another coroutine holds",
+            Running
+        );
         // The unlocker made us the owner before waking us (hand-off).
         co_yield();
+        log::trace!(
+            "{}: woken holding the CoMutex (handed over by its unlocker)",
+            Running
+        );
         self.owner.store(me, Ordering::Relaxed);
         CoMutexGuard { mutex: self }
     }
@@ -279,7 +287,9 @@ impl CoQueue {
     /// Waits until `next()` or `restart_all()` picks this coroutine.
     pub fn co_wait(&self) {
         lock_state(&self.waiters).push_current_co();
+        log::trace!("{}: yields: waits on a CoQueue", Running);
         co_yield();
+        log::trace!("{}: woken from a CoQueue", Running);
     }
 
     /// Releases `guard` while waiting and takes the mutex again before returning, so the
@@ -290,7 +300,9 @@ impl CoQueue {
         // already finds us in the queue.
         lock_state(&self.waiters).push_current_co();
         drop(guard);
+        log::trace!("{}: yields: waits on a CoQueue (mutex released)", Running);
         co_yield();
+        log::trace!("{}: woken from a CoQueue", Running);
         mutex.co_lock()
     }
 
@@ -397,7 +409,9 @@ impl<T: ?Sized> CoRwLock<T> {
             }
             st.waiters.push_back((CoWaker::current(), false));
         }
+        log::trace!("{}: yields: waits to read-lock a CoRwLock", Running);
         co_yield(); // admitted by `admit()` before the wake
+        log::trace!("{}: woken holding a CoRwLock (read)", Running);
         CoReadGuard { lock: self }
     }
 
@@ -411,7 +425,9 @@ impl<T: ?Sized> CoRwLock<T> {
             }
             st.waiters.push_back((CoWaker::current(), true));
         }
+        log::trace!("{}: yields: waits to write-lock a CoRwLock", Running);
         co_yield();
+        log::trace!("{}: woken holding a CoRwLock (write)", Running);
         CoWriteGuard { lock: self }
     }
 

@@ -40,7 +40,7 @@ use std::task::Waker;
 use std::thread;
 use std::time::Duration;
 
-use crate::coroutine::{co_yield, CoWaker, Coroutine};
+use crate::coroutine::{co_yield, CoWaker, Coroutine, Running};
 
 /// Whom a finished job wakes: a coroutine ([`ThreadPool::submit_co`]) or an async task
 /// ([`ThreadPool::submit_async`]).
@@ -292,6 +292,9 @@ impl ThreadPool {
         f: impl FnOnce() -> R + Send + 'static,
     ) -> R {
         let waker = CoWaker::current();
+        // Before the push: the worker may finish (and say so) before this coroutine yields.
+        let lane_note = if lane.is_some() { " (in a lane)" } else { "" };
+        log::trace!("{waker}: yields: job handed to the thread pool{lane_note}");
         let slot: Arc<Mutex<Option<thread::Result<R>>>> = Arc::new(Mutex::new(None));
         let result = slot.clone();
         self.push_in(
@@ -299,12 +302,17 @@ impl ThreadPool {
             Box::new(move || {
                 let r = catch_unwind(AssertUnwindSafe(f));
                 *result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                log::trace!(
+                    "{}: job of {waker} done; waking it on its own thread",
+                    thread::current().name().unwrap_or("pool worker")
+                );
                 Some(Wakeup::Co(waker))
             }),
         );
         loop {
             co_yield();
             if let Some(r) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                log::trace!("{}: woken after its pool job", Running);
                 return r.unwrap_or_else(|p| resume_unwind(p));
             }
         }

@@ -58,7 +58,7 @@ pub(crate) fn to_result(res: i32) -> io::Result<usize> {
 /// completion, so borrowing from the calling coroutine's frame is enough).
 pub unsafe fn co_submit(entry: squeue::Entry) -> Option<i32> {
     // SAFETY: forwarded from the caller.
-    unsafe { co_submit_any(entry.into()) }
+    unsafe { co_submit_any(entry.into(), "sqe") }
 }
 
 /// [`co_submit`] for a 128-byte SQE; `None` also when this thread's ring takes 64-byte SQEs.
@@ -68,22 +68,27 @@ pub unsafe fn co_submit(entry: squeue::Entry) -> Option<i32> {
 /// As for [`co_submit`].
 pub unsafe fn co_submit128(entry: squeue::Entry128) -> Option<i32> {
     // SAFETY: forwarded from the caller.
-    unsafe { co_submit_any(entry.into()) }
+    unsafe { co_submit_any(entry.into(), "sqe") }
 }
 
+/// [`co_submit`] with the operation's name for the trace (`-vv`): the coroutine's yield and
+/// its wake-up by the completion are the two `log::trace!` lines here.
+///
 /// # Safety
 ///
 /// As for [`co_submit`].
-unsafe fn co_submit_any(entry: AnySqe) -> Option<i32> {
+unsafe fn co_submit_any(entry: AnySqe, what: &'static str) -> Option<i32> {
     let co = Coroutine::current()?;
     // SAFETY: forwarded from the caller; we do not return before the completion.
     let idx = AioContext::with_current(|ctx| unsafe {
         ctx.ring()?.submit(entry, co.waker().into_waker())
     })?;
+    log::trace!("{co}: yields: {what} queued on the ring (slot {idx})");
     loop {
         co_yield();
         let r = AioContext::with_current(|ctx| ctx.ring().and_then(|r| r.take_result(idx)));
         if let Some(r) = r {
+            log::trace!("{co}: woken by the CQE of its {what} (slot {idx}, result {r})");
             return Some(r);
         }
         // Woken by someone else who held our waker (a spurious wake): the completion will
@@ -98,7 +103,7 @@ pub fn co_read(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Option<io::Re
         .offset(offset)
         .build();
     // SAFETY: `buf` and `fd` are borrowed for the whole call, which outlasts the request.
-    unsafe { co_submit(entry) }.map(to_result)
+    unsafe { co_submit_any(entry.into(), "read") }.map(to_result)
 }
 
 /// `pwrite` through the ring: bytes written.
@@ -108,7 +113,7 @@ pub fn co_write(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> Option<io::Resul
         .offset(offset)
         .build();
     // SAFETY: as in `co_read`.
-    unsafe { co_submit(entry) }.map(to_result)
+    unsafe { co_submit_any(entry.into(), "write") }.map(to_result)
 }
 
 pub(crate) fn fsync_entry(fd: i32, datasync: bool) -> squeue::Entry {
@@ -124,7 +129,7 @@ pub(crate) fn fsync_entry(fd: i32, datasync: bool) -> squeue::Entry {
 pub fn co_fsync(fd: BorrowedFd<'_>, datasync: bool) -> Option<io::Result<()>> {
     let entry = fsync_entry(fd.as_raw_fd(), datasync);
     // SAFETY: the entry points at no memory; `fd` is borrowed for the call.
-    unsafe { co_submit(entry) }.map(|r| to_result(r).map(drop))
+    unsafe { co_submit_any(entry.into(), "fsync") }.map(|r| to_result(r).map(drop))
 }
 
 /// `fallocate(fd, mode, offset, len)` through the ring.
@@ -139,7 +144,7 @@ pub fn co_fallocate(
         .mode(mode)
         .build();
     // SAFETY: the entry points at no memory; `fd` is borrowed for the call.
-    unsafe { co_submit(entry) }.map(|r| to_result(r).map(drop))
+    unsafe { co_submit_any(entry.into(), "fallocate") }.map(|r| to_result(r).map(drop))
 }
 
 /// Whether this thread's ring takes 128-byte SQEs, as [`co_uring_cmd`] needs.
@@ -205,7 +210,7 @@ impl UringCmd {
 /// valid until the completion; the caller's frame is enough, as in [`co_submit`].
 pub unsafe fn co_uring_cmd(cmd: &UringCmd) -> Option<i32> {
     // SAFETY: forwarded from the caller.
-    unsafe { co_submit128(cmd.build()) }
+    unsafe { co_submit_any(cmd.build().into(), "uring_cmd") }
 }
 
 #[cfg(test)]

@@ -124,7 +124,14 @@ impl FileDriver {
 
     pub(crate) async fn preadv_async(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let done = match self.read_inline(offset, buf)? {
-            Inline::Done => return Ok(()),
+            Inline::Done => {
+                log::trace!(
+                    "file: read {} bytes at {offset}: done inline, no await ({})",
+                    buf.len(),
+                    self.inline_why()
+                );
+                return Ok(());
+            }
             Inline::Rest(n) => n,
         };
         let rest = &mut buf[done..];
@@ -152,7 +159,14 @@ impl FileDriver {
 
     pub(crate) async fn pwritev_async(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let done = match self.write_inline(offset, buf)? {
-            Inline::Done => return Ok(()),
+            Inline::Done => {
+                log::trace!(
+                    "file: write {} bytes at {offset}: done inline, no await ({})",
+                    buf.len(),
+                    self.inline_why()
+                );
+                return Ok(());
+            }
             Inline::Rest(n) => n,
         };
         let rest = &buf[done..];

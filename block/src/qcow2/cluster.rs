@@ -289,6 +289,10 @@ impl Qcow2Driver {
             self.co_l2_table(m, old)?.to_vec().into()
         };
         let new = self.co_alloc_clusters(m, 1)?;
+        log::trace!(
+            "qcow2: new L2 table for L1 entry {l1_index} at host {new}: written and flushed \
+             before the L1 entry points to it"
+        );
         let res = self
             .check_no_overlap(m, new, cs, "a new L2 table")
             .and_then(|()| self.check_no_table_overlap(m, new, cs, "a new L2 table"))

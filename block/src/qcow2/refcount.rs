@@ -397,6 +397,10 @@ impl Qcow2Driver {
         let (first_batch, max_batch) = self.reserve_limits();
         let batch = rc(m)?.batch.clamp(first_batch, max_batch);
         let want = n.max(batch);
+        log::trace!(
+            "qcow2: reserving up to {want} clusters: refcounts written and flushed under the \
+             metadata lock"
+        );
         // The scan may free clusters (a grown refcount table releases the deferred frees once
         // enough piled up), lowering the hint: start it at "nothing freed" and keep the lowest.
         let from = std::mem::replace(&mut rc(m)?.free_hint, u64::MAX);

@@ -123,10 +123,22 @@ impl Qcow2Driver {
             drop(m);
             done += match plan? {
                 WritePlan::InPlace { host, len } => {
+                    log::trace!(
+                        "qcow2: write {len} bytes at {pos}: cluster allocated, in place at host \
+                         {host}; metadata lock released"
+                    );
                     self.co_write_host(host, &rest[..len as usize])?;
                     len as usize
                 }
-                WritePlan::Alloc(a) => self.co_write_alloc(&a, pos, rest)?,
+                WritePlan::Alloc(a) => {
+                    log::trace!(
+                        "qcow2: write at {pos}: {} new cluster(s) at host {}; metadata lock \
+                         released for the data write",
+                        a.old.len(),
+                        a.host
+                    );
+                    self.co_write_alloc(&a, pos, rest)?
+                }
             };
             if done >= buf.len() {
                 return Ok(());
@@ -151,6 +163,11 @@ impl Qcow2Driver {
         let res = if head == 0 && len == total {
             self.co_write_host(a.host, &buf[..len])
         } else {
+            log::trace!(
+                "qcow2: copy-on-write: {head} bytes before and {} after the request come from \
+                 the old cluster(s); one {total}-byte data write",
+                total - head - len
+            );
             self.co_cow_buffer(a, head, &buf[..len]).and_then(|data| {
                 self.co_write_host(a.host, &data)?;
                 // The copied bytes were durable in the old cluster: they must be durable in
@@ -172,6 +189,11 @@ impl Qcow2Driver {
         if !self.direct {
             // O_DIRECT: the L2 write is a read-modify-write of whole sectors, which two
             // requests linking into one sector must not do at the same time.
+            log::trace!(
+                "qcow2: data at host {} written; L2 entries written under the metadata lock \
+                 (O_DIRECT: a read-modify-write of their sector)",
+                a.host
+            );
             if let Err(e) = self.co_link(&mut m, a) {
                 self.leak_after_failed_link(a.host, n, &e);
                 return Err(e);
@@ -188,6 +210,11 @@ impl Qcow2Driver {
             }
         };
         drop(m);
+        log::trace!(
+            "qcow2: data at host {} written; L2 entries linked in the cache, written to the \
+             file now",
+            a.host
+        );
         self.co_link_unlocked(a, w)?;
         Ok(len)
     }

@@ -4,8 +4,9 @@
 //! QEMU: `block/export/fuse.c` — `read_from_fuse_fd()` (the fd handler),
 //! `co_read_from_fuse_fd()` (the read), `fuse_write_response()` (the reply).
 //!
-//! The request lifecycle (DESIGN.md): fd readable → [`DevQueue::on_readable`] reads one request
-//! into a pooled [`RequestBuf`] → a coroutine is created and entered → `in_flight += 1` (a
+//! The request lifecycle (`docs/lifecycle.md` walks through it step by step, and `-vv`
+//! traces it): fd readable → [`DevQueue::on_readable`] reads one request into a pooled
+//! [`RequestBuf`] → a coroutine is created and entered → `in_flight += 1` (a
 //! `runtime::InFlight` guard, its first statement) → [`Session::co_serve`] parses it and runs
 //! the export's handler (which may yield in the block layer) → one `writev` reply on the same
 //! fd → the guard drops (`in_flight -= 1`), the buffer goes back to the pool.
@@ -62,6 +63,7 @@ use crate::protocol::reply::Reply;
 use crate::session::{self, Engine, Session, SessionState};
 use crate::sys::{self, ReadError};
 use crate::transport::buf::{self, RequestBuf};
+use crate::transport::ReplyTrace;
 
 /// One queue: its fd, the state of its bound.
 pub struct DevQueue {
@@ -162,15 +164,17 @@ impl DevQueue {
     ///
     /// QEMU: `read_from_fuse_fd()` (which reads one).
     fn on_readable(self: &Rc<DevQueue>) {
-        for _ in 0..READ_BATCH {
-            if !self.read_one() || self.paused.get() || self.detached.load(Ordering::Acquire) {
+        for i in 0..READ_BATCH {
+            if !self.read_one(i == 0) || self.paused.get() || self.detached.load(Ordering::Acquire)
+            {
                 break;
             }
         }
     }
 
-    /// Reads one request and starts it; whether one was read.
-    fn read_one(self: &Rc<DevQueue>) -> bool {
+    /// Reads one request and starts it; whether one was read. `first`: the first read of this
+    /// readiness (an `EAGAIN` then means another clone took the request: the herd, traced).
+    fn read_one(self: &Rc<DevQueue>, first: bool) -> bool {
         if self.session.state() != SessionState::Running {
             self.detach(&AioContext::current());
             return false;
@@ -183,13 +187,24 @@ impl DevQueue {
             }
         };
         match rb.read(self.fd.as_fd()) {
-            Ok(_) => {
+            Ok(n) => {
                 self.session.served[self.index].fetch_add(1, Ordering::Relaxed);
+                log::trace!(
+                    "queue {}: {}: read from /dev/fuse ({n} bytes)",
+                    self.index,
+                    super::Described(rb.request().0)
+                );
                 self.start(rb);
                 true
             }
             Err(e) => {
                 rb.give_back();
+                if first && matches!(e, ReadError::WouldBlock) {
+                    log::trace!(
+                        "queue {}: woken for nothing: EAGAIN, another clone took the request",
+                        self.index
+                    );
+                }
                 self.read_failed(e);
                 false
             }
@@ -208,14 +223,33 @@ impl DevQueue {
                 let n = h.len().min(head.len());
                 head[..n].copy_from_slice(&h[..n]);
                 match Coroutine::try_new(move || q.co_process(rb, slot)) {
-                    Ok(co) => co.enter(),
+                    Ok(co) => {
+                        let unique = || super::unique_of(&head[..n]);
+                        log::trace!("queue {}: unique {}: enters {co}", self.index, unique());
+                        co.enter();
+                        if log::log_enabled!(log::Level::Trace) && !co.is_finished() {
+                            log::trace!(
+                                "queue {}: unique {}: {co} yielded; the loop goes on",
+                                self.index,
+                                unique()
+                            );
+                        }
+                    }
                     // The closure (and with it the slot and the buffer) is dropped.
                     Err(e) => self.answer_enomem(&head[..n], &format!("no coroutine stack: {e}")),
                 }
             }
             Engine::Async => {
+                let unique =
+                    log::log_enabled!(log::Level::Trace).then(|| super::unique_of(rb.request().0));
                 let fut = q.process_async(rb, slot);
                 session::log_future_size(std::mem::size_of_val(&fut));
+                if let Some(unique) = unique {
+                    log::trace!(
+                        "queue {}: unique {unique}: enters a task (polled at once)",
+                        self.index
+                    );
+                }
                 runtime::spawn_detached(fut)
             }
         }
@@ -351,6 +385,11 @@ impl DevQueue {
                 sys::write_reply(self.fd.as_fd(), &Reply::err(unique, libc::EIO).io_slices())
             }
         };
+        log::trace!(
+            "queue {}: unique {unique}: reply written to /dev/fuse ({})",
+            self.index,
+            ReplyTrace(&resp)
+        );
         if let Response::Data(data, _) = resp {
             buf::give_back(data);
         }

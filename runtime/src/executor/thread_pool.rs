@@ -71,7 +71,10 @@ impl<R> Future for PoolFuture<R> {
         // is never missed and a waker never left behind.
         let mut st = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         match st.result.take() {
-            Some(Ok(r)) => Poll::Ready(r),
+            Some(Ok(r)) => {
+                log::trace!("task: its pool job is done");
+                Poll::Ready(r)
+            }
             Some(Err(p)) => {
                 drop(st);
                 resume_unwind(p)
@@ -81,6 +84,7 @@ impl<R> Future for PoolFuture<R> {
                     Some(w) if w.will_wake(cx.waker()) => {}
                     w => *w = Some(cx.waker().clone()),
                 }
+                log::trace!("task: pending: waits for its pool job");
                 Poll::Pending
             }
         }

@@ -193,10 +193,22 @@ impl<K: 'static> Future for Op<K> {
         });
         match r {
             Some(r) => match this.keep.take() {
-                Some(k) => Poll::Ready((k, to_result(r))),
+                Some(k) => {
+                    log::trace!(
+                        "task: its ring request is done (slot {}, result {r})",
+                        this.idx
+                    );
+                    Poll::Ready((k, to_result(r)))
+                }
                 None => unreachable!("checked above"),
             },
-            None => Poll::Pending,
+            None => {
+                log::trace!(
+                    "task: pending: waits for its ring request (slot {})",
+                    this.idx
+                );
+                Poll::Pending
+            }
         }
     }
 }

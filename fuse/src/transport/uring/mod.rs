@@ -165,7 +165,20 @@ impl UringQueue {
         let fd = self.fd.as_fd();
         let mut next = entry.co_register(fd);
         while self.fetched(&entry, next) {
+            log::trace!(
+                "queue {}: kernel queue {}: {}: fetched from a ring entry, in {}",
+                self.index,
+                entry.qid(),
+                super::Described(entry.bytes().map_or(&[][..], |(h, _)| h)),
+                runtime::Coroutine::current().map_or_else(String::new, |co| co.to_string())
+            );
             let (unique, resp) = self.co_answer(&mut entry);
+            log::trace!(
+                "queue {}: unique {unique}: reply written to the ring entry ({}); \
+                 COMMIT_AND_FETCH",
+                self.index,
+                super::ReplyTrace(&resp)
+            );
             self.write(&mut entry, unique, resp);
             next = entry.co_commit_and_fetch(fd);
         }
@@ -176,7 +189,19 @@ impl UringQueue {
         let fd = self.fd.as_fd();
         let mut next = entry.register_async(fd).await;
         while self.fetched(&entry, next) {
+            log::trace!(
+                "queue {}: kernel queue {}: {}: fetched from a ring entry, in its task",
+                self.index,
+                entry.qid(),
+                super::Described(entry.bytes().map_or(&[][..], |(h, _)| h))
+            );
             let (unique, resp) = self.answer_async(&mut entry).await;
+            log::trace!(
+                "queue {}: unique {unique}: reply written to the ring entry ({}); \
+                 COMMIT_AND_FETCH",
+                self.index,
+                super::ReplyTrace(&resp)
+            );
             self.write(&mut entry, unique, resp);
             next = entry.commit_and_fetch_async(fd).await;
         }
