@@ -29,7 +29,7 @@ use crate::{BlockError, BlockStatus, FileDriver, NullDriver, Result};
 pub enum AsyncLeaf<'a> {
     /// `file`: inline syscalls where they cannot block, the thread pool otherwise.
     File(&'a FileDriver),
-    /// `null-co`: never waits.
+    /// `null-co`: completes inline, or waits on its thread's loop ([`crate::NullLatency`]).
     Null(&'a NullDriver),
 }
 
@@ -101,7 +101,7 @@ impl<'a> AsyncPath<'a> {
         let off = self.at(offset)?;
         match self.leaf {
             AsyncLeaf::File(f) => f.preadv_async(off, buf).await,
-            AsyncLeaf::Null(n) => crate::BlockDriver::co_preadv(n, off, buf),
+            AsyncLeaf::Null(n) => n.preadv_async(off, buf).await,
         }
     }
 
@@ -109,14 +109,14 @@ impl<'a> AsyncPath<'a> {
         let off = self.at(offset)?;
         match self.leaf {
             AsyncLeaf::File(f) => f.pwritev_async(off, buf).await,
-            AsyncLeaf::Null(n) => crate::BlockDriver::co_pwritev(n, off, buf),
+            AsyncLeaf::Null(n) => n.pwritev_async(off, buf).await,
         }
     }
 
     pub async fn flush(&self) -> Result<()> {
         match self.leaf {
             AsyncLeaf::File(f) => f.flush_async().await,
-            AsyncLeaf::Null(n) => crate::BlockDriver::co_flush(n),
+            AsyncLeaf::Null(n) => n.flush_async().await,
         }
     }
 
@@ -124,7 +124,7 @@ impl<'a> AsyncPath<'a> {
         let off = self.at(offset)?;
         match self.leaf {
             AsyncLeaf::File(f) => f.pwrite_zeroes_async(off, len, may_unmap).await,
-            AsyncLeaf::Null(n) => crate::BlockDriver::co_pwrite_zeroes(n, off, len, may_unmap),
+            AsyncLeaf::Null(n) => n.pwrite_zeroes_async(off, len, may_unmap).await,
         }
     }
 
@@ -132,7 +132,7 @@ impl<'a> AsyncPath<'a> {
         let off = self.at(offset)?;
         match self.leaf {
             AsyncLeaf::File(f) => f.pdiscard_async(off, len).await,
-            AsyncLeaf::Null(n) => crate::BlockDriver::co_pdiscard(n, off, len),
+            AsyncLeaf::Null(n) => n.pdiscard_async(off, len).await,
         }
     }
 
