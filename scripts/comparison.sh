@@ -10,9 +10,9 @@
 #   main       every configuration below, RUNS (10) runs per engine, engines alternating run by
 #              run and the first engine of a pair alternating too (so drift on a shared machine
 #              hits both alike); each run on a fresh export after WARMUP (1) s of unmeasured fio;
-#              time-based runs last RUNTIME (5) s.
-#   sweep      queue depth DEPTHS (1 2 4 … 256) on SWEEP_CONFIG (null-lat), SWEEP_RUNS (4) runs
-#              per engine and depth, SWEEP_RUNTIME (3) s each, same alternation; fio's
+#              time-based runs last RUNTIME (3) s.
+#   sweep      queue depth DEPTHS (1 2 4 … 256) on SWEEP_CONFIG (null-lat), SWEEP_RUNS (3) runs
+#              per engine and depth, SWEEP_RUNTIME (2) s each, same alternation; fio's
 #              completion-latency percentiles go into the CSV for the CDF plots.
 #   callgrind  user-space instructions per request of the daemon (valgrind --tool=callgrind:
 #              counters zeroed after a warm-up, dumped after CG_IOS requests; deterministic, so
@@ -32,7 +32,7 @@
 #   raw-threads   a raw image of random data on a disk (DISKDIR, default /var/tmp: ext4),
 #                 --cache none --aio threads: O_DIRECT preadv on the thread pool.
 #   raw-uring     the same image, --cache none --aio io_uring: O_DIRECT reads on the loop's ring.
-#   qcow2-alloc   a fresh empty qcow2 (64 KiB clusters) on DISKDIR per run, --threads 2 --cache
+#   qcow2-alloc   a fresh empty qcow2 (QCOW2_SIZE, 256M; 64 KiB clusters) on DISKDIR per run, --threads 2 --cache
 #                 none --aio io_uring; fio: 2 jobs × QD16 of 64 KiB random writes, each job into
 #                 its own half, so every write allocates a cluster under the qcow2 CoMutex,
 #                 which the two queue threads contend for.
@@ -48,8 +48,8 @@ die() { echo "$me: $*" >&2; exit 2; }
 root=$(cd "$(dirname "$0")/.." && pwd)
 outdir=$root/docs/comparison
 while getopts "o:" o; do case $o in o) outdir=$OPTARG;; *) exit 2;; esac; done
-runs=${RUNS:-10} runtime=${RUNTIME:-5} warmup=${WARMUP:-1}
-sweep_runs=${SWEEP_RUNS:-4} sweep_runtime=${SWEEP_RUNTIME:-3}
+runs=${RUNS:-10} runtime=${RUNTIME:-3} warmup=${WARMUP:-1}
+sweep_runs=${SWEEP_RUNS:-3} sweep_runtime=${SWEEP_RUNTIME:-2}
 depths=${DEPTHS:-1 2 4 8 16 32 64 128 256} sweep_config=${SWEEP_CONFIG:-null-lat}
 cg_runs=${CG_RUNS:-3} cg_ios=${CG_IOS:-4000}
 cg_configs=${CG_CONFIGS:-null-inline null-yield null-lat raw-threads raw-uring}
@@ -58,7 +58,7 @@ phases=${PHASES:-main sweep callgrind}
 all_configs="null-inline null-yield null-lat raw-threads raw-uring qcow2-alloc"
 configs=${CONFIGS:-$all_configs}
 diskdir=${DISKDIR:-/var/tmp}
-qcow2_size=${QCOW2_SIZE:-512M}
+qcow2_size=${QCOW2_SIZE:-256M}
 for t in fio qemu-img python3 mountpoint umount getconf; do
   command -v "$t" >/dev/null || die "missing $t"
 done
