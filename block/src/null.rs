@@ -12,7 +12,10 @@
 //!
 //! - [`NullLatency::Sleep`]`(d)` — QEMU's `latency-ns`: the request arms a timer on its
 //!   thread's `AioContext` for `d` and suspends (`co_sleep` in a coroutine, the executor's
-//!   `sleep` in a task); the timer resumes it. Other requests run meanwhile.
+//!   `sleep` in a task); the timer resumes it. Other requests run meanwhile. The latency is a
+//!   lower bound: an epoll loop sleeps in whole milliseconds (`epoll_wait`'s timeout is rounded
+//!   up), so a lone request waits about 1 ms for any latency below that; requests that arrive
+//!   while the loop is awake share its wake-ups.
 //! - [`NullLatency::YieldOnce`] — QEMU's `null-aio` with `latency-ns=0`, whose completion
 //!   comes from a one-shot bottom half: the request suspends once and the next pass of its
 //!   loop resumes it (a coroutine: a one-shot BH wakes it; a task: it wakes itself, and the
