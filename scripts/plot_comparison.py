@@ -10,8 +10,9 @@ DIR/ratios.svg, DIR/sweep.svg and DIR/cdf.svg.
 Statistics (pure Python, seeded, so the same CSV always gives the same tables):
   * ratio = coroutine / async of a metric, per configuration. For the timed phases the runs
     are pairs (run i of both engines ran back to back, the first engine alternating), so the
-    ratio is the geometric mean of the per-pair ratios, and its 95 % confidence interval is the
-    percentile bootstrap over pairs (10 000 resamples). For callgrind (no pairing needed:
+    ratio is the median of the per-pair ratios (robust to the load spikes of a shared machine,
+    which a mean is not), and its 95 % confidence interval is the percentile bootstrap of that
+    median over pairs (10 000 resamples). For callgrind (no pairing needed:
     instruction counts do not drift) it is the ratio of the engines' means, the bootstrap
     resampling each engine's runs.
   * Equivalence bound ±5 %: "equivalent" only if the whole CI lies in [0.95, 1.05] (two one-sided
@@ -46,11 +47,14 @@ def geomean(xs):
 
 
 def bootstrap_paired(ratios, seed=1):
-    """Geometric mean of per-pair ratios and its 95 % percentile-bootstrap CI."""
+    """Median of per-pair ratios and its 95 % percentile-bootstrap CI."""
+    if not ratios:
+        return (math.nan,) * 3
     rng = random.Random(seed)
     n = len(ratios)
-    stats = sorted(geomean([ratios[rng.randrange(n)] for _ in range(n)]) for _ in range(RESAMPLES))
-    return geomean(ratios), stats[int(0.025 * RESAMPLES)], stats[int(0.975 * RESAMPLES) - 1]
+    median = statistics.median
+    stats = sorted(median([ratios[rng.randrange(n)] for _ in range(n)]) for _ in range(RESAMPLES))
+    return median(ratios), stats[int(0.025 * RESAMPLES)], stats[int(0.975 * RESAMPLES) - 1]
 
 
 def bootstrap_means(a, b, seed=1):
@@ -64,6 +68,8 @@ def bootstrap_means(a, b, seed=1):
 
 
 def verdict(lo, hi, more="coroutine faster", less="async faster"):
+    if math.isnan(lo):
+        return "no pairs"
     if BOUND[0] <= lo and hi <= BOUND[1]:
         return "equivalent"
     if lo > BOUND[1]:
