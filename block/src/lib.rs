@@ -99,7 +99,7 @@ pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Gate, Rule, RuleId};
 pub use blklogwrites::{BlklogwritesDriver, LoggedOp};
 pub use file::{is_in_memory, AioMode, CacheMode, FileDriver, FileOptions, FileStats};
 pub use image_lock::Perm;
-pub use null::NullDriver;
+pub use null::{NullDriver, NullLatency};
 pub use qcow2::{Qcow2Driver, Qcow2Options};
 pub use raw::{RawDriver, RawOptions};
 pub use sys::AlignedBuf;
@@ -377,6 +377,9 @@ pub struct OpenOptions {
     pub discard: Discard,
     /// QEMU `detect-zeroes=` of the exported node (default `off`).
     pub detect_zeroes: DetectZeroes,
+    /// [`Format::Null`]: how long each request waits (QEMU `latency-ns`; default inline).
+    /// Refused with any other format.
+    pub null_latency: NullLatency,
 }
 
 /// QEMU's `null-co` default size.
@@ -427,13 +430,19 @@ pub fn open_image_with(
                 "the null driver has no offset option".into(),
             ));
         }
-        let null = NullDriver::new(opts.size.unwrap_or(NULL_DEFAULT_SIZE), read_only);
+        let size = opts.size.unwrap_or(NULL_DEFAULT_SIZE);
+        let null = NullDriver::with_latency(size, read_only, opts.null_latency);
         return Ok(Arc::new(BlockBackend::new(
             debug(Arc::new(null)),
             backend_opts,
         )?));
     }
 
+    if opts.null_latency != NullLatency::Inline {
+        return Err(BlockError::Invalid(
+            "a latency is an option of the null driver only".into(),
+        ));
+    }
     let file_opts = FileOptions {
         read_only,
         cache: opts.cache,

@@ -120,6 +120,14 @@ struct Cli {
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
 
+    /// null only: every read, write, flush, write-zeroes and discard waits NS nanoseconds
+    /// before it completes (QEMU's `null-co` `latency-ns`): the request suspends on its
+    /// queue thread's timer, and other requests run meanwhile. `yield`: it suspends once and
+    /// is resumed by a bottom half on the next pass of the loop. 0 (the default): complete
+    /// inline, never suspend. For benchmarks of requests that wait.
+    #[arg(long, value_name = "NS|yield", value_parser = parse_null_latency)]
+    null_latency: Option<block::NullLatency>,
+
     /// raw: the export starts at this byte offset of the image.
     #[arg(long, value_parser = parse_size)]
     offset: Option<u64>,
@@ -313,6 +321,20 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
+/// Parses `--null-latency`: a number of nanoseconds, or `yield`.
+fn parse_null_latency(s: &str) -> Result<block::NullLatency, String> {
+    if s == "yield" {
+        return Ok(block::NullLatency::YieldOnce);
+    }
+    let ns: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of nanoseconds or 'yield'"))?;
+    Ok(block::NullLatency::Sleep(std::time::Duration::from_nanos(
+        ns,
+    )))
+}
+
 fn parse_request_size(s: &str) -> Result<u32, String> {
     let n = parse_size(s)?;
     if !(4096..=1 << 20).contains(&n) || n % 4096 != 0 {
@@ -441,6 +463,14 @@ fn main() -> ExitCode {
             )
             .exit();
     }
+    if cli.null_latency.is_some() && cli.format != FormatArg::Null {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--null-latency is an option of the null driver: it needs -f null",
+            )
+            .exit();
+    }
     let read_only = cli.read_only || (cli.force_share && overlay.is_none());
     let open = OpenOptions {
         format,
@@ -467,6 +497,7 @@ fn main() -> ExitCode {
             DetectZeroesArg::On => block::DetectZeroes::On,
             DetectZeroesArg::Unmap => block::DetectZeroes::Unmap,
         },
+        null_latency: cli.null_latency.unwrap_or_default(),
     };
     let cfg = ServerConfig {
         image: cli.image,

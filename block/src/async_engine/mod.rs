@@ -50,7 +50,7 @@ use crate::{BlockDriver, BlockError, BlockStatus, FileDriver, NullDriver, Result
 pub enum AsyncLeaf<'a> {
     /// `file`: inline syscalls where they cannot block, the thread pool otherwise.
     File(&'a FileDriver),
-    /// `null-co`: never waits.
+    /// `null-co`: completes inline, or waits on its thread's loop ([`crate::NullLatency`]).
     Null(&'a NullDriver),
 }
 
@@ -151,7 +151,7 @@ impl<'a> AsyncPath<'a> {
         let off = self.at(offset)?;
         match self.leaf {
             AsyncLeaf::File(f) => f.preadv_async(off, buf).await,
-            AsyncLeaf::Null(n) => BlockDriver::co_preadv(n, off, buf),
+            AsyncLeaf::Null(n) => n.preadv_async(off, buf).await,
         }
     }
 
@@ -159,14 +159,14 @@ impl<'a> AsyncPath<'a> {
         let off = self.at(offset)?;
         match self.leaf {
             AsyncLeaf::File(f) => f.pwritev_async(off, buf).await,
-            AsyncLeaf::Null(n) => BlockDriver::co_pwritev(n, off, buf),
+            AsyncLeaf::Null(n) => n.pwritev_async(off, buf).await,
         }
     }
 
     pub async fn flush(&self) -> Result<()> {
         match self.leaf {
             AsyncLeaf::File(f) => f.flush_async().await,
-            AsyncLeaf::Null(n) => BlockDriver::co_flush(n),
+            AsyncLeaf::Null(n) => n.flush_async().await,
         }
     }
 
@@ -174,7 +174,7 @@ impl<'a> AsyncPath<'a> {
         let off = self.at(offset)?;
         match self.leaf {
             AsyncLeaf::File(f) => f.pwrite_zeroes_async(off, len, may_unmap).await,
-            AsyncLeaf::Null(n) => BlockDriver::co_pwrite_zeroes(n, off, len, may_unmap),
+            AsyncLeaf::Null(n) => n.pwrite_zeroes_async(off, len, may_unmap).await,
         }
     }
 
@@ -182,7 +182,7 @@ impl<'a> AsyncPath<'a> {
         let off = self.at(offset)?;
         match self.leaf {
             AsyncLeaf::File(f) => f.pdiscard_async(off, len).await,
-            AsyncLeaf::Null(n) => BlockDriver::co_pdiscard(n, off, len),
+            AsyncLeaf::Null(n) => n.pdiscard_async(off, len).await,
         }
     }
 

@@ -73,6 +73,7 @@ impl fmt::Display for ReplyTrace<'_> {
             Response::Err(e) => write!(f, "error {e}"),
             Response::Bytes(b) => write!(f, "{} bytes", b.len()),
             Response::Data(_, len) => write!(f, "{len} bytes of data"),
+            Response::InPlace(len) => write!(f, "{len} bytes of data, read in place"),
         }
     }
 }
