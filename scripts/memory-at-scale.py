@@ -179,10 +179,15 @@ def held_run(work, image, engine, n, extra_args=(), name=None, timeout=120, thp=
     gate.write_text("")
     res = fio_result(fio)
     rc = d.stop()
+    lines = d.log().splitlines()
+    enomem = sum(1 for line in lines if "ENOMEM" in line)
+    last = [line for line in lines if "ENOMEM" not in line and "request(s) held" not in line]
     row = {"part": "held", "engine": engine, "thp": thp, "n": issued, "held": held,
            "stack": extra_args[1] if "--coroutine-stack" in extra_args else "256K",
            "fio_ios": res["ios"], "fio_errors": res["errors"],
-           "first_error": res["first_error"], "daemon_rc": rc}
+           "first_error": res["first_error"], "enomem": enomem, "daemon_rc": rc,
+           "aborted": (rc or 0) < 0,
+           "last_words": " / ".join(last[-3:])[-400:] if (rc or 0) < 0 else ""}
     for k in ("Rss", "Pss", "Anonymous", "AnonHugePages", "maps"):
         row[f"base_{k}"] = base.get(k, "")
         row[f"held_{k}"] = full.get(k, "")
@@ -190,8 +195,8 @@ def held_run(work, image, engine, n, extra_args=(), name=None, timeout=120, thp=
         row["rss_per_req"] = round((full["Rss"] - base["Rss"]) / held)
         row["anon_per_req"] = round((full["Anonymous"] - base["Anonymous"]) / held)
         row["maps_per_req"] = round((full["maps"] - base["maps"]) / held, 3)
-    log(f"{name}: held {held}/{issued}, fio ios {res['ios']} errors {res['errors']}, "
-        f"rc {rc}, rss/req {row.get('rss_per_req')}")
+    log(f"{name}: held {held}/{issued}, fio ios {res['ios']} ENOMEM {enomem}, "
+        f"rc {rc}, rss/req {row.get('rss_per_req')} {row['last_words']}")
     return row, d
 
 
@@ -311,10 +316,6 @@ def part_maplimit(work, image, rows, limit, n):
             row, d = held_run(work, image, engine, n, name=f"maplimit-{engine}", timeout=60)
             row["part"] = "maplimit"
             row["max_map_count"] = limit
-            lg = d.log()
-            row["enomem_log_lines"] = sum(1 for line in lg.splitlines()
-                                          if "ENOMEM" in line or "cannot" in line)
-            row["aborted"] = "abort" in lg or (row["daemon_rc"] or 0) < 0
             rows.append(row)
     finally:
         Path("/proc/sys/vm/max_map_count").write_text(old)
@@ -338,15 +339,16 @@ def markdown(rows):
     if held:
         out += ["### Suspended requests held at a gate (smaps_rollup of the daemon)", "",
                 "| engine | THP | reads issued | held | idle Rss | held Rss | Rss / request "
-                "| Anonymous / request | mappings idle → held | fio I/Os done (errors) |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+                "| Anonymous / request | mappings idle → held | answered ENOMEM | all done after "
+                "release | daemon exit |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|"]
         for r in held:
             thp = "on" if r["thp"] else "off"
             out.append(f"| {r['engine']} | {thp} | {r['n']} | {r['held']} | "
                        f"{fmt_bytes(r['base_Rss'])} | "
                        f"{fmt_bytes(r['held_Rss'])} | {r.get('rss_per_req', '')} B | "
                        f"{r.get('anon_per_req', '')} B | {r['base_maps']} → {r['held_maps']} | "
-                       f"{r['fio_ios']} ({r['fio_errors']}) |")
+                       f"{r['enomem']} | {r['fio_ios'] == r['n']} | {r['daemon_rc']} |")
         out.append("")
     canary = [r for r in rows if r["part"] == "canary"]
     if canary:
@@ -381,14 +383,18 @@ def markdown(rows):
         out.append("")
     ml = [r for r in rows if r["part"] == "maplimit"]
     if ml:
-        out += [f"### vm.max_map_count = {ml[0]['max_map_count']}", "",
-                "| engine | reads issued | held at the gate | answered at once with an error "
+        out += [f"### vm.max_map_count = {ml[0]['max_map_count']} (default 65530)", "",
+                "| engine | reads issued | held at the gate | answered ENOMEM at once "
                 "| mappings idle → held | all completed after release | daemon exit |",
                 "|---|---:|---:|---:|---|---|---|"]
         for r in ml:
-            out.append(f"| {r['engine']} | {r['n']} | {r['held']} | {r['fio_errors']} | "
+            out.append(f"| {r['engine']} | {r['n']} | {r['held']} | {r['enomem']} | "
                        f"{r['base_maps']} → {r['held_maps']} | {r['fio_ios'] == r['n']} | "
                        f"{r['daemon_rc']} |")
+        out.append("")
+        for r in ml:
+            if r.get("last_words"):
+                out.append(f"- {r['engine']}, last log lines: `{r['last_words']}`")
         out.append("")
     return "\n".join(out)
 
@@ -417,11 +423,22 @@ def main():
         if "canary" in parts:
             part_canary(work, images, rows, seconds)
         if "sweep" in parts:
-            part_sweep(work, images, raw, rows, ["16K", "32K", "64K", "128K", "256K", "512K",
-                                                  "1M"], seconds, 1000 if a.quick else 10000)
+            part_sweep(work, images, raw, rows, ["4K", "8K", "16K", "32K", "64K", "128K",
+                                                  "256K", "512K", "1M"], seconds, 1000 if a.quick else 10000)
         if "maplimit" in parts:
             part_maplimit(work, raw, rows, 2000 if a.quick else 20000,
                           1500 if a.quick else 30000)
+    # A partial run (--only) keeps the other parts' rows of the previous CSV.
+    ran = set(parts) | ({"sweep-held"} if "sweep" in parts else set())
+    if os.path.exists(a.out + ".csv"):
+        with open(a.out + ".csv") as f:
+            old = [r for r in csv.DictReader(f) if r["part"] not in ran]
+        for r in old:
+            for k in ("thp", "ok", "aborted"):
+                if k in r:
+                    r[k] = r[k] == "True"
+        order = ["held", "canary", "sweep", "sweep-held", "maplimit"]
+        rows = sorted(old + rows, key=lambda r: order.index(r["part"]))
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(a.out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)

@@ -207,10 +207,7 @@ impl Gate {
                 return;
             }
             if held != logged {
-                log::info!(
-                    "blkdebug: gate {}: {held} request(s) held",
-                    path.display()
-                );
+                log::info!("blkdebug: gate {}: {held} request(s) held", path.display());
                 logged = held;
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -25,7 +25,10 @@ fn the_high_water_mark_follows_the_deepest_coroutine() {
     });
     shallow.enter();
     let low = stack_high_water().expect("on");
-    assert!(low < 8 * 1024, "an empty coroutine uses a few hundred bytes, not {low}");
+    assert!(
+        low < 8 * 1024,
+        "an empty coroutine uses a few hundred bytes, not {low}"
+    );
     let co = Coroutine::new(|| {
         black_box(deep(64));
     });

@@ -69,13 +69,21 @@ fn hold_and_release(engine: &str) {
         e.logs()
     );
     thread::sleep(Duration::from_millis(100));
-    assert_eq!(done.load(Ordering::SeqCst), 0, "{engine}: a held read completed");
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        0,
+        "{engine}: a held read completed"
+    );
     fs::write(&gate, b"").unwrap();
     for (i, c) in clients.into_iter().enumerate() {
         let got = c.join().expect("client thread");
         assert_same_bytes(&got, &data[i * BLOCK..(i + 1) * BLOCK], "a released read");
     }
-    assert!(e.stderr().contains(&format!("released {HELD} request(s)")), "{}", e.logs());
+    assert!(
+        e.stderr().contains(&format!("released {HELD} request(s)")),
+        "{}",
+        e.logs()
+    );
     // Later reads pass the open gate at once.
     let mut buf = vec![0u8; BLOCK];
     fs::File::open(e.path())

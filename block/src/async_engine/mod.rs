@@ -22,7 +22,11 @@
 //! trait stays engine-neutral, and a new leaf is one variant and one `match` arm per method
 //! here.
 //!
-//! Drivers without a path (qcow2, blkdebug, blklogwrites), and requests that need the backend's
+//! The error-injection filter (blkdebug) is looked through as well: [`AsyncPath`] remembers it
+//! and awaits its rules ([`BlkdebugDriver::check_async`]) before the leaf's I/O, so a request
+//! held at its gate is a future, as the memory measurements need (`docs/comparison.md`).
+//!
+//! Drivers without a path (qcow2, blklogwrites), and requests that need the backend's
 //! slow paths (alignment padding with its serialising lock, growth, truncate), are run by the
 //! coroutine engine's `co_` code inside a coroutine ([`runtime::co_bridge`]), with owned copies
 //! of the buffers. The checks (range, read-only, growable, in-flight count) are the backend's
@@ -261,7 +265,8 @@ mod tests {
         // The probed node guards its child's first 512 bytes: leaf bytes 1024..1536.
         assert_eq!(p.guard, Some((1024, 1536)));
         // The error-injection filter is driven natively, its offsets in its own coordinates.
-        let dbg: Arc<dyn BlockDriver> = Arc::new(BlkdebugDriver::new(window(leaf.clone(), 512)));
+        let dbg: Arc<dyn BlockDriver> =
+            Arc::new(BlkdebugDriver::new(Arc::new(window(leaf.clone(), 512))));
         let over_dbg = window(dbg.clone(), 4096);
         let p = AsyncPath::of(&over_dbg).expect("a native path through blkdebug");
         assert_eq!(p.shift, 4608);
