@@ -21,10 +21,15 @@
 //! assert!(dbg.co_preadv(4096, &mut buf).is_ok()); // `once`: the rule is gone
 //! ```
 
+use std::fmt;
+use std::future::Future;
 use std::io;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
@@ -62,21 +67,199 @@ pub struct Rule {
 
 /// Keeps the requests of a [`Rule::hold`] rule waiting until [`Gate::open`]: a test keeps a
 /// request in flight exactly as long as it needs to, instead of for a guessed delay.
-#[derive(Clone, Debug, Default)]
-pub struct Gate(Arc<AtomicBool>);
+///
+/// A held request costs nothing while it waits: a coroutine yields with its waker on the gate's
+/// list, a future returns `Pending` with its `Waker` there, and [`Gate::open`] wakes them all
+/// (from any thread). That is what lets the memory measurements (`scripts/memory-at-scale.sh`)
+/// hold tens of thousands of requests in the real daemon and look at what each one costs.
+///
+/// A gate made by [`Gate::released_by`] (the CLI's `hold=PATH`) opens itself when PATH
+/// appears: a watcher thread, started by the first held request, looks every 20 ms and logs
+/// how many requests the gate holds whenever that number changed (`blkdebug: gate PATH: N
+/// request(s) held`).
+#[derive(Clone, Default)]
+pub struct Gate(Arc<GateInner>);
+
+#[derive(Default)]
+struct GateInner {
+    open: AtomicBool,
+    /// Requests waiting at the gate now.
+    held: AtomicUsize,
+    /// Who to wake on [`Gate::open`]. Pushed under the lock after checking `open` under it,
+    /// so an `open` cannot slip between the check and the push.
+    waiters: Mutex<Vec<Waiter>>,
+    /// `Gate::released_by`: the file whose appearance opens the gate.
+    release: Option<PathBuf>,
+    watcher: OnceLock<()>,
+}
+
+enum Waiter {
+    Co(runtime::CoWaker),
+    Task(std::task::Waker),
+}
 
 impl Gate {
     pub fn new() -> Gate {
         Gate::default()
     }
 
+    /// A gate that opens itself when `path` exists (see the type's doc): for a test or script
+    /// that holds requests in a daemon it runs as another process.
+    pub fn released_by(path: PathBuf) -> Gate {
+        Gate(Arc::new(GateInner {
+            release: Some(path),
+            ..GateInner::default()
+        }))
+    }
+
     /// Lets held requests (and all later ones) go on.
     pub fn open(&self) {
-        self.0.store(true, Ordering::Release);
+        // Release: pairs with the Acquire loads in `is_open`, so a request that sees the gate
+        // open also sees what the opener did before.
+        self.0.open.store(true, Ordering::Release);
+        let waiters = std::mem::take(&mut *self.waiters());
+        for w in waiters {
+            match w {
+                Waiter::Co(w) => w.wake(),
+                Waiter::Task(w) => w.wake(),
+            }
+        }
+    }
+
+    /// How many requests wait at the gate now.
+    pub fn held(&self) -> usize {
+        self.0.held.load(Ordering::Relaxed)
     }
 
     fn is_open(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.open.load(Ordering::Acquire)
+    }
+
+    fn waiters(&self) -> MutexGuard<'_, Vec<Waiter>> {
+        // Nothing panics while the lock is held; a poisoned list is still consistent.
+        self.0.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until the gate is open: in a coroutine by yielding, elsewhere by sleeping.
+    fn co_wait(&self) {
+        if self.is_open() {
+            return;
+        }
+        self.start_watcher();
+        if !runtime::in_coroutine() {
+            while !self.is_open() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            return;
+        }
+        self.0.held.fetch_add(1, Ordering::Relaxed);
+        loop {
+            {
+                let mut w = self.waiters();
+                if self.is_open() {
+                    break;
+                }
+                w.push(Waiter::Co(runtime::CoWaker::current()));
+            }
+            runtime::co_yield();
+        }
+        self.0.held.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Waits until the gate is open, as a future.
+    fn wait_async(&self) -> GateWait<'_> {
+        self.start_watcher();
+        GateWait {
+            gate: self,
+            counted: false,
+        }
+    }
+
+    /// Starts the thread that opens a [`Gate::released_by`] gate, once.
+    fn start_watcher(&self) {
+        let Some(path) = self.0.release.clone() else {
+            return;
+        };
+        self.0.watcher.get_or_init(|| {
+            let gate = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("blkdebug-gate".into())
+                .spawn(move || gate.watch(&path));
+            if let Err(e) = spawned {
+                log::error!("blkdebug: cannot start the gate's watcher: {e}; opening it");
+                self.open();
+            }
+        });
+    }
+
+    /// The watcher thread: logs the number held when it changed, opens the gate when `path`
+    /// exists.
+    fn watch(&self, path: &std::path::Path) {
+        let mut logged = usize::MAX;
+        loop {
+            let held = self.held();
+            if path.exists() {
+                log::info!(
+                    "blkdebug: gate {}: released {held} request(s)",
+                    path.display()
+                );
+                self.open();
+                return;
+            }
+            if held != logged {
+                log::info!("blkdebug: gate {}: {held} request(s) held", path.display());
+                logged = held;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// [`Gate::wait_async`]'s future.
+struct GateWait<'a> {
+    gate: &'a Gate,
+    /// Counted in `held` (registered at least once).
+    counted: bool,
+}
+
+impl Future for GateWait<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.gate.is_open() {
+            let mut w = self.gate.waiters();
+            if !self.gate.is_open() {
+                w.push(Waiter::Task(cx.waker().clone()));
+                drop(w);
+                if !self.counted {
+                    self.gate.0.held.fetch_add(1, Ordering::Relaxed);
+                    self.counted = true;
+                }
+                return Poll::Pending;
+            }
+        }
+        if std::mem::take(&mut self.counted) {
+            self.gate.0.held.fetch_sub(1, Ordering::Relaxed);
+        }
+        Poll::Ready(())
+    }
+}
+
+impl Drop for GateWait<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.gate.0.held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl fmt::Debug for Gate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gate")
+            .field("open", &self.is_open())
+            .field("held", &self.held())
+            .field("release", &self.0.release)
+            .finish()
     }
 }
 
@@ -132,9 +315,11 @@ impl Rule {
         self
     }
 
-    /// Parses `OP[:START-END][:ERRNO][:once][:panic]`, e.g. `read:4096-8192:EIO:once` or `flush`.
-    /// OP is `read`, `write`, `flush` or `any`; ERRNO a number or EIO, ENOSPC, EROFS, EINVAL,
-    /// EPERM. The form of the CLI's hidden `--inject-error` option, for tests.
+    /// Parses `OP[:START-END][:ERRNO][:once][:panic][:hold=PATH]`, e.g.
+    /// `read:4096-8192:EIO:once`, `flush` or `read:hold=/tmp/go`. OP is `read`, `write`, `flush`
+    /// or `any`; ERRNO a number or EIO, ENOSPC, EROFS, EINVAL, EPERM. `hold=PATH` holds every
+    /// matching request at a [`Gate::released_by`] PATH, then passes it on (unless an ERRNO
+    /// is given too). The form of the CLI's hidden `--inject-error` option, for tests.
     pub fn parse(spec: &str) -> std::result::Result<Rule, String> {
         let mut parts = spec.split(':');
         let op = match parts.next().unwrap_or("") {
@@ -145,8 +330,14 @@ impl Rule {
             other => return Err(format!("unknown operation '{other}' in '{spec}'")),
         };
         let mut rule = Rule::new(op);
+        let mut errno_given = false;
         for part in parts {
-            if part == "once" {
+            if let Some(path) = part.strip_prefix("hold=") {
+                if path.is_empty() {
+                    return Err(format!("'hold=' needs a path in '{spec}'"));
+                }
+                rule.hold = Some(Gate::released_by(PathBuf::from(path)));
+            } else if part == "once" {
                 rule.once = true;
             } else if part == "panic" {
                 rule.panic = true;
@@ -157,6 +348,7 @@ impl Rule {
                     _ => return Err(format!("bad range '{part}' in '{spec}'")),
                 }
             } else {
+                errno_given = true;
                 rule.errno = match part {
                     "EIO" => libc::EIO,
                     "ENOSPC" => libc::ENOSPC,
@@ -168,6 +360,9 @@ impl Rule {
                         .map_err(|_| format!("bad errno '{n}' in '{spec}'"))?,
                 };
             }
+        }
+        if rule.hold.is_some() && !errno_given {
+            rule.errno = 0;
         }
         Ok(rule)
     }
@@ -245,34 +440,53 @@ impl BlkdebugDriver {
         &self.child
     }
 
+    /// The first rule matching a request (a `once` rule is removed as it fires).
+    fn hit(&self, op: BlkdebugOp, offset: u64, len: u64) -> Option<Rule> {
+        let mut rules = self.rules();
+        let found = rules.iter().position(|(_, r)| r.matches(op, offset, len));
+        match found {
+            Some(i) if rules[i].1.once => Some(rules.remove(i).1),
+            Some(i) => Some(rules[i].1.clone()),
+            None => None,
+        }
+    }
+
     /// Applies the first matching rule: waits for its gate, sleeps for its delay, then fails with
     /// its errno. QEMU: `rule_check()`.
     fn check(&self, op: BlkdebugOp, offset: u64, len: u64) -> Result<()> {
-        let hit = {
-            let mut rules = self.rules();
-            let found = rules.iter().position(|(_, r)| r.matches(op, offset, len));
-            match found {
-                Some(i) if rules[i].1.once => Some(rules.remove(i).1),
-                Some(i) => Some(rules[i].1.clone()),
-                None => None,
-            }
-        };
-        let Some(rule) = hit else { return Ok(()) };
-        let sleep = |d: Duration| {
-            if runtime::in_coroutine() {
-                runtime::co_sleep(d);
-            } else {
-                std::thread::sleep(d);
-            }
+        let Some(rule) = self.hit(op, offset, len) else {
+            return Ok(());
         };
         if let Some(gate) = &rule.hold {
-            while !gate.is_open() {
-                sleep(Duration::from_millis(1));
-            }
+            gate.co_wait();
         }
         if let Some(delay) = rule.delay {
-            sleep(delay);
+            if runtime::in_coroutine() {
+                runtime::co_sleep(delay);
+            } else {
+                std::thread::sleep(delay);
+            }
         }
+        self.fire(&rule, op, offset, len)
+    }
+
+    /// [`BlkdebugDriver::check`] for the async engine, which drives this filter natively (the
+    /// gate and the delay are awaited): `AsyncPath` calls it before the child's I/O.
+    pub async fn check_async(&self, op: BlkdebugOp, offset: u64, len: u64) -> Result<()> {
+        let Some(rule) = self.hit(op, offset, len) else {
+            return Ok(());
+        };
+        if let Some(gate) = &rule.hold {
+            gate.wait_async().await;
+        }
+        if let Some(delay) = rule.delay {
+            runtime::executor::sleep(delay).await;
+        }
+        self.fire(&rule, op, offset, len)
+    }
+
+    /// The end of a matching rule: a panic, an errno, or (errno 0) nothing.
+    fn fire(&self, rule: &Rule, op: BlkdebugOp, offset: u64, len: u64) -> Result<()> {
         if rule.panic {
             panic!("blkdebug: injected panic in {op:?} at {offset}+{len}");
         }

@@ -116,13 +116,16 @@ fn null_raw_window_and_read_only() {
 }
 
 #[test]
-fn blkdebug_and_o_direct_use_the_bridge_with_the_same_results() {
+fn blkdebug_natively_and_o_direct_through_the_bridge_with_the_same_results() {
     let dir = disk_dir();
     let data = pattern(64 << 10, 2);
     let path = image(dir.path(), "d.img", &data);
     let rule = Rule::new(BlkdebugOp::Read).range(0..512).errno(libc::EIO);
     let blk = open_image_with(&path, &OpenOptions::default(), &[rule]).expect("open");
-    assert!(!blk.is_natively_async());
+    assert!(
+        blk.is_natively_async(),
+        "the filter's rules are awaited natively"
+    );
     block_on(async {
         let mut buf = vec![0; 512];
         let e = blk.pread_async(0, &mut buf).await.expect_err("injected");

@@ -181,8 +181,8 @@ struct Cli {
 
     /// How each FUSE request runs: `coroutine` (a stackful coroutine per request, QEMU's
     /// model) or `async` (a Rust future per request, on the same event loops, queues and thread
-    /// pool). With `async`, the raw, file and null drivers are natively async; qcow2 and the
-    /// error-injection filter, O_DIRECT alignment padding, growth and truncation run their
+    /// pool). With `async`, the raw, file and null drivers are natively async; qcow2, O_DIRECT
+    /// alignment padding, growth and truncation run their
     /// coroutine code through a bridge (a future waiting for a coroutine), with a copy of the
     /// request's data. For comparing the two models (docs/comparison.md).
     #[arg(long, value_enum, default_value_t = EngineArg::Coroutine)]
@@ -215,6 +215,17 @@ struct Cli {
     /// minimum, the kernel refuses them: the fallback to /dev/fuse).
     #[arg(long, hide = true, value_name = "SIZE", value_parser = parse_size)]
     inject_uring_payload: Option<u64>,
+
+    /// Measurement hook: each coroutine stack's usable size (default 256K; 4K at least). A
+    /// path deeper than this overflows into the stack's guard page: SIGSEGV, the process dies.
+    #[arg(long, hide = true, value_name = "SIZE", value_parser = parse_size)]
+    coroutine_stack: Option<u64>,
+
+    /// Measurement hook: fill coroutine stacks with a pattern and log, at exit, the most stack
+    /// any request used (`coroutine stacks: high-water mark N bytes of SIZE`). Touches every
+    /// stack page: not for memory measurements.
+    #[arg(long, hide = true)]
+    stack_canary: bool,
 
     /// Test hook: io_uring setup fails as on a kernel without it.
     #[arg(long, hide = true)]
@@ -402,6 +413,16 @@ fn main() -> ExitCode {
     if cli.inject_no_io_uring {
         runtime::ring::inject_setup_failure(usize::MAX);
     }
+    // Before the first coroutine: both apply to stacks mapped from now on.
+    if let Some(size) = cli.coroutine_stack {
+        let stack_size = usize::try_from(size).unwrap_or(usize::MAX).max(4096);
+        runtime::coroutine::set_pool_config(runtime::PoolConfig {
+            stack_size,
+            ..runtime::coroutine::pool_config()
+        });
+        log::info!("coroutine stacks: {stack_size} bytes");
+    }
+    runtime::set_stack_canary(cli.stack_canary);
     // Every event loop is created after this: the queue threads start in `server::run`.
     // FUSE over io_uring needs every queue thread's event loop to be an io_uring, whatever
     // path the disk I/O takes: the epoll loops of `--aio threads` (or of `auto` for an image
@@ -535,6 +556,12 @@ fn main() -> ExitCode {
         pid_written: false,
     };
     let result = server::run_with(cfg, &mut hooks);
+    if let Some(used) = runtime::stack_high_water() {
+        log::info!(
+            "coroutine stacks: high-water mark {used} bytes of {}",
+            runtime::coroutine::pool_config().stack_size
+        );
+    }
     if hooks.pid_written {
         if let Some(p) = &hooks.pidfile {
             if let Err(e) = std::fs::remove_file(p) {

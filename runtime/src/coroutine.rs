@@ -50,6 +50,12 @@
 //! going; [`Coroutine::new`] and [`spawn`] abort, as QEMU does, and are for code that has no one
 //! to answer. [`inject_stack_failures`] makes creations fail on purpose, for tests.
 //!
+//! How much of its stack a path really uses is measured with a canary fill
+//! ([`set_stack_canary`]): each new stack is filled with a pattern, each coroutine that returns
+//! has its stack scanned for the deepest overwritten word, and [`stack_high_water`] reports the
+//! most any coroutine used. It is off by default; off, it costs one relaxed load per finished
+//! coroutine (`scripts/memory-at-scale.sh` measures the paths; `docs/comparison.md` has them).
+//!
 //! Suspended coroutines left when a thread exits are leaked with a warning, not unwound: their
 //! destructors would run in a dying thread, against a context that no longer polls.
 
@@ -107,6 +113,58 @@ impl Default for PoolConfig {
 static STACK_SIZE: AtomicUsize = AtomicUsize::new(256 * 1024);
 static MAX_POOLED: AtomicUsize = AtomicUsize::new(256);
 static LIVE_STACKS: AtomicUsize = AtomicUsize::new(0);
+/// [`set_stack_canary`]: fill new stacks, scan returned ones.
+static CANARY: AtomicBool = AtomicBool::new(false);
+/// The deepest use [`set_stack_canary`] found, in bytes from the stack's top.
+static HIGH_WATER: AtomicUsize = AtomicUsize::new(0);
+/// The fill pattern: unlikely as a return address, a pointer or a small integer.
+const CANARY_WORD: u64 = 0x5afe_57ac_ca4a_21e5;
+
+/// Measurement hook: when on, every coroutine stack mapped from now on is filled with a pattern
+/// (which touches all its pages: memory measurements must leave it off), and every coroutine
+/// that returns has its stack scanned for the deepest word no longer holding the pattern;
+/// [`stack_high_water`] reports the most used. Turn it on before the first coroutine is
+/// created: a stack mapped before holds no pattern and would count as wholly used.
+pub fn set_stack_canary(on: bool) {
+    CANARY.store(on, Ordering::Relaxed);
+}
+
+/// The most stack any finished coroutine used, in bytes (rounded up to 8), since
+/// [`set_stack_canary`] was turned on; `None` when it is off.
+pub fn stack_high_water() -> Option<usize> {
+    CANARY
+        .load(Ordering::Relaxed)
+        .then(|| HIGH_WATER.load(Ordering::Relaxed))
+}
+
+/// The usable words of a stack: above the guard page, up to its top.
+fn stack_words(stack: &DefaultStack) -> (*mut u64, usize) {
+    use corosensei::stack::Stack;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    let bottom = stack.limit().get() + page; // `limit` includes the guard page
+    let top = stack.base().get();
+    (bottom as *mut u64, (top - bottom) / 8)
+}
+
+#[cold]
+fn canary_fill(stack: &DefaultStack) {
+    let (bottom, words) = stack_words(stack);
+    // SAFETY: `[bottom, bottom + words)` is the stack's read-write mapping (corosensei's
+    // `DefaultStack` maps everything above the guard page read-write), 8-aligned (page-aligned
+    // bottom), and no coroutine runs on this new stack yet, so nothing else refers to it.
+    unsafe { std::slice::from_raw_parts_mut(bottom, words) }.fill(CANARY_WORD);
+}
+
+#[cold]
+fn canary_scan(stack: &DefaultStack) {
+    let (bottom, words) = stack_words(stack);
+    // SAFETY: as in `canary_fill`; the coroutine that ran on this stack has returned, so the
+    // memory is not being written while we read it.
+    let mem = unsafe { std::slice::from_raw_parts(bottom, words) };
+    let untouched = mem.iter().position(|&w| w != CANARY_WORD).unwrap_or(words);
+    HIGH_WATER.fetch_max((words - untouched) * 8, Ordering::Relaxed);
+}
 
 /// Changes the stack pool settings for coroutines created from now on, in every thread.
 pub fn set_pool_config(cfg: PoolConfig) {
@@ -437,6 +495,9 @@ impl CoShared {
 fn new_stack(size: usize) -> io::Result<DefaultStack> {
     let s = DefaultStack::new(size)?;
     LIVE_STACKS.fetch_add(1, Ordering::Relaxed);
+    if CANARY.load(Ordering::Relaxed) {
+        canary_fill(&s);
+    }
     Ok(s)
 }
 
@@ -553,6 +614,9 @@ fn enter_shared(co: &Arc<CoShared>) {
                 t.free.push(co.slot);
                 if let Some(b) = body {
                     let stack = b.into_stack();
+                    if CANARY.load(Ordering::Relaxed) {
+                        canary_scan(&stack);
+                    }
                     if t.stacks.len() < MAX_POOLED.load(Ordering::Relaxed) {
                         t.stacks.push((STACK_SIZE.load(Ordering::Relaxed), stack));
                     } else {

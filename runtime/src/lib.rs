@@ -112,8 +112,8 @@ pub use aio::{
 pub use aio_wait::{kick, wait_while, InFlight, InFlightGuard};
 pub use bh::Bh;
 pub use coroutine::{
-    co_yield, in_coroutine, inject_stack_failures, spawn, CoPanic, CoWaker, Coroutine, JoinHandle,
-    PoolConfig, NO_STACK,
+    co_yield, in_coroutine, inject_stack_failures, set_stack_canary, spawn, stack_high_water,
+    CoPanic, CoWaker, Coroutine, JoinHandle, PoolConfig, NO_STACK,
 };
 pub use executor::{
     block_on, co_bridge, spawn_detached, spawn_local, CoMutexLock, CoQueueWait, PoolFuture,

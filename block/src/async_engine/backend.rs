@@ -146,7 +146,7 @@ impl BlockBackend {
         };
         let _req = self.enter();
         let len = self.block_status_len(offset, len)?;
-        let (status, n) = path.block_status(offset, len)?;
+        let (status, n) = path.block_status(offset, len).await?;
         Ok((status, n.clamp(1, len)))
     }
 

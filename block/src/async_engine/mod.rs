@@ -22,7 +22,11 @@
 //! trait stays engine-neutral, and a new leaf is one variant and one `match` arm per method
 //! here.
 //!
-//! Drivers without a path (qcow2, blkdebug, blklogwrites), and requests that need the backend's
+//! The error-injection filter (blkdebug) is looked through as well: [`AsyncPath`] remembers it
+//! and awaits its rules ([`BlkdebugDriver::check_async`]) before the leaf's I/O, so a request
+//! held at its gate is a future, as the memory measurements need (`docs/comparison.md`).
+//!
+//! Drivers without a path (qcow2, blklogwrites), and requests that need the backend's
 //! slow paths (alignment padding with its serialising lock, growth, truncate), are run by the
 //! coroutine engine's `co_` code inside a coroutine ([`runtime::co_bridge`]), with owned copies
 //! of the buffers. The checks (range, read-only, growable, in-flight count) are the backend's
@@ -43,7 +47,10 @@ mod file;
 
 use std::any::Any;
 
-use crate::{BlockDriver, BlockError, BlockStatus, FileDriver, NullDriver, Result};
+use crate::{
+    BlkdebugDriver, BlkdebugOp, BlockDriver, BlockError, BlockStatus, FileDriver, NullDriver,
+    Result,
+};
 
 /// A driver with natively async I/O.
 #[derive(Clone, Copy)]
@@ -75,6 +82,9 @@ pub struct AsyncPath<'a> {
     /// Leaf bytes `[start, end)` whose writes, write-zeroes and discards go through the
     /// bridge (a node above checks them; e.g. the first sector of a probed raw image).
     pub guard: Option<(u64, u64)>,
+    /// An error-injection filter on the way, and the shift below it: its rules are checked
+    /// ([`BlkdebugDriver::check_async`], in its own coordinates) before the leaf's I/O.
+    pub filter: Option<(&'a BlkdebugDriver, u64)>,
 }
 
 impl<'a> AsyncPath<'a> {
@@ -86,6 +96,17 @@ impl<'a> AsyncPath<'a> {
     pub fn of(node: &'a dyn BlockDriver) -> Option<AsyncPath<'a>> {
         if let Some(leaf) = AsyncLeaf::of(node) {
             return Some(AsyncPath::new(leaf));
+        }
+        let any: &'a dyn Any = node;
+        if let Some(dbg) = any.downcast_ref::<BlkdebugDriver>() {
+            let path = AsyncPath::of(&**dbg.child())?;
+            if path.filter.is_some() {
+                return None; // one filter per path; more take the bridge
+            }
+            return Some(AsyncPath {
+                filter: Some((dbg, path.shift)),
+                ..path
+            });
         }
         let window = node.window()?;
         let mut path = AsyncPath::of(window.child)?;
@@ -101,6 +122,7 @@ impl<'a> AsyncPath<'a> {
             leaf,
             shift: 0,
             guard: None,
+            filter: None,
         }
     }
 
@@ -141,6 +163,16 @@ impl<'a> AsyncPath<'a> {
         }
     }
 
+    /// Runs the filter's rules, if there is one, for a request at `offset` (node coordinates).
+    async fn filter(&self, op: BlkdebugOp, offset: u64, len: u64) -> Result<()> {
+        let Some((dbg, below)) = self.filter else {
+            return Ok(());
+        };
+        // The filter sees the offset the windows above it add: the total minus those below.
+        let at = offset.saturating_add(self.shift - below);
+        dbg.check_async(op, at, len).await
+    }
+
     fn at(&self, offset: u64) -> Result<u64> {
         offset
             .checked_add(self.shift)
@@ -149,6 +181,8 @@ impl<'a> AsyncPath<'a> {
 
     pub async fn preadv(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let off = self.at(offset)?;
+        self.filter(BlkdebugOp::Read, offset, buf.len() as u64)
+            .await?;
         match self.leaf {
             AsyncLeaf::File(f) => f.preadv_async(off, buf).await,
             AsyncLeaf::Null(n) => n.preadv_async(off, buf).await,
@@ -157,6 +191,8 @@ impl<'a> AsyncPath<'a> {
 
     pub async fn pwritev(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let off = self.at(offset)?;
+        self.filter(BlkdebugOp::Write, offset, buf.len() as u64)
+            .await?;
         match self.leaf {
             AsyncLeaf::File(f) => f.pwritev_async(off, buf).await,
             AsyncLeaf::Null(n) => n.pwritev_async(off, buf).await,
@@ -164,6 +200,7 @@ impl<'a> AsyncPath<'a> {
     }
 
     pub async fn flush(&self) -> Result<()> {
+        self.filter(BlkdebugOp::Flush, 0, u64::MAX).await?;
         match self.leaf {
             AsyncLeaf::File(f) => f.flush_async().await,
             AsyncLeaf::Null(n) => n.flush_async().await,
@@ -172,6 +209,7 @@ impl<'a> AsyncPath<'a> {
 
     pub async fn pwrite_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         let off = self.at(offset)?;
+        self.filter(BlkdebugOp::Write, offset, len).await?;
         match self.leaf {
             AsyncLeaf::File(f) => f.pwrite_zeroes_async(off, len, may_unmap).await,
             AsyncLeaf::Null(n) => n.pwrite_zeroes_async(off, len, may_unmap).await,
@@ -180,15 +218,18 @@ impl<'a> AsyncPath<'a> {
 
     pub async fn pdiscard(&self, offset: u64, len: u64) -> Result<()> {
         let off = self.at(offset)?;
+        self.filter(BlkdebugOp::Write, offset, len).await?;
         match self.leaf {
             AsyncLeaf::File(f) => f.pdiscard_async(off, len).await,
             AsyncLeaf::Null(n) => n.pdiscard_async(off, len).await,
         }
     }
 
-    /// Block status never waits in these drivers (`lseek` runs inline in both engines).
-    pub fn block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
+    /// Block status never waits in these drivers (`lseek` runs inline in both engines); a
+    /// filter's `any` rules may hold or fail it.
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
         let off = self.at(offset)?;
+        self.filter(BlkdebugOp::Any, offset, len).await?;
         match self.leaf {
             AsyncLeaf::File(f) => BlockDriver::co_block_status(f, off, len),
             AsyncLeaf::Null(n) => BlockDriver::co_block_status(n, off, len),
@@ -223,11 +264,19 @@ mod tests {
         assert_eq!(p.shift, 5120);
         // The probed node guards its child's first 512 bytes: leaf bytes 1024..1536.
         assert_eq!(p.guard, Some((1024, 1536)));
-        // A node that is neither a known leaf nor a window: the bridge.
-        let dbg = BlkdebugDriver::new(leaf);
-        assert!(AsyncPath::of(&dbg).is_none());
-        let over_dbg = window(Arc::new(dbg), 0);
-        assert!(AsyncPath::of(&over_dbg).is_none());
+        // The error-injection filter is driven natively, its offsets in its own coordinates.
+        let dbg: Arc<dyn BlockDriver> =
+            Arc::new(BlkdebugDriver::new(Arc::new(window(leaf.clone(), 512))));
+        let over_dbg = window(dbg.clone(), 4096);
+        let p = AsyncPath::of(&over_dbg).expect("a native path through blkdebug");
+        assert_eq!(p.shift, 4608);
+        assert!(matches!(p.filter, Some((_, 512))));
+        // Two filters on one path: the bridge.
+        let twice = BlkdebugDriver::new(dbg);
+        assert!(AsyncPath::of(&twice).is_none());
+        // A node that is neither a known leaf, a filter nor a window: the bridge.
+        let other = crate::blklogwrites::BlklogwritesDriver::new(leaf);
+        assert!(AsyncPath::of(&other).is_none());
     }
 
     #[test]
