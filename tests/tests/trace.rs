@@ -110,7 +110,7 @@ fn vv_traces_a_read_fetched_from_a_ring_entry_to_its_commit() {
     find(
         &lines,
         fetch + 1,
-        &[&id, "reply written to the ring entry (4096 bytes of data)"],
+        &[&id, "reply written to the ring entry (4096 bytes of data"],
     )
     .unwrap_or_else(|| panic!("no 4096-byte reply for {id} after its fetch\n{log}"));
 }
