@@ -350,6 +350,10 @@ fn ext4_in_a_gpt_partition_of_a_qcow2_image() {
     fs::write(&file_mnt, b"").unwrap();
     let mut e = Export::start(&img, &file_mnt, &["--partition", "2", "-r"]);
     assert_eq!(file_size(&file_mnt), size);
+    // The mounted line comes just after INIT, a moment after the mount appears.
+    wait_until(std::time::Duration::from_secs(15), || {
+        e.stdout().contains("exported")
+    });
     assert!(
         e.stdout().contains("partition 2"),
         "mounted line\n{}",

@@ -41,6 +41,12 @@ fn uring_enabled() -> Option<MutexGuard<'static, ()>> {
     }
 }
 
+/// The mounted line, once printed (just after INIT, a moment after the mount appears).
+fn mounted_line(e: &Export) -> String {
+    wait_until(Duration::from_secs(15), || e.stdout().contains("exported"));
+    e.stdout()
+}
+
 /// The requests that arrived in ring entries, from the daemon's exit log.
 fn ring_served(stderr: &str) -> u64 {
     stderr
@@ -79,6 +85,7 @@ fn uring_serves_verified_io_with_both_engines() {
                 threads,
             ];
             let mut e = Export::start(&img, &mnt, &args);
+            mounted_line(&e);
             assert!(
                 e.stdout().contains("via io_uring"),
                 "the mounted line should name io_uring\n{}",
@@ -214,7 +221,7 @@ fn uring_falls_back_to_dev_fuse_with_a_message() {
     let check = |args: &[&str], via: &str, log: Option<&str>| {
         let mut e = Export::start(&img, &mnt, args);
         assert_same_bytes(&read_all(e.path()), &model, &format!("{args:?}"));
-        let line = e.stdout();
+        let line = mounted_line(&e);
         let x = e.stop_ok();
         assert!(
             line.contains(&format!("via {via}")),
