@@ -247,7 +247,14 @@ fn uring_falls_back_to_dev_fuse_with_a_message() {
     );
     assert_eq!(ring_served(&x.stderr), 0, "{x}");
     let x = check(
-        &["--transport", "uring", "--inject-no-io-uring"],
+        // (--aio auto: the suite's --aio io_uring would rightly refuse to start without it)
+        &[
+            "--transport",
+            "uring",
+            "--inject-no-io-uring",
+            "--aio",
+            "auto",
+        ],
         "/dev/fuse",
         Some("serving over /dev/fuse"),
     );
