@@ -45,6 +45,9 @@ fn hold_and_release(engine: &str) {
             engine,
             "--max-in-flight",
             "1024",
+            // Over io_uring, requests in flight are bounded by the ring's entries (32 here).
+            "--transport",
+            "dev",
             "--inject-error",
             &rule,
         ],
