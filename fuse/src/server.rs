@@ -331,16 +331,9 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
 
     // The mount is live; the kernel's INIT comes at once. Waiting for it lets the mounted line
     // say which transport serves (bounded: a kernel that never sends INIT is not our hang).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let init_timer = ctx.timer_new(|| {});
-    init_timer.modify(deadline);
-    while !session.init_replied()
-        && session.state() == SessionState::Running
-        && std::time::Instant::now() < deadline
-    {
-        ctx.poll(true);
-    }
-    drop(init_timer);
+    crate::session::poll_until(&ctx, std::time::Duration::from_secs(10), || {
+        session.init_replied() || session.state() != SessionState::Running
+    });
     println!(
         "exported {}{} ({}, {}, {}) at {}{} via {}; Ctrl-C or umount to stop",
         cfg.image.display(),
@@ -352,7 +345,7 @@ pub fn run_with(cfg: ServerConfig, hooks: &mut dyn Lifecycle) -> Result<(), Serv
         human_size(files.window.map_or_else(|| image.blk.size(), |w| w.size)),
         if writable { "read-write" } else { "read-only" },
         cfg.mountpoint.display(),
-        match files.partition_count {
+        match files.partitions.len() {
             0 => String::new(),
             1 => " with 1 partition file".to_owned(),
             n => format!(" with {n} partition files"),
@@ -734,7 +727,6 @@ struct Files {
     window: Option<Window>,
     /// Directory mode without `--partition`: `<name>-partN` beside the image.
     partitions: Vec<(std::ffi::OsString, Window)>,
-    partition_count: usize,
 }
 
 /// Decides the files of the export (QEMU has no partitions; the model is `qemu-nbd
@@ -769,7 +761,6 @@ fn exported_files(
         dir_entry: None,
         window: None,
         partitions: Vec::new(),
-        partition_count: 0,
     };
     if let Some(n) = cfg.partition {
         let table = match read_partition_table(blk) {
@@ -838,13 +829,12 @@ fn exported_files(
                     },
                 ));
             }
-            files.partition_count = files.partitions.len();
-            if files.partition_count > 0 {
+            if !files.partitions.is_empty() {
                 log::info!(
                     "{} partition table: {} partition file(s) beside the image; the whole \
                      image keeps at least its current size while they are exported",
                     table_kind_name(t.kind),
-                    files.partition_count
+                    files.partitions.len()
                 );
             }
         }

@@ -194,13 +194,7 @@ impl Session {
     /// Runs the calling thread's loop until no ring entry is served any more, or `timeout`
     /// passed; whether they all ended.
     pub fn wait_ring_entries(&self, ctx: &AioContext, timeout: std::time::Duration) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
-        let timer = ctx.timer_new(|| {});
-        timer.modify(deadline);
-        while self.ring_entries() > 0 && std::time::Instant::now() < deadline {
-            ctx.poll(true);
-        }
-        self.ring_entries() == 0
+        poll_until(ctx, timeout, || self.ring_entries() == 0)
     }
 
     /// Runs the calling thread's loop (the one that created the session) until the session
@@ -396,6 +390,18 @@ impl Session {
             }
         }
     }
+}
+
+/// Runs the calling thread's loop until `done()` or until `timeout` passed (a timer wakes the
+/// loop then); whether `done()` became true. For waits that must not hang on the kernel.
+pub fn poll_until(ctx: &AioContext, timeout: std::time::Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    let timer = ctx.timer_new(|| {});
+    timer.modify(deadline);
+    while !done() && std::time::Instant::now() < deadline {
+        ctx.poll(true);
+    }
+    done()
 }
 
 /// A ring entry's coroutine started (`transport::uring`).
