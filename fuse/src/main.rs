@@ -179,6 +179,13 @@ struct Cli {
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     uring_entries: u16,
 
+    /// With the io_uring transport: `on` pins each queue thread that serves exactly one kernel
+    /// queue to that queue's CPU (as libfuse does), so a request is served on the CPU that
+    /// issued it and the round trip wakes no other CPU; `off` lets the scheduler place the
+    /// threads. Pinning is what makes a ring win at queue depth 1 (docs/fuse-uring.md).
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = OnOff::On)]
+    uring_pin: OnOff,
+
     /// How each FUSE request runs: `coroutine` (a stackful coroutine per request, QEMU's
     /// model) or `async` (a Rust future per request, on the same event loops, queues and thread
     /// pool). With `async`, the raw, file and null drivers are natively async; qcow2, O_DIRECT
@@ -262,6 +269,12 @@ enum TransportArg {
     Dev,
     Uring,
     Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -549,6 +562,7 @@ fn main() -> ExitCode {
         },
         uring_entries: usize::from(cli.uring_entries),
         uring_payload: cli.inject_uring_payload.map(|n| n as usize),
+        uring_pin: cli.uring_pin == OnOff::On,
     };
     let mut hooks = Hooks {
         daemon,

@@ -72,6 +72,8 @@ pub struct ServerConfig {
     pub uring_entries: usize,
     /// Test hook (hidden `--inject-uring-payload`): ring payload buffers of this size.
     pub uring_payload: Option<usize>,
+    /// `--uring-pin`: pin each queue thread serving one kernel queue to that queue's CPU.
+    pub uring_pin: bool,
 }
 
 /// `--transport`.
@@ -614,7 +616,8 @@ fn plan_ring(
         let qids = uring::qids_for_thread(t, threads, cpus);
         let s = session.clone();
         let payload = cfg.uring_payload;
-        let plan = move || UringQueue::prepare_here(t, fd, s, qids, entries, payload);
+        let pin = cfg.uring_pin;
+        let plan = move || UringQueue::prepare_here(t, fd, s, qids, entries, payload, pin);
         match t {
             0 => plan(),
             _ => {
