@@ -181,7 +181,7 @@ fn qemu_nbd_over_tcp() {
         .unwrap()
         .port();
     let child = Command::new("qemu-nbd")
-        .args(["-t", "-f", "raw", "-b", "127.0.0.1", "-p", &port.to_string(), "-x", "disk"])
+        .args(["-t", "--shared=4", "-f", "raw", "-b", "127.0.0.1", "-p", &port.to_string(), "-x", "disk"])
         .arg(&img)
         .spawn()
         .expect("start qemu-nbd");
@@ -390,7 +390,7 @@ fn requests_overlap_on_a_slow_server() {
     let dir = tempfile::tempdir().unwrap();
     let srv = nbdkit(
         &dir.path().join("s.sock"),
-        &["--filter=delay", "memory", "1M", "rdelay=0.2"],
+        &["--filter=delay", "memory", "1M", "rdelay=200ms"],
     );
     let home = IoThread::spawn("nbd-home").unwrap();
     let blk = open_on(&home, &srv.uri, Duration::ZERO);

@@ -200,6 +200,9 @@ impl Conn {
         seq: u64,
         req: &mut Request<'_>,
     ) -> Result<(), Failure> {
+        if let Data::Status(s) = &mut req.data {
+            *s = None; // a resend after a lost connection starts afresh
+        }
         let cookie = seq << 16 | slot as u64;
         let hdr = encode_request(req.flags, req.ty, cookie, req.offset, req.len);
         let payload = match &req.data {

@@ -63,6 +63,7 @@ pub mod proto;
 pub mod uri;
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,11 @@ const MAX_SENDS: u32 = 16;
 /// The `nbd` driver. QEMU: `BDRVNBDState`.
 pub struct NbdDriver {
     client: Arc<Client>,
+    /// Bumped by every write, write-zeroes and trim; a flush with nothing new since the last
+    /// one is skipped (QEMU: `write_gen`/`flushed_gen` in `bdrv_co_flush()`), so an export
+    /// that only read needs no server at its final flush.
+    write_gen: AtomicU64,
+    flushed_gen: AtomicU64,
 }
 
 /// What the driver and its reconnect loop share.
@@ -173,7 +179,11 @@ impl NbdDriver {
             link: Mutex::new(Link::Up(conn.clone())),
         });
         client.clone().start_reader(conn);
-        Ok(NbdDriver { client })
+        Ok(NbdDriver {
+            client,
+            write_gen: AtomicU64::new(0),
+            flushed_gen: AtomicU64::new(0),
+        })
     }
 
     /// What the server offered at the first connection.
@@ -188,10 +198,22 @@ impl NbdDriver {
 
     /// Runs one request, sending it again after a reconnect if the connection drops.
     fn co_run(&self, mut req: Request<'_>) -> Result<()> {
+        let writes = matches!(req.ty, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM);
+        let r = self.co_request_retrying(&mut req);
+        if writes {
+            // At completion, as QEMU's `bdrv_co_write_req_finish()`: a flush that starts
+            // later sees it. Release pairs with the Acquire load in `co_flush`.
+            self.write_gen.fetch_add(1, Ordering::Release);
+        }
+        r
+    }
+
+    /// Sends `req` until it is answered, on the current connection or the next ones.
+    fn co_request_retrying(&self, req: &mut Request<'_>) -> Result<()> {
         let client = &self.client;
         for _ in 0..MAX_SENDS {
             let conn = client.co_connection()?;
-            match conn.co_request(&mut req) {
+            match conn.co_request(req) {
                 Ok(()) => return Ok(()),
                 Err(Failure::Failed(e)) => return Err(e),
                 Err(Failure::Lost) => client.connection_lost(&conn),
@@ -241,6 +263,18 @@ fn establish(uri: &NbdUri) -> io::Result<(uri::Stream, ExportInfo)> {
     let stream = uri::Stream::connect(&uri.address, CONNECT_TIMEOUT)?;
     stream.set_timeouts(Some(CONNECT_TIMEOUT))?;
     let info = handshake::negotiate(&mut &stream, &uri.export).map_err(|e| match e {
+        handshake::HandshakeError::Io(e)
+            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+        {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the server did not finish the handshake within {} s (busy with another \
+                     client? qemu-nbd serves one at a time unless --shared=N)",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            )
+        }
         handshake::HandshakeError::Io(e) => e,
         e => io::Error::other(e.to_string()),
     })?;
@@ -437,10 +471,14 @@ impl BlockDriver for NbdDriver {
     }
 
     fn co_flush(&self) -> Result<()> {
-        if !self.client.info.has(FLAG_SEND_FLUSH) || self.is_read_only() {
+        let gen = self.write_gen.load(Ordering::Acquire);
+        if !self.client.info.has(FLAG_SEND_FLUSH) || gen == self.flushed_gen.load(Ordering::Relaxed)
+        {
             return Ok(());
         }
-        self.co_run(self.simple(CMD_FLUSH, 0, 0, 0))
+        self.co_run(self.simple(CMD_FLUSH, 0, 0, 0))?;
+        self.flushed_gen.fetch_max(gen, Ordering::Relaxed);
+        Ok(())
     }
 
     fn co_pwrite_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
@@ -484,23 +522,9 @@ impl BlockDriver for NbdDriver {
             data: Data::Status(None),
             ..self.simple(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, offset, n)
         };
-        let client = &self.client;
-        let mut sends = 0;
-        let (length, flags) = loop {
-            let conn = client.co_connection()?;
-            match conn.co_request(&mut req) {
-                Ok(()) => match req.data {
-                    Data::Status(Some(s)) => break s,
-                    _ => return Err(eio()),
-                },
-                Err(Failure::Failed(e)) => return Err(e),
-                Err(Failure::Lost) => client.connection_lost(&conn),
-            }
-            sends += 1;
-            if sends >= MAX_SENDS {
-                return Err(eio());
-            }
-            req.data = Data::Status(None);
+        self.co_request_retrying(&mut req)?;
+        let Data::Status(Some((length, flags))) = req.data else {
+            return Err(eio()); // `Conn` checks that a status came; never reached
         };
         // QEMU's mapping (`nbd_client_co_block_status()`): a hole is not data; zero flags
         // zeros. Without a backing node a hole reads as zeros.
