@@ -163,7 +163,10 @@ fn qemu_nbd_reads_writes_zeroes_and_flushes_like_the_file() {
     model[1 << 20..(1 << 20) + 200_000].fill(0);
     let b = blk.clone();
     co(move || b.co_flush()).unwrap();
-    assert!(std::fs::read(&img).unwrap() == model, "the file holds the writes");
+    assert!(
+        std::fs::read(&img).unwrap() == model,
+        "the file holds the writes"
+    );
     let b = blk.clone();
     co(move || b.close()).unwrap();
 }
@@ -181,7 +184,18 @@ fn qemu_nbd_over_tcp() {
         .unwrap()
         .port();
     let child = Command::new("qemu-nbd")
-        .args(["-t", "--shared=4", "-f", "raw", "-b", "127.0.0.1", "-p", &port.to_string(), "-x", "disk"])
+        .args([
+            "-t",
+            "--shared=4",
+            "-f",
+            "raw",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-x",
+            "disk",
+        ])
         .arg(&img)
         .spawn()
         .expect("start qemu-nbd");
@@ -255,7 +269,11 @@ fn block_status_matches_qemu_img_map() {
     };
     let oracle = map;
     for at in (0..8 << 20).step_by(4096) {
-        assert_eq!(data_at(&ours, at), data_at(&oracle, at), "at {at}: {ours:?} vs {oracle:?}");
+        assert_eq!(
+            data_at(&ours, at),
+            data_at(&oracle, at),
+            "at {at}: {ours:?} vs {oracle:?}"
+        );
     }
 }
 
@@ -272,7 +290,13 @@ fn parse_map(json: &str) -> Vec<(u64, u64, bool)> {
     };
     json.split('{')
         .skip(1)
-        .map(|o| (num(o, "start"), num(o, "length"), o.contains("\"data\": true")))
+        .map(|o| {
+            (
+                num(o, "start"),
+                num(o, "length"),
+                o.contains("\"data\": true"),
+            )
+        })
         .collect()
 }
 
@@ -307,7 +331,9 @@ fn many_requests_in_flight_from_two_threads() {
         }
     }
     for _ in 0..64 {
-        let r = rx.recv_timeout(Duration::from_secs(30)).expect("a request hung");
+        let r = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a request hung");
         assert_eq!(r, Ok(true));
     }
     let b = blk.clone();
@@ -352,7 +378,11 @@ fn nbdkit_memory_trim_and_zeroes_read_back_as_zeros() {
         assert!(back[..768 << 10].iter().all(|&x| x == 0));
         assert!(back[768 << 10..].iter().all(|&x| x == 9));
         let (s, n) = b.co_block_status(32 << 20, 1 << 20).unwrap();
-        assert_eq!((s, n), (BlockStatus::Zero, 1 << 20), "never written: a hole");
+        assert_eq!(
+            (s, n),
+            (BlockStatus::Zero, 1 << 20),
+            "never written: a hole"
+        );
     });
 }
 
@@ -435,12 +465,18 @@ fn a_server_killed_mid_request_is_eio_not_a_hang() {
     std::thread::sleep(Duration::from_millis(200));
     let start = Instant::now();
     srv.kill();
-    let r = rx.recv_timeout(Duration::from_secs(4)).expect("the read hung");
+    let r = rx
+        .recv_timeout(Duration::from_secs(4))
+        .expect("the read hung");
     assert_eq!(r, Err(libc::EIO));
     assert!(start.elapsed() < Duration::from_secs(2));
     // New requests fail at once too.
     let b = blk.clone();
-    let r = home.run_sync(move || runtime::spawn(move || b.co_pread(0, &mut [0; 512]).map_err(|e| e.errno())).join().unwrap());
+    let r = home.run_sync(move || {
+        runtime::spawn(move || b.co_pread(0, &mut [0; 512]).map_err(|e| e.errno()))
+            .join()
+            .unwrap()
+    });
     assert_eq!(r, Err(libc::EIO));
     home.stop();
 }
@@ -470,7 +506,10 @@ fn reconnect_within_the_delay_continues_beyond_it_fails() {
     let _ = std::fs::remove_file(&sock);
     let pending = read(&blk);
     std::thread::sleep(Duration::from_millis(800));
-    assert!(pending.try_recv().is_err(), "the read waits for the reconnect");
+    assert!(
+        pending.try_recv().is_err(),
+        "the read waits for the reconnect"
+    );
     let srv = qemu_nbd_unix(&img, &sock, &[]);
     let got = pending
         .recv_timeout(Duration::from_secs(5))
@@ -482,7 +521,9 @@ fn reconnect_within_the_delay_continues_beyond_it_fails() {
     let _ = std::fs::remove_file(&sock);
     let start = Instant::now();
     let pending = read(&blk);
-    let got = pending.recv_timeout(Duration::from_secs(8)).expect("no hang");
+    let got = pending
+        .recv_timeout(Duration::from_secs(8))
+        .expect("no hang");
     assert_eq!(got, Err(libc::EIO));
     let took = start.elapsed();
     assert!(
@@ -520,7 +561,11 @@ fn fake_server(listener: UnixListener, lie: Lie) {
     let mut hello = Vec::new();
     be(&mut hello, INIT_MAGIC, 8);
     be(&mut hello, OPTS_MAGIC, 8);
-    be(&mut hello, u64::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES), 2);
+    be(
+        &mut hello,
+        u64::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES),
+        2,
+    );
     s.write_all(&hello).unwrap();
     let mut flags = [0u8; 4];
     s.read_exact(&mut flags).unwrap();

@@ -443,7 +443,9 @@ fn open_image(cfg: &ServerConfig) -> Result<OpenImage, ServerError> {
 /// The file a directory mountpoint shows for an NBD export: the export's name (its last
 /// path component), or `nbd` for the default export.
 fn nbd_file_name(image: &Path) -> std::ffi::OsString {
-    let uri = image.to_str().and_then(|s| block::nbd::NbdUri::parse(s).ok());
+    let uri = image
+        .to_str()
+        .and_then(|s| block::nbd::NbdUri::parse(s).ok());
     let export = uri.map(|u| u.export).unwrap_or_default();
     match export.rsplit('/').next() {
         Some(name) if !name.is_empty() && name != "." && name != ".." => name.into(),

@@ -33,7 +33,11 @@ fn wait_socket(sock: &Path, child: &mut Child) {
         if let Ok(Some(st)) = child.try_wait() {
             panic!("the NBD server exited: {st}");
         }
-        assert!(Instant::now() < deadline, "no NBD server at {}", sock.display());
+        assert!(
+            Instant::now() < deadline,
+            "no NBD server at {}",
+            sock.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -91,12 +95,19 @@ fn served_image(dir: &Path, size: usize) -> (PathBuf, Vec<u8>) {
 }
 
 fn reads_and_writes_like_the_served_image(engine: &str) {
-    require!(fuse_available(), have_tools(&["qemu-nbd", "fio", "qemu-img"]));
+    require!(
+        fuse_available(),
+        have_tools(&["qemu-nbd", "fio", "qemu-img"])
+    );
     let dir = workdir();
     let (img, data) = served_image(dir.path(), 16 << 20);
     let srv = qemu_nbd(&img, &dir.path().join("nbd.sock"), &[]);
     let mut e = mount(dir.path(), &srv.uri, &["--engine", engine]);
-    assert!(e.stdout().contains("(nbd, 16 MiB, read-write)"), "{}", e.stdout());
+    assert!(
+        e.stdout().contains("(nbd, 16 MiB, read-write)"),
+        "{}",
+        e.stdout()
+    );
     assert_same_bytes(&read_all(e.path()), &data, "the export before any write");
     fio_randwrite_verify(dir.path(), &e, 4 << 20);
     // dd with odd sizes, then what the mount shows must be what the server's file holds.
@@ -108,7 +119,11 @@ fn reads_and_writes_like_the_served_image(engine: &str) {
     let seen = read_all(e.path());
     e.stop_ok();
     drop(srv);
-    assert_same_bytes(&read_all(&img), &seen, "the served file after the export stopped");
+    assert_same_bytes(
+        &read_all(&img),
+        &seen,
+        "the served file after the export stopped",
+    );
     assert_eq!(&seen[12_345..12_345 + junk.len()], &junk[..]);
 }
 
@@ -168,21 +183,34 @@ fn seek_data_and_hole_match_qemu_img_map() {
     let img = dir.path().join("sparse.img");
     sparse_image(&img, 16 << 20);
     let f = open_rw(&img);
-    for (off, len) in [(0u64, 8192usize), (3 << 20, 65536), (9 << 20, 4096), ((16 << 20) - 4096, 4096)] {
+    for (off, len) in [
+        (0u64, 8192usize),
+        (3 << 20, 65536),
+        (9 << 20, 4096),
+        ((16 << 20) - 4096, 4096),
+    ] {
         f.write_all_at(&random_bytes(off, len), off).unwrap();
     }
     drop(f);
     let srv = qemu_nbd(&img, &dir.path().join("nbd.sock"), &["-r"]);
     let e = mount(dir.path(), &srv.uri, &[]);
-    let json = run(tool("qemu-img").args(["map", "--output=json", "-U", "-f", "raw"]).arg(&img))
-        .ok()
-        .stdout;
+    let json = run(tool("qemu-img")
+        .args(["map", "--output=json", "-U", "-f", "raw"])
+        .arg(&img))
+    .ok()
+    .stdout;
     // Merge qemu-img's data extents.
     let mut want: Vec<(u64, u64)> = Vec::new();
     for obj in json.split('{').skip(1) {
         let num = |key: &str| -> u64 {
             let at = obj.find(&format!("\"{key}\":")).unwrap() + key.len() + 3;
-            obj[at..].trim_start().chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+            obj[at..]
+                .trim_start()
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .unwrap()
         };
         if obj.contains("\"data\": true") {
             let (s, l) = (num("start"), num("length"));
@@ -248,7 +276,11 @@ fn a_server_killed_mid_read_gives_eio_not_a_hang() {
     drop(srv);
     let (r, _) = reader.join().unwrap();
     assert_eq!(r.err(), Some(Some(libc::EIO)), "the read fails with EIO");
-    assert!(killed.elapsed() < Duration::from_secs(3), "{:?}", killed.elapsed());
+    assert!(
+        killed.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        killed.elapsed()
+    );
     assert!(e.logs().contains("connection closed"), "{}", e.logs());
     e.stop_ok();
 }

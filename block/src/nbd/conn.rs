@@ -358,11 +358,9 @@ impl Conn {
                 out.error.get_or_insert(e);
             }
             (t, _) => {
-                return Err(violation(format!(
-                    "chunk type {t} in the reply to command {}",
-                    req.ty
-                ))
-                .into())
+                return Err(
+                    violation(format!("chunk type {t} in the reply to command {}", req.ty)).into(),
+                )
             }
         }
         Ok(())
@@ -617,7 +615,10 @@ impl std::fmt::Display for Broken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Broken::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                write!(f, "the server closed the connection in the middle of a reply")
+                write!(
+                    f,
+                    "the server closed the connection in the middle of a reply"
+                )
             }
             Broken::Io(e) => write!(f, "reading a reply failed: {e}"),
             Broken::Protocol(p) => write!(f, "protocol error: {p}"),

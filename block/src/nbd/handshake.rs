@@ -89,7 +89,10 @@ const MAX_OPTION_REPLY: u32 = 64 * 1024;
 pub fn negotiate<S: Read + Write>(s: &mut S, export: &str) -> Result<ExportInfo> {
     let magic = read_u64(s)?;
     if magic != INIT_MAGIC {
-        return Err(violation(format!("bad initial magic {magic:#018x} (not an NBD server?)")).into());
+        return Err(violation(format!(
+            "bad initial magic {magic:#018x} (not an NBD server?)"
+        ))
+        .into());
     }
     match read_u64(s)? {
         OPTS_MAGIC => {}
@@ -238,8 +241,9 @@ fn go<S: Read + Write>(s: &mut S, export: &str) -> Result<Option<ExportInfo>> {
                         )?;
                     }
                     INFO_EXPORT | INFO_BLOCK_SIZE => {
-                        return Err(violation(format!("info reply of {} bytes", payload.len()))
-                            .into())
+                        return Err(
+                            violation(format!("info reply of {} bytes", payload.len())).into()
+                        )
                     }
                     _ => {} // name, description: not needed
                 }
@@ -306,7 +310,7 @@ fn check_block_sizes(min: u32, pref: u32, max: u32) -> Result<(u32, u32, u32)> {
         && pref.is_power_of_two()
         && pref >= min
         && max >= min
-        && max % min == 0;
+        && max.is_multiple_of(min);
     if !ok {
         return Err(violation(format!("block sizes min {min} pref {pref} max {max}")).into());
     }
@@ -360,8 +364,14 @@ mod tests {
 
     #[test]
     fn block_size_rules() {
-        assert_eq!(check_block_sizes(1, 4096, 1 << 25).unwrap(), (1, 4096, 1 << 25));
-        assert_eq!(check_block_sizes(512, 4096, 1 << 30).unwrap().2, MAX_PAYLOAD);
+        assert_eq!(
+            check_block_sizes(1, 4096, 1 << 25).unwrap(),
+            (1, 4096, 1 << 25)
+        );
+        assert_eq!(
+            check_block_sizes(512, 4096, 1 << 30).unwrap().2,
+            MAX_PAYLOAD
+        );
         assert!(check_block_sizes(3, 4096, 4096).is_err());
         assert!(check_block_sizes(4096, 512, 4096).is_err());
         assert!(check_block_sizes(512, 4096, 1000).is_err());

@@ -155,7 +155,11 @@ impl NbdDriver {
         log::info!(
             "nbd {name}: {} bytes, {}{}{}, block sizes {}/{}/{}",
             info.size,
-            if info.read_only() { "read-only" } else { "writable" },
+            if info.read_only() {
+                "read-only"
+            } else {
+                "writable"
+            },
             if info.structured {
                 ", structured replies"
             } else {
@@ -264,7 +268,10 @@ fn establish(uri: &NbdUri) -> io::Result<(uri::Stream, ExportInfo)> {
     stream.set_timeouts(Some(CONNECT_TIMEOUT))?;
     let info = handshake::negotiate(&mut &stream, &uri.export).map_err(|e| match e {
         handshake::HandshakeError::Io(e)
-            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
         {
             io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -596,13 +603,7 @@ pub fn open_nbd(
         }
     }
     let read_only = opts.read_only || opts.force_share || nbd.read_only;
-    let driver = NbdDriver::connect(
-        &parsed,
-        NbdOptions {
-            read_only,
-            ..nbd
-        },
-    )?;
+    let driver = NbdDriver::connect(&parsed, NbdOptions { read_only, ..nbd })?;
     if driver.export_info().read_only() && !read_only {
         log::info!("nbd {parsed}: the server exports it read-only; so does this export");
     }

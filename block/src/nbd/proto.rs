@@ -163,7 +163,11 @@ impl ReplyHeader {
 pub enum ReplyStart {
     Simple(ReplyHeader),
     /// Flags, type, cookie; call [`finish_chunk_header`] with the next 4 bytes.
-    Chunk { flags: u16, ty: u16, cookie: u64 },
+    Chunk {
+        flags: u16,
+        ty: u16,
+        cookie: u64,
+    },
 }
 
 /// Parses the first 16 bytes of a reply. A magic that is neither reply magic is a
@@ -289,7 +293,7 @@ pub fn parse_block_status_chunk(
     context: u32,
     req_len: u64,
 ) -> Result<(u64, u32), ProtocolError> {
-    if payload.len() < 12 || (payload.len() - 4) % 8 != 0 {
+    if payload.len() < 12 || !(payload.len() - 4).is_multiple_of(8) {
         return Err(violation(format!(
             "block status chunk of {} bytes",
             payload.len()

@@ -62,7 +62,9 @@ impl NbdUri {
             }
             "nbd+unix" => {
                 if !authority.is_empty() {
-                    return Err(bad("nbd+unix takes no host (nbd+unix:///EXPORT?socket=PATH)"));
+                    return Err(bad(
+                        "nbd+unix takes no host (nbd+unix:///EXPORT?socket=PATH)",
+                    ));
                 }
                 let socket = query
                     .and_then(|q| q.strip_prefix("socket="))
@@ -85,12 +87,7 @@ impl fmt::Display for NbdUri {
                 write!(f, "nbd://[{host}]:{port}/{}", self.export)
             }
             Address::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{}", self.export),
-            Address::Unix(p) => write!(
-                f,
-                "nbd+unix:///{}?socket={}",
-                self.export,
-                p.display()
-            ),
+            Address::Unix(p) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
         }
     }
 }
