@@ -3,7 +3,7 @@
 # 1M sequential read and 1M sequential write, through each FUSE mount, alternating the two
 # clients, ROUNDS rounds (default 3). Prints one CSV line per run and a median table.
 #
-#   scripts/nbd-compare.sh [ROUNDS] [SECONDS]
+#   [NBDFUSE_ARGS="-C 1"] scripts/nbd-compare.sh [ROUNDS] [SECONDS]
 #
 # Needs root, /dev/fuse, qemu-nbd, nbdfuse, fio; builds coro-fuse --release. The image (512 MiB,
 # written once so that reads return data) lives in /dev/shm, the server serves it with its
@@ -44,7 +44,8 @@ mount_cf() {
 }
 umount_cf() { kill -TERM "$CPID"; wait "$CPID" || true; CPID=; }
 mount_nf() {
-  nbdfuse "$NF" "$URI" &
+  # shellcheck disable=SC2086
+  nbdfuse ${NBDFUSE_ARGS:-} "$NF" "$URI" &
   for _ in $(seq 200); do [[ -e $NF/nbd ]] && return; sleep 0.05; done
   echo "nbdfuse did not mount"; exit 1
 }
