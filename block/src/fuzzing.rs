@@ -15,7 +15,11 @@
 //! - [`backing_name`]: a header naming the bytes as its backing file, then the path resolution
 //!   of [`resolve_backing_path`] and the protocol check;
 //! - [`partition_table`]: the bytes as the start of a disk of a size they give, through the
-//!   MBR/GPT parser.
+//!   MBR/GPT parser;
+//! - [`nbd_server`]: the bytes as everything an NBD server says — first to the handshake (an
+//!   in-memory stream), then, from a fixed offset, as the replies on a real socket pair to
+//!   requests in flight in the NBD driver's connection (`nbd/conn.rs`): every request must
+//!   end (no hang), with a result or EIO.
 //!
 //! Everything stays in memory: no file is created, no backing file is opened.
 
@@ -421,6 +425,103 @@ pub fn partition_table(data: &[u8]) {
     numbers.dedup();
     assert_eq!(numbers.len(), parts.len(), "a number twice");
     assert!(reads <= 200, "{reads} reads for one table");
+}
+
+/// Fuzz target `nbd_server`: `data[..512]` (zero-padded) is what a server answers in the
+/// handshake; `data[512..]` what it sends once transmission starts, in reply to a read of
+/// 4096 bytes at 8192 (cookie `0x10000`), a block status query (`0x10001`) and a write
+/// (`0x10002`) in flight at once. The handshake must not panic and what it accepts must be
+/// sane; each request must end — the bytes run out, then the socket says EOF.
+pub fn nbd_server(data: &[u8]) {
+    use crate::nbd::{conn, handshake, uri::Stream};
+    use std::io::Write;
+    let (hello, replies) = data.split_at(data.len().min(512));
+    let mut fake = FakeServer(hello);
+    if let Ok(info) = handshake::negotiate(&mut fake, "export") {
+        assert!(info.size <= i64::MAX as u64);
+        assert!(info.min_block.is_power_of_two() && info.max_block >= info.min_block);
+        assert!(info.max_block <= handshake::MAX_PAYLOAD);
+    }
+    let replies = &replies[..replies.len().min(64 * 1024)]; // fits a socket buffer
+    let Ok((ours, mut theirs)) = std::os::unix::net::UnixStream::pair() else {
+        return;
+    };
+    if theirs.write_all(replies).is_err() {
+        return;
+    }
+    let _ = theirs.shutdown(std::net::Shutdown::Write);
+    let info = handshake::ExportInfo {
+        size: 1 << 20,
+        flags: crate::nbd::proto::FLAG_HAS_FLAGS,
+        min_block: 1,
+        pref_block: 4096,
+        max_block: 1 << 20,
+        structured: true,
+        meta_context: Some(1),
+    };
+    let Ok(c) = conn::Conn::new(Stream::Unix(ours), info, "fuzz".into()) else {
+        return;
+    };
+    let c = Arc::new(c);
+    // Drain what the requests send, so that the write never waits for room.
+    let sink = std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while matches!(std::io::Read::read(&mut theirs, &mut buf), Ok(n) if n > 0) {}
+    });
+    conn::spawn_reader(c.clone(), |_| {});
+    let requests = [(crate::nbd::proto::CMD_READ, 0u16), (7, 1), (1, 2)];
+    let handles: Vec<_> = requests
+        .into_iter()
+        .map(|(ty, _)| {
+            let c = c.clone();
+            runtime::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                let data = match ty {
+                    0 => conn::Data::In(&mut buf),
+                    1 => conn::Data::Out(&[7u8; 4096]),
+                    _ => conn::Data::Status(None),
+                };
+                let flags = if ty == 7 { 8 } else { 0 };
+                let mut req = conn::Request {
+                    ty,
+                    flags,
+                    offset: 8192,
+                    len: 4096,
+                    data,
+                };
+                c.co_request(&mut req).is_ok()
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    c.kill("");
+    // The reader ends on the shut-down socket.
+    let ctx = runtime::AioContext::current();
+    while ctx.poll(false) {}
+    let _ = sink.join();
+}
+
+/// The server side of a handshake, from bytes; what the client writes is dropped.
+struct FakeServer<'a>(&'a [u8]);
+
+impl std::io::Read for FakeServer<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.0.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+}
+
+impl std::io::Write for FakeServer<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A valid v3 header (512-byte clusters, 1 MiB) whose backing file name is `name`, stored

@@ -62,6 +62,7 @@
 //! | [`qcow2`] | `block/qcow2*.c` | the `qcow2` format: reads, writes, backing chains, internal snapshots kept intact |
 //! | [`chain`] | `block/io.c` `bdrv_co_common_block_status_above()` | block status through a backing chain |
 //! | [`null`] | `block/null.c` | `null-co`: zeros in, nothing out |
+//! | [`nbd`] (`nbd/`) | `block/nbd.c`, `nbd/client.c` | the `nbd` protocol driver: a remote image over TCP or a Unix socket, many requests in flight, reconnect |
 //! | [`overlay`] | `block.c` `bdrv_append_temp_snapshot()` | `--snapshot`/`--overlay`: a qcow2 overlay over a read-only image |
 //! | [`blkdebug`] | `block/blkdebug.c` | error injection for tests |
 //! | [`blklogwrites`] | `block/blklogwrites.c` | a log of every write and flush, for crash-consistency tests |
@@ -79,6 +80,7 @@ pub mod file;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image_lock;
+pub mod nbd;
 pub mod null;
 pub mod overlay;
 pub mod partition;
@@ -99,6 +101,7 @@ pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Gate, Rule, RuleId};
 pub use blklogwrites::{BlklogwritesDriver, LoggedOp};
 pub use file::{is_in_memory, AioMode, CacheMode, FileDriver, FileOptions, FileStats};
 pub use image_lock::Perm;
+pub use nbd::{open_nbd, NbdDriver, NbdOptions};
 pub use null::{NullDriver, NullLatency};
 pub use qcow2::{Qcow2Driver, Qcow2Options};
 pub use raw::{RawDriver, RawOptions};

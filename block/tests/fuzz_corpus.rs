@@ -90,3 +90,8 @@ fn partition_table_corpus_replays_cleanly() {
         assert_eq!(numbers, want, "{name}");
     }
 }
+
+#[test]
+fn nbd_server_corpus_replays_cleanly() {
+    replay("nbd_server", block::fuzzing::nbd_server);
+}

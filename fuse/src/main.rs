@@ -31,7 +31,8 @@ mod daemon;
 #[derive(Parser, Debug)]
 #[command(name = "coro-fuse", version, about, long_about)]
 struct Cli {
-    /// The disk image (a regular file or block device).
+    /// The disk image (a regular file or block device), or an NBD export:
+    /// `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH` (QEMU's URI syntax).
     image: PathBuf,
 
     /// Where to show the image: a regular file or a directory.
@@ -139,6 +140,13 @@ struct Cli {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..),
           conflicts_with_all = ["offset", "size", "create", "growable"])]
     partition: Option<u32>,
+
+    /// NBD only: when the connection to the server drops, requests wait up to SECS seconds
+    /// for a reconnect (and are then sent again) before they fail with EIO; reconnection is
+    /// tried in the background all the while (QEMU's `reconnect-delay`; default 0: fail at
+    /// once).
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    reconnect_delay: f64,
 
     /// qcow2: bytes of L2 tables to cache (QEMU's `l2-cache-size`; at most 64 tables).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4M")]
@@ -376,6 +384,8 @@ fn default_threads() -> usize {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let nbd = server::is_nbd(&cli.image);
+    check_nbd_args(&cli, nbd);
     if let Some(size) = cli.create {
         let format = match cli.format {
             FormatArg::Qcow2 => Format::Qcow2,
@@ -458,6 +468,7 @@ fn main() -> ExitCode {
         // Where nothing waits for a device — an image in memory (tmpfs), the null driver —
         // the ring has nothing to do but watch /dev/fuse, and its polls cost ~5 % more CPU per
         // request than epoll (docs/performance.md): auto takes the thread-pool path there.
+        AioArg::Auto if nbd => AioMode::Auto,
         AioArg::Auto if cli.format == FormatArg::Null || block::is_in_memory(&cli.image) => {
             log::info!(
                 "--aio auto: nothing waits for a device ({}): epoll loops and the thread pool \
@@ -563,6 +574,7 @@ fn main() -> ExitCode {
         uring_entries: usize::from(cli.uring_entries),
         uring_payload: cli.inject_uring_payload.map(|n| n as usize),
         uring_pin: cli.uring_pin == OnOff::On,
+        reconnect_delay: std::time::Duration::from_secs_f64(cli.reconnect_delay),
     };
     let mut hooks = Hooks {
         daemon,
@@ -589,6 +601,41 @@ fn main() -> ExitCode {
             eprintln!("coro-fuse: {e}");
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+/// The options that have no meaning for an NBD export are usage errors (exit 2).
+fn check_nbd_args(cli: &Cli, nbd: bool) {
+    let refuse = |why: &str| -> ! {
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, why)
+            .exit()
+    };
+    if !nbd {
+        if cli.reconnect_delay != 0.0 {
+            refuse("--reconnect-delay is an option of NBD exports (nbd://, nbd+unix://)");
+        }
+        return;
+    }
+    if !(0.0..=86400.0).contains(&cli.reconnect_delay) {
+        refuse("--reconnect-delay must be between 0 and 86400 seconds");
+    }
+    if matches!(cli.format, FormatArg::Qcow2 | FormatArg::Null) {
+        refuse("an NBD export is exported as raw bytes: -f raw or auto");
+    }
+    if cli.create.is_some() {
+        refuse("--create makes an image file; an NBD export exists on its server");
+    }
+    if cli.snapshot || cli.overlay.is_some() {
+        refuse("--snapshot and --overlay need an image file; not supported over NBD yet");
+    }
+    if cli.growable {
+        refuse("--growable: an NBD export cannot be resized");
+    }
+    if let Err(e) = block::nbd::NbdUri::parse(&cli.image.to_string_lossy()) {
+        Cli::command()
+            .error(clap::error::ErrorKind::ValueValidation, e)
+            .exit()
     }
 }
 
