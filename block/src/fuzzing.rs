@@ -530,7 +530,7 @@ pub fn compact_sparse(image: &[u8]) -> Vec<u8> {
         }
         record(start, &image[start * 512..(i * 512).min(image.len())]);
     }
-    if image.len() % 512 == 0 && !image.is_empty() {
+    if image.len().is_multiple_of(512) && !image.is_empty() {
         // An empty record cannot set a length inside a sector: end on the last sector.
         let last = image.len() / 512 - 1;
         record(last, &image[last * 512..]);
@@ -557,13 +557,19 @@ fn read_only_image<D: BlockDriver>(data: &[u8], open: fn(Arc<dyn BlockDriver>) -
             let (b, d) = (blk.clone(), data.to_vec());
             co(move || {
                 exercise_read_only(&b, &d);
-                assert!(b.co_pwrite(0, &[1]).is_err(), "a read-only format took a write");
+                assert!(
+                    b.co_pwrite(0, &[1]).is_err(),
+                    "a read-only format took a write"
+                );
             });
             let _ = blk.close();
         }
     }
     assert_eq!(child.writes(), 0, "a read-only driver wrote to the image");
-    assert!(child.contents() == image, "a read-only driver changed the image");
+    assert!(
+        child.contents() == image,
+        "a read-only driver changed the image"
+    );
 }
 
 /// Fuzz target `vdi_image`.

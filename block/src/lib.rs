@@ -369,7 +369,8 @@ pub enum Format {
     Vpc,
     /// `vhdx` over `file`, read-only, with a differencing image's parent ([`vhdx::VhdxDriver`]).
     Vhdx,
-    /// Look at the first bytes ([`probe`]): qcow2 by its magic, raw unless they are another
+    /// Look at the first bytes ([`probe`]): qcow2, vdi, vpc, vhdx by their magic (the
+    /// read-only ones under [`readonly::require_read_only`]), raw unless they are another
     /// format's magic, which is refused with [`BlockError::UnsupportedFormat`]. A raw image
     /// found this way is *probed*: writes that would make its first sector look like another
     /// format are refused ([`RawDriver::mark_probed`]).

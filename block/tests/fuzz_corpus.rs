@@ -98,7 +98,11 @@ fn partition_table_corpus_replays_cleanly() {
 fn read_only_corpus(target: &str, body: fn(&[u8]), open: fn(Arc<MemDriver>) -> block::Result<()>) {
     replay(target, body);
     for (path, bytes) in corpus(target) {
-        let name = path.file_name().expect("a name").to_string_lossy().into_owned();
+        let name = path
+            .file_name()
+            .expect("a name")
+            .to_string_lossy()
+            .into_owned();
         if !name.starts_with("qemu-img-") {
             continue;
         }

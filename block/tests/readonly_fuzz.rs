@@ -22,7 +22,10 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
         .join(target);
     corpus_files(&dir)
         .into_iter()
-        .filter(|(p, _)| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("qemu-img-")))
+        .filter(|(p, _)| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("qemu-img-"))
+        })
         .map(|(_, b)| expand_sparse(&b))
         .collect()
 }
@@ -94,15 +97,18 @@ fn run(target: &str, body: fn(&[u8]), cases: u32, crcs: bool) {
         ..Config::default()
     });
     runner
-        .run(&(0..seeds.len(), words(), any::<bool>()), |(seed, words, fix)| {
-            let mut image = seeds[seed].clone();
-            mutate(&mut image, &words);
-            if crcs && fix {
-                fix_vhdx_crcs(&mut image);
-            }
-            body(&compact_sparse(&image));
-            Ok(())
-        })
+        .run(
+            &(0..seeds.len(), words(), any::<bool>()),
+            |(seed, words, fix)| {
+                let mut image = seeds[seed].clone();
+                mutate(&mut image, &words);
+                if crcs && fix {
+                    fix_vhdx_crcs(&mut image);
+                }
+                body(&compact_sparse(&image));
+                Ok(())
+            },
+        )
         .unwrap_or_else(|e| panic!("{target}: {e}"));
 }
 

@@ -301,7 +301,7 @@ enum Child {
 }
 
 fn partial_has(sector: u64) -> bool {
-    sector % 3 == 0 || sector < 128
+    sector.is_multiple_of(3) || sector < 128
 }
 
 /// UTF-16LE bytes.
@@ -549,6 +549,25 @@ fn differencing_parent_problems_are_clear_errors() {
     let (child, _) = diff_pair(dir.path(), 8 * MIB, LAYOUT, Some(missing));
     let e = open_ro_as(&child, Format::Vhdx).expect_err("missing");
     assert!(e.to_string().contains("gone.vhdx"), "{e}");
+    // A sector bitmap entry far past the end of the file: EIO on the partially present
+    // blocks only.
+    let dir = disk_dir();
+    let (child, expected) = diff_pair(dir.path(), 8 * MIB, LAYOUT, None);
+    let (bat, _) = region(&child, BAT_GUID);
+    patch(&child, bat + 4096 * 8, &((1u64 << 50) | 6).to_le_bytes());
+    let blk = open_ro(&child);
+    let b = blk.clone();
+    let (full, partial) = co(move || {
+        let mut buf = vec![0u8; 4096];
+        let full = b.co_pread(MIB, &mut buf).map(|()| buf.clone());
+        (full, b.co_pread(2 * MIB, &mut buf))
+    });
+    assert!(full.expect("a full block reads") == expected[MIB as usize..MIB as usize + 4096]);
+    assert!(
+        matches!(partial, Err(BlockError::Corrupt(_))),
+        "{partial:?}"
+    );
+    drop(blk);
     // A differencing image without a path to find its parent (the driver alone).
     let file: std::sync::Arc<dyn block::BlockDriver> = std::sync::Arc::new(
         block::FileDriver::open(

@@ -98,11 +98,6 @@ impl Backing {
         &*self.node
     }
 
-    /// Its length.
-    pub(crate) fn len(&self) -> u64 {
-        self.len
-    }
-
     /// The path it was opened from.
     pub(crate) fn path(&self) -> &Path {
         &self.path

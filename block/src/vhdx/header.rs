@@ -292,7 +292,7 @@ pub fn parse_region_table(b: &[u8], file_len: u64, log: Region) -> Result<(Regio
 /// A region is 1 MiB aligned, past the first MiB, inside the file, overlaps none of `seen`.
 fn check_region(r: Region, file_len: u64, seen: &[Region]) -> Result<()> {
     let end = r.offset.checked_add(r.length);
-    if r.offset % MIB != 0 || r.offset < MIB || end.is_none_or(|e| e > file_len) {
+    if !r.offset.is_multiple_of(MIB) || r.offset < MIB || end.is_none_or(|e| e > file_len) {
         return corrupt(format!(
             "region at {:#x} ({} bytes) is misplaced or beyond the end of the file ({file_len} \
              bytes)",
@@ -409,7 +409,9 @@ impl Metadata {
         }
         if self.virtual_size == 0
             || self.virtual_size > MAX_DISK_SIZE
-            || self.virtual_size % u64::from(self.logical_sector_size) != 0
+            || !self
+                .virtual_size
+                .is_multiple_of(u64::from(self.logical_sector_size))
         {
             return corrupt(format!("invalid virtual disk size {}", self.virtual_size));
         }

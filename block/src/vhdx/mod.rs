@@ -293,7 +293,7 @@ impl VhdxDriver {
         let last_bit = (b % cr) * (bs / lss) + end.div_ceil(lss) - 1;
         let mut bits = vec![0u8; (last_bit / 8 - first_bit / 8 + 1) as usize];
         self.file
-            .co_read((sb & OFFSET_MASK) + first_bit / 8, &mut bits)?;
+            .co_read((sb & OFFSET_MASK).saturating_add(first_bit / 8), &mut bits)?; // near 2^64: refused by the bounds check
         let bit = |i: u64| {
             let k = i - first_bit / 8 * 8;
             bits[(k / 8) as usize] >> (k % 8) & 1 == 1
