@@ -406,10 +406,10 @@ mod tests {
         );
         let max = Footer::parse(&footer(b"qemu", 3 << 40, (65535, 16, 255), 3)).unwrap();
         assert!(max.virtual_size().is_err(), "beyond 2040 GiB");
-        let max = Footer::parse(&footer(b"qemu", 2 << 40, (65535, 16, 255), 3)).unwrap();
+        let max = Footer::parse(&footer(b"qemu", 1 << 40, (65535, 16, 255), 3)).unwrap();
         assert_eq!(
             max.virtual_size().ok(),
-            Some(2 << 40),
+            Some(1 << 40),
             "max geometry: current_size"
         );
     }
