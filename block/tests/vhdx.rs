@@ -8,7 +8,8 @@
 //! [`make_differencing`] turns a `qemu-img`-made dynamic image into one by the spec: sets
 //! `has_parent`, adds a parent locator, and writes payload blocks (fully and partially present,
 //! with a sector bitmap) and BAT entries itself. The expected bytes are the parent's (by
-//! `qemu-img convert`) overlaid with what the builder put in the child.
+//! `qemu-img convert`) overlaid with what the builder put in the child; libvhdi's `vhdimount`
+//! (an independent reader of differencing vhdx) must read the same.
 //!
 //! Needs `qemu-img` and `qemu-io` in PATH: without them each test says SKIPPED loudly, and
 //! fails when `CI=true`.
@@ -447,7 +448,8 @@ fn diff_pair(
         "block_size=1M,block_state_zero=off",
         size,
     );
-    let linkage = data_write_guid(&parent);
+    // Lower case: libvhdi (an oracle below) parses only that; we accept either case.
+    let linkage = data_write_guid(&parent).to_lowercase();
     let pairs = pairs.unwrap_or_else(|| {
         vec![
             ("parent_linkage", linkage.clone()),
@@ -458,6 +460,55 @@ fn diff_pair(
     let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let expected = make_differencing(&child, &pairs, blocks, &parent_bytes);
     (child, expected)
+}
+
+/// The bytes libvhdi's `vhdimount` shows for `image` (the last layer of its chain), or `None`
+/// (loudly) without vhdimount or FUSE — which fails under `CI=true`.
+fn libvhdi_read(image: &Path, dir: &Path) -> Option<Vec<u8>> {
+    let have = std::process::Command::new("vhdimount")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && Path::new("/dev/fuse").exists();
+    if !have {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "vhdimount (libvhdi-utils) and /dev/fuse are required when CI=true"
+        );
+        common::skip("vhdx libvhdi oracle", "vhdimount or /dev/fuse not found");
+        return None;
+    }
+    /// Unmounts when dropped, also when an assertion fails.
+    struct Mounted(PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let mnt = dir.join("libvhdi");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let status = std::process::Command::new("vhdimount")
+        .arg(image)
+        .arg(&mnt)
+        .output()
+        .expect("run vhdimount");
+    assert!(
+        status.status.success(),
+        "vhdimount: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let guard = Mounted(mnt.clone());
+    let mut layers: Vec<PathBuf> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    layers.sort();
+    let bytes = std::fs::read(layers.last().expect("a layer")).expect("read the layer");
+    drop(guard);
+    Some(bytes)
 }
 
 const LAYOUT: &[Child] = &[
@@ -512,6 +563,13 @@ fn differencing_reads_through_to_the_parent() {
             BlockStatus::Zero
         });
         assert_eq!(*status, want, "sector {s}");
+    }
+    // A second, independent reader: libvhdi's vhdimount shows the chain as the last layer.
+    if let Some(theirs) = libvhdi_read(&child, dir.path()) {
+        assert!(
+            theirs == expected,
+            "libvhdi reads the differencing image otherwise"
+        );
     }
     // The child's node reports the parent's ranges unallocated.
     let b = blk.clone();
