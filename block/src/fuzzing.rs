@@ -20,6 +20,10 @@
 //!   in-memory stream), then, from a fixed offset, as the replies on a real socket pair to
 //!   requests in flight in the NBD driver's connection (`nbd/conn.rs`): every request must
 //!   end (no hang), with a result or EIO.
+//! - [`vdi_image`], [`vpc_image`], [`vhdx_image`]: the bytes, a *sparse image* (see
+//!   [`expand_sparse`]: these formats put their metadata megabytes apart), opened read-only by
+//!   the driver; reads and block status must not panic, a zero range reads as zeros, nothing is
+//!   written.
 //!
 //! Everything stays in memory: no file is created, no backing file is opened.
 
@@ -572,4 +576,134 @@ pub fn corpus_files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
             (p, bytes)
         })
         .collect()
+}
+
+/// The largest image [`expand_sparse`] makes.
+const SPARSE_LIMIT: u64 = 64 << 20;
+
+/// A fuzz input as an image: records of a 4-byte little-endian offset in 512-byte sectors, a
+/// 2-byte little-endian length and that many bytes, placed at the offset in a zero-filled image
+/// as long as the furthest record's end (at most 64 MiB; records beyond are dropped). A
+/// trailing partial record counts with the bytes it has. Lets a few KiB describe a vhdx file,
+/// whose headers, log, metadata and BAT lie a megabyte apart. [`compact_sparse`] is the
+/// inverse.
+pub fn expand_sparse(data: &[u8]) -> Vec<u8> {
+    let mut image = Vec::new();
+    let mut rest = data;
+    while rest.len() >= 6 {
+        let sector = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        let len = usize::from(u16::from_le_bytes([rest[4], rest[5]]));
+        let bytes = &rest[6..(6 + len).min(rest.len())];
+        rest = &rest[(6 + len).min(rest.len())..];
+        let at = u64::from(sector) * 512;
+        let end = at + bytes.len() as u64;
+        if end > SPARSE_LIMIT {
+            continue;
+        }
+        if end as usize > image.len() {
+            image.resize(end as usize, 0);
+        }
+        image[at as usize..end as usize].copy_from_slice(bytes);
+    }
+    image
+}
+
+/// The sparse form of `image` (see [`expand_sparse`]): one record per run of non-zero
+/// 512-byte sectors (at most 127 sectors a record), and an empty record at the end so the
+/// length survives. For making seeds from real images.
+pub fn compact_sparse(image: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut record = |sector: usize, bytes: &[u8]| {
+        out.extend_from_slice(&(sector as u32).to_le_bytes());
+        out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+        out.extend_from_slice(bytes);
+    };
+    let sectors: Vec<&[u8]> = image.chunks(512).collect();
+    let mut i = 0;
+    while i < sectors.len() {
+        if sectors[i].iter().all(|&b| b == 0) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < sectors.len() && i - start < 127 && sectors[i].iter().any(|&b| b != 0) {
+            i += 1;
+        }
+        record(start, &image[start * 512..(i * 512).min(image.len())]);
+    }
+    if image.len().is_multiple_of(512) && !image.is_empty() {
+        // An empty record cannot set a length inside a sector: end on the last sector.
+        let last = image.len() / 512 - 1;
+        record(last, &image[last * 512..]);
+    }
+    out
+}
+
+/// The body of the read-only format targets: `data` expanded ([`expand_sparse`]) into a
+/// read-only image in memory, opened by `open`, read and queried; nothing may be written.
+fn read_only_image<D: BlockDriver>(data: &[u8], open: fn(Arc<dyn BlockDriver>) -> Result<D>) {
+    let image = expand_sparse(data);
+    let child = Arc::new(MemDriver::new(image.clone(), true, 0));
+    if let Ok(driver) = open(child.clone()) {
+        assert!(driver.is_read_only());
+        if let Ok(blk) = BlockBackend::new(
+            Arc::new(driver),
+            BackendOptions {
+                read_only: true,
+                write_beyond_eof: false,
+                ..BackendOptions::default()
+            },
+        ) {
+            let blk = Arc::new(blk);
+            let (b, d) = (blk.clone(), data.to_vec());
+            co(move || {
+                exercise_read_only(&b, &d);
+                assert!(
+                    b.co_pwrite(0, &[1]).is_err(),
+                    "a read-only format took a write"
+                );
+            });
+            let _ = blk.close();
+        }
+    }
+    assert_eq!(child.writes(), 0, "a read-only driver wrote to the image");
+    assert!(
+        child.contents() == image,
+        "a read-only driver changed the image"
+    );
+}
+
+/// Fuzz target `vdi_image`.
+pub fn vdi_image(data: &[u8]) {
+    read_only_image(data, crate::vdi::VdiDriver::open);
+}
+
+/// Fuzz target `vpc_image`.
+pub fn vpc_image(data: &[u8]) {
+    read_only_image(data, crate::vpc::VpcDriver::open);
+}
+
+/// Fuzz target `vhdx_image` (differencing images are refused without a path, so the parent
+/// code is not reached; the sector bitmap path is, through a non-differencing image's BAT).
+pub fn vhdx_image(data: &[u8]) {
+    read_only_image(data, crate::vhdx::VhdxDriver::open);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_round_trip() {
+        let mut image = vec![0u8; 5 << 20];
+        image[10] = 1;
+        image[(1 << 20)..(1 << 20) + 100_000].fill(7);
+        image[(5 << 20) - 1] = 9;
+        assert!(expand_sparse(&compact_sparse(&image)) == image);
+        let small = vec![3u8; 1000];
+        assert_eq!(expand_sparse(&compact_sparse(&small)), small);
+        assert!(expand_sparse(&[1, 2, 3]).is_empty());
+        // Beyond the limit: dropped.
+        assert!(expand_sparse(&[0xff, 0xff, 0xff, 0xff, 1, 0, 5]).is_empty());
+    }
 }

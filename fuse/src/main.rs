@@ -41,7 +41,10 @@ struct Cli {
     /// Image format; `auto` is raw unless the image starts with the magic of a known format
     /// (a raw image found so refuses writes that would make its first sector look like another
     /// format: pass `-f raw` to lift that). qcow2 is read-write, with backing files opened
-    /// read-only; other formats are refused by name.
+    /// read-only. vdi, vpc (VHD; a fixed one is recognised by its footer at the end) and vhdx
+    /// can only be read: without -r or --snapshot/--overlay they are refused at start with a
+    /// message saying so (a writable export that fails every write would be worse). Other
+    /// formats are refused by name.
     #[arg(short = 'f', long, value_enum, default_value_t = FormatArg::Auto)]
     format: FormatArg,
 
@@ -106,7 +109,7 @@ struct Cli {
     /// with -U no lock, so a VM writing it is not refused — but then what is read may change)
     /// and send every write to a temporary qcow2 overlay in $TMPDIR (default /var/tmp) whose
     /// backing file is IMAGE. The overlay is unlinked as soon as it is open, so it is gone
-    /// after any exit, SIGKILL included. Works over raw and qcow2 images.
+    /// after any exit, SIGKILL included. Works over raw, qcow2, vdi, vpc and vhdx images.
     #[arg(long, conflicts_with_all = ["read_only", "create", "overlay", "offset", "size"])]
     snapshot: bool,
 
@@ -291,6 +294,9 @@ enum FormatArg {
     Raw,
     Qcow2,
     Null,
+    Vdi,
+    Vpc,
+    Vhdx,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -386,6 +392,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let nbd = server::is_nbd(&cli.image);
     check_nbd_args(&cli, nbd);
+    if cli.create.is_some()
+        && matches!(
+            cli.format,
+            FormatArg::Vdi | FormatArg::Vpc | FormatArg::Vhdx
+        )
+    {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--create makes raw or qcow2 images only (vdi, vpc and vhdx can only be read)",
+            )
+            .exit();
+    }
     if let Some(size) = cli.create {
         let format = match cli.format {
             FormatArg::Qcow2 => Format::Qcow2,
@@ -432,6 +451,9 @@ fn main() -> ExitCode {
         FormatArg::Raw => Format::Raw,
         FormatArg::Qcow2 => Format::Qcow2,
         FormatArg::Null => Format::Null,
+        FormatArg::Vdi => Format::Vdi,
+        FormatArg::Vpc => Format::Vpc,
+        FormatArg::Vhdx => Format::Vhdx,
     };
     if cli.inject_no_io_uring {
         runtime::ring::inject_setup_failure(usize::MAX);

@@ -596,7 +596,7 @@ pub fn open_nbd(
     let parsed = NbdUri::parse(uri).map_err(BlockError::Invalid)?;
     match opts.format {
         Format::Raw | Format::Auto => {}
-        Format::Qcow2 | Format::Null => {
+        _ => {
             return Err(BlockError::Invalid(
                 "an NBD export is opened as raw bytes (-f raw or auto)".into(),
             ))
