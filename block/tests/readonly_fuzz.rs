@@ -114,15 +114,15 @@ fn run(target: &str, body: fn(&[u8]), cases: u32, crcs: bool) {
 
 #[test]
 fn mutated_vdi_images_never_panic() {
-    run("vdi_image", block::fuzzing::vdi_image, 200, false);
+    run("vdi_image", block::fuzzing::vdi_image, 64, false);
 }
 
 #[test]
 fn mutated_vpc_images_never_panic() {
-    run("vpc_image", block::fuzzing::vpc_image, 200, false);
+    run("vpc_image", block::fuzzing::vpc_image, 64, false);
 }
 
 #[test]
 fn mutated_vhdx_images_never_panic() {
-    run("vhdx_image", block::fuzzing::vhdx_image, 200, true);
+    run("vhdx_image", block::fuzzing::vhdx_image, 64, true);
 }
