@@ -60,6 +60,7 @@
 //! | [`image_lock`] | `block/file-posix.c` (lock bytes) | QEMU-compatible image locking |
 //! | [`raw`] | `block/raw-format.c` | the `raw` format, with an offset/size window |
 //! | [`qcow2`] | `block/qcow2*.c` | the `qcow2` format: reads, writes, backing chains, internal snapshots kept intact |
+//! | [`vmdk`] | `block/vmdk.c` | the `vmdk` format, read-only: sparse, flat, split and stream-optimized disks |
 //! | [`chain`] | `block/io.c` `bdrv_co_common_block_status_above()` | block status through a backing chain |
 //! | [`null`] | `block/null.c` | `null-co`: zeros in, nothing out |
 //! | [`overlay`] | `block.c` `bdrv_append_temp_snapshot()` | `--snapshot`/`--overlay`: a qcow2 overlay over a read-only image |
@@ -86,6 +87,7 @@ pub mod probe;
 pub mod qcow2;
 pub mod raw;
 mod sys;
+pub mod vmdk;
 
 use std::any::Any;
 use std::fmt;
@@ -103,6 +105,7 @@ pub use null::{NullDriver, NullLatency};
 pub use qcow2::{Qcow2Driver, Qcow2Options};
 pub use raw::{RawDriver, RawOptions};
 pub use sys::AlignedBuf;
+pub use vmdk::VmdkDriver;
 
 /// One error type for the block layer; the export maps it to an errno once.
 #[derive(Debug)]
@@ -344,6 +347,9 @@ pub enum Format {
     Null,
     /// `qcow2` over `file` ([`Qcow2Driver`]).
     Qcow2,
+    /// `vmdk` over `file` ([`VmdkDriver`]), read-only: a writable open is refused (pass
+    /// `read_only`, or put an overlay on it, [`overlay`]).
+    Vmdk,
     /// Look at the first bytes ([`probe`]): qcow2 by its magic, raw unless they are another
     /// format's magic, which is refused with [`BlockError::UnsupportedFormat`]. A raw image
     /// found this way is *probed*: writes that would make its first sector look like another
@@ -455,6 +461,7 @@ pub fn open_image_with(
     if format == Format::Auto {
         match probe::probe(&file)? {
             Some("qcow2") => format = Format::Qcow2,
+            Some("vmdk") => format = Format::Vmdk,
             Some(format) => {
                 return Err(BlockError::UnsupportedFormat {
                     path: path.to_owned(),
@@ -468,6 +475,13 @@ pub fn open_image_with(
         let qcow2 = open_qcow2(path, file, opts, read_only)?;
         return Ok(Arc::new(BlockBackend::new(
             debug(Arc::new(qcow2)),
+            backend_opts,
+        )?));
+    }
+    if format == Format::Vmdk {
+        let vmdk = open_vmdk(path, file, opts, &file_opts)?;
+        return Ok(Arc::new(BlockBackend::new(
+            debug(Arc::new(vmdk)),
             backend_opts,
         )?));
     }
@@ -522,4 +536,27 @@ fn open_qcow2(
         qcow2: opts.qcow2,
     };
     Qcow2Driver::open_chain(file, path, &chain).map_err(|e| qcow2::name_error(path, e))
+}
+
+/// The vmdk part of [`open_image_with`]: refuses a writable open (the driver is read-only)
+/// and the raw-only options, and names the file in errors.
+fn open_vmdk(
+    path: &Path,
+    file: Arc<dyn BlockDriver>,
+    opts: &OpenOptions,
+    file_opts: &FileOptions,
+) -> Result<VmdkDriver> {
+    if !file_opts.read_only {
+        return Err(BlockError::Refused(format!(
+            "'{}' is a vmdk image, which coro-fuse opens read-only: pass -r (--read-only) to \
+             export it read-only, or --snapshot / --overlay FILE to send writes to a qcow2 \
+             overlay and leave the vmdk files unchanged",
+            path.display()
+        )));
+    }
+    if opts.offset != 0 || opts.size.is_some() {
+        let e = BlockError::Invalid("the offset and size options apply to raw images only".into());
+        return Err(qcow2::name_error(path, e));
+    }
+    VmdkDriver::open(file, path, file_opts).map_err(|e| qcow2::name_error(path, e))
 }

@@ -262,9 +262,12 @@ fn open_backing(
             Qcow2Driver::open_chain_at(file, &path, opts, seen)
                 .map_err(|e| name_error(&path, e))?,
         ),
+        "vmdk" => Arc::new(
+            crate::VmdkDriver::open(file, &path, &file_opts).map_err(|e| name_error(&path, e))?,
+        ),
         other => {
             return Err(invalid(format!(
-                "'{}': backing file format '{other}' is not supported (raw and qcow2 are)",
+                "'{}': backing file format '{other}' is not supported (raw, qcow2 and vmdk are)",
                 path.display()
             )))
         }
