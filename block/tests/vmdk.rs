@@ -380,14 +380,17 @@ fn a_writable_open_is_refused_with_a_hint() {
     assert_eq!(e.errno(), libc::EROFS);
 }
 
-/// Checksums of every file in `dir` whose name starts with `prefix`.
+/// Checksums of the vmdk files (descriptor and extents) in `dir` whose name starts with
+/// `prefix`.
 fn checksums(dir: &Path, prefix: &str) -> Vec<(String, u64)> {
     let mut v: Vec<(String, u64)> = std::fs::read_dir(dir)
         .expect("read_dir")
         .map(|e| e.expect("entry").path())
         .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with(prefix) && n.ends_with(".vmdk")
+            })
         })
         .map(|p| {
             let bytes = std::fs::read(&p).expect("read");

@@ -40,7 +40,10 @@ struct Cli {
     /// Image format; `auto` is raw unless the image starts with the magic of a known format
     /// (a raw image found so refuses writes that would make its first sector look like another
     /// format: pass `-f raw` to lift that). qcow2 is read-write, with backing files opened
-    /// read-only; other formats are refused by name.
+    /// read-only. vmdk (monolithicSparse, monolithicFlat, twoGbMaxExtentSparse/Flat,
+    /// streamOptimized; extent files beside the descriptor) is read-only: it needs -r, or
+    /// --snapshot/--overlay to take writes in a qcow2 overlay; without either it is refused.
+    /// Other formats are refused by name.
     #[arg(short = 'f', long, value_enum, default_value_t = FormatArg::Auto)]
     format: FormatArg,
 
@@ -105,7 +108,7 @@ struct Cli {
     /// with -U no lock, so a VM writing it is not refused — but then what is read may change)
     /// and send every write to a temporary qcow2 overlay in $TMPDIR (default /var/tmp) whose
     /// backing file is IMAGE. The overlay is unlinked as soon as it is open, so it is gone
-    /// after any exit, SIGKILL included. Works over raw and qcow2 images.
+    /// after any exit, SIGKILL included. Works over raw, qcow2 and vmdk images.
     #[arg(long, conflicts_with_all = ["read_only", "create", "overlay", "offset", "size"])]
     snapshot: bool,
 
@@ -269,6 +272,7 @@ enum FormatArg {
     Auto,
     Raw,
     Qcow2,
+    Vmdk,
     Null,
 }
 
@@ -408,6 +412,7 @@ fn main() -> ExitCode {
         FormatArg::Auto => Format::Auto,
         FormatArg::Raw => Format::Raw,
         FormatArg::Qcow2 => Format::Qcow2,
+        FormatArg::Vmdk => Format::Vmdk,
         FormatArg::Null => Format::Null,
     };
     if cli.inject_no_io_uring {
@@ -481,6 +486,15 @@ fn main() -> ExitCode {
             .error(
                 clap::error::ErrorKind::ArgumentConflict,
                 "-f null has no image to put an overlay on",
+            )
+            .exit();
+    }
+    if cli.format == FormatArg::Vmdk && cli.create.is_some() {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--create cannot make vmdk images (the vmdk driver is read-only): make one with \
+                 `qemu-img create -f vmdk`",
             )
             .exit();
     }

@@ -54,6 +54,7 @@ pub mod descriptor;
 pub mod header;
 mod sparse;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -134,7 +135,7 @@ enum ExtentData {
     /// The bytes of a file from `offset` on (`FLAT`, `VMFS`).
     Flat { file: Arc<ExtentFile>, offset: u64 },
     /// A hosted sparse extent.
-    Sparse(SparseExtent),
+    Sparse(Arc<SparseExtent>),
     /// Zeros (`ZERO`).
     Zero,
 }
@@ -189,6 +190,15 @@ pub struct VmdkDriver {
     files: Vec<Arc<ExtentFile>>,
 }
 
+/// The files a descriptor names, each opened once however often it is named (so a crafted
+/// descriptor repeating one big sparse file does not load its grain directory again and
+/// again).
+#[derive(Default)]
+struct Opened {
+    files: HashMap<PathBuf, Arc<ExtentFile>>,
+    sparse: HashMap<PathBuf, Arc<SparseExtent>>,
+}
+
 impl VmdkDriver {
     /// Opens the image whose first file (a sparse extent or a text descriptor) is `file`,
     /// opened from `path`; extent files named by a descriptor are opened read-only with the
@@ -232,9 +242,11 @@ impl VmdkDriver {
             create_type: desc.create_type,
             files: vec![first],
         };
+        let mut opened = Opened::default();
         for line in desc.extents {
-            driver.add_extent(path, line, open_extent)?;
+            driver.add_extent(path, line, &mut opened, open_extent)?;
         }
+        driver.files.extend(opened.files.into_values());
         Ok(driver)
     }
 
@@ -266,7 +278,7 @@ impl VmdkDriver {
             extents: vec![Extent {
                 start: 0,
                 len: size,
-                data: ExtentData::Sparse(sparse),
+                data: ExtentData::Sparse(Arc::new(sparse)),
             }],
             size,
             create_type: create_type.into(),
@@ -279,34 +291,25 @@ impl VmdkDriver {
         &mut self,
         descriptor: &Path,
         line: descriptor::ExtentLine,
+        opened: &mut Opened,
         open_extent: &mut ExtentOpener<'_>,
     ) -> Result<()> {
-        let mut open_file = |name: &std::ffi::OsStr| -> Result<Arc<ExtentFile>> {
-            let path = extent_path(descriptor, Path::new(name))?;
-            let node = open_extent(&path).map_err(|e| extent_error(&path, e))?;
-            let file = Arc::new(ExtentFile::new(node, path.display().to_string())?);
-            self.files.push(file.clone());
-            Ok(file)
-        };
         let (len, data) = match line.kind {
             ExtentKind::Zero => (line.len, ExtentData::Zero),
-            ExtentKind::Flat { file, offset } => (
-                line.len,
-                ExtentData::Flat {
-                    file: open_file(&file)?,
-                    offset,
-                },
-            ),
+            ExtentKind::Flat { file, offset } => {
+                let path = extent_path(descriptor, Path::new(&file))?;
+                let file = opened.file(&path, open_extent)?;
+                (line.len, ExtentData::Flat { file, offset })
+            }
             ExtentKind::Sparse { file } => {
-                let f = open_file(&file)?;
-                let sparse = SparseExtent::open(f.clone())
-                    .map_err(|e| extent_error(Path::new(f.name()), e))?;
+                let path = extent_path(descriptor, Path::new(&file))?;
+                let sparse = opened.sparse(&path, open_extent)?;
                 // As QEMU: the extent's header decides its size.
                 if sparse.capacity() != line.len {
                     log::warn!(
                         "vmdk: extent '{}' has {} bytes, the descriptor says {}: using the \
                          extent's",
-                        f.name(),
+                        path.display(),
                         sparse.capacity(),
                         line.len
                     );
@@ -352,6 +355,30 @@ impl VmdkDriver {
                 size: self.size,
             }),
         }
+    }
+}
+
+impl Opened {
+    /// The file at `path`, opened now or before.
+    fn file(&mut self, path: &Path, open: &mut ExtentOpener<'_>) -> Result<Arc<ExtentFile>> {
+        if let Some(f) = self.files.get(path) {
+            return Ok(f.clone());
+        }
+        let node = open(path).map_err(|e| extent_error(path, e))?;
+        let file = Arc::new(ExtentFile::new(node, path.display().to_string())?);
+        self.files.insert(path.to_owned(), file.clone());
+        Ok(file)
+    }
+
+    /// The sparse extent in the file at `path`, opened now or before.
+    fn sparse(&mut self, path: &Path, open: &mut ExtentOpener<'_>) -> Result<Arc<SparseExtent>> {
+        if let Some(s) = self.sparse.get(path) {
+            return Ok(s.clone());
+        }
+        let file = self.file(path, open)?;
+        let sparse = Arc::new(SparseExtent::open(file).map_err(|e| extent_error(path, e))?);
+        self.sparse.insert(path.to_owned(), sparse.clone());
+        Ok(sparse)
     }
 }
 
