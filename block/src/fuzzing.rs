@@ -357,7 +357,10 @@ pub fn vmdk_image(data: &[u8]) {
     let mut open_extent = |path: &Path| -> Result<Arc<dyn BlockDriver>> {
         opens += 1;
         if opens > 16 {
-            return Err(BlockError::Invalid(format!("{}: too many extents", path.display())));
+            return Err(BlockError::Invalid(format!(
+                "{}: too many extents",
+                path.display()
+            )));
         }
         Ok(extent_file.clone())
     };

@@ -219,7 +219,10 @@ fn two_gb_max_extent_flat() {
 /// streamOptimized by qemu-img.
 fn stream_optimized(dir: &Path, size: u64) -> PathBuf {
     let raw = at(dir, "src.raw");
-    qemu_img(dir, &["create", "-q", "-f", "raw", "src.raw", &size.to_string()]);
+    qemu_img(
+        dir,
+        &["create", "-q", "-f", "raw", "src.raw", &size.to_string()],
+    );
     qemu_io(
         "raw",
         &raw,
@@ -332,15 +335,12 @@ fn zeroed_grains_are_zero() {
         "zg.vmdk",
         "zeroed_grain=on",
         8 * MIB,
-        &[
-            "write -P 0x31 0 1M",
-            "write -z 64k 128k",
-            "write -z 4M 64k",
-        ],
+        &["write -P 0x31 0 1M", "write -z 64k 128k", "write -z 4M 64k"],
     );
     let map = oracle_map(&path);
     assert!(
-        map.iter().any(|&(s, _, data, zero)| s == 65536 && !data && zero),
+        map.iter()
+            .any(|&(s, _, data, zero)| s == 65536 && !data && zero),
         "qemu-io made zeroed grains: {map:?}"
     );
     let blk = open_ro(&path);
@@ -434,8 +434,8 @@ fn overlays_take_the_writes_and_the_vmdk_stays_unchanged() {
             Overlay::File(at(d, &format!("{subformat}.overlay.qcow2"))),
         ] {
             // What the CLI passes with --snapshot: writable, format probed.
-            let opened = open_with_overlay(&path, &OpenOptions::default(), &[], &overlay)
-                .expect("overlay");
+            let opened =
+                open_with_overlay(&path, &OpenOptions::default(), &[], &overlay).expect("overlay");
             assert_eq!(opened.image_format, "vmdk");
             let blk = opened.blk;
             let b = blk.clone();
@@ -459,10 +459,17 @@ fn overlays_take_the_writes_and_the_vmdk_stays_unchanged() {
             if let Overlay::File(file) = &overlay {
                 // qemu-img opens the kept overlay with its vmdk backing file: same bytes.
                 let qemu = std::fs::read(oracle_file(file)).expect("oracle of the overlay");
-                assert!(qemu == want, "{subformat}: qemu-img reads the overlay otherwise");
+                assert!(
+                    qemu == want,
+                    "{subformat}: qemu-img reads the overlay otherwise"
+                );
             }
         }
-        assert_eq!(checksums(d, subformat), before, "{subformat}: vmdk files changed");
+        assert_eq!(
+            checksums(d, subformat),
+            before,
+            "{subformat}: vmdk files changed"
+        );
     }
 }
 
@@ -484,7 +491,15 @@ fn qcow2_images_with_a_vmdk_backing_file_open() {
         qemu_img(
             d,
             &[
-                "create", "-q", "-f", "qcow2", "-b", "base.vmdk", "-F", "vmdk", name,
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.vmdk",
+                "-F",
+                "vmdk",
+                name,
             ],
         );
         if probed {
@@ -546,7 +561,15 @@ fn delta_disks_are_refused() {
     qemu_img(
         d,
         &[
-            "create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", "child.vmdk",
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            "base.vmdk",
+            "-F",
+            "vmdk",
+            "child.vmdk",
         ],
     );
     let e = open_err(&at(d, "child.vmdk"));
@@ -592,22 +615,35 @@ fn corrupt_headers_fail_at_open() {
     let d = dir.path();
     let cases: &[(&str, &dyn Fn(&Path))] = &[
         ("truncated", &|p| {
-            let f = std::fs::OpenOptions::new().write(true).open(p).expect("open");
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .expect("open");
             f.set_len(1000).expect("truncate");
         }),
-        ("tiny", &|p| std::fs::write(p, b"KDMV\x01\0\0\0").expect("write")),
-        ("gd past EOF", &|p| patch(p, 56, &(1u64 << 40).to_le_bytes())),
+        ("tiny", &|p| {
+            std::fs::write(p, b"KDMV\x01\0\0\0").expect("write")
+        }),
+        ("gd past EOF", &|p| {
+            patch(p, 56, &(1u64 << 40).to_le_bytes())
+        }),
         ("gd at 0", &|p| patch(p, 56, &0u64.to_le_bytes())),
-        ("huge capacity", &|p| patch(p, 12, &(u64::MAX / 2).to_le_bytes())),
+        ("huge capacity", &|p| {
+            patch(p, 12, &(u64::MAX / 2).to_le_bytes())
+        }),
         ("capacity past the directory", &|p| {
             patch(p, 12, &(1u64 << 40).to_le_bytes())
         }),
         ("grain of 0", &|p| patch(p, 20, &0u64.to_le_bytes())),
         ("huge grain", &|p| patch(p, 20, &(1u64 << 40).to_le_bytes())),
-        ("gtes per gt 4096", &|p| patch(p, 44, &4096u32.to_le_bytes())),
+        ("gtes per gt 4096", &|p| {
+            patch(p, 44, &4096u32.to_le_bytes())
+        }),
         ("version 4", &|p| patch(p, 4, &4u32.to_le_bytes())),
         ("compression 7", &|p| patch(p, 77, &7u16.to_le_bytes())),
-        ("overhead past EOF", &|p| patch(p, 64, &(1u64 << 30).to_le_bytes())),
+        ("overhead past EOF", &|p| {
+            patch(p, 64, &(1u64 << 30).to_le_bytes())
+        }),
         ("footer missing", &|p| patch(p, 56, &u64::MAX.to_le_bytes())),
         ("COWD", &|p| patch(p, 0, b"COWD")),
         ("parent in the embedded descriptor", &|p| {
@@ -641,21 +677,45 @@ fn bad_descriptors_fail_at_open() {
         .to_owned();
     for (what, text) in [
         ("no createType", desc.replace("createType", "createTipe")),
-        ("unknown createType", desc.replace("twoGbMaxExtentFlat", "custom")),
+        (
+            "unknown createType",
+            desc.replace("twoGbMaxExtentFlat", "custom"),
+        ),
         ("no extents", desc.replace(&line, "")),
-        ("bad sectors", desc.replace(&line, &line.replace("RW 4096", "RW x4096"))),
-        ("unknown type", desc.replace(&line, &line.replace("FLAT", "FLOT"))),
-        ("unclosed name", desc.replace(&line, "RW 4096 FLAT \"f-f001.vmdk 0")),
-        ("no offset", desc.replace(&line, "RW 4096 FLAT \"f-f001.vmdk\"")),
-        ("sparse on a flat file", desc.replace(&line, "RW 4096 SPARSE \"f-f001.vmdk\"")),
+        (
+            "bad sectors",
+            desc.replace(&line, &line.replace("RW 4096", "RW x4096")),
+        ),
+        (
+            "unknown type",
+            desc.replace(&line, &line.replace("FLAT", "FLOT")),
+        ),
+        (
+            "unclosed name",
+            desc.replace(&line, "RW 4096 FLAT \"f-f001.vmdk 0"),
+        ),
+        (
+            "no offset",
+            desc.replace(&line, "RW 4096 FLAT \"f-f001.vmdk\""),
+        ),
+        (
+            "sparse on a flat file",
+            desc.replace(&line, "RW 4096 SPARSE \"f-f001.vmdk\""),
+        ),
         ("directory", desc.replace(&line, "RW 4096 FLAT \".\" 0")),
-        ("huge", desc.replace(&line, &format!("{line}\nRW 18014398509481983 ZERO"))),
+        (
+            "huge",
+            desc.replace(&line, &format!("{line}\nRW 18014398509481983 ZERO")),
+        ),
     ] {
         std::fs::write(&path, &text).expect("write");
         let e = open_err(&path);
         eprintln!("{what}: {e}");
         // Every error names the descriptor or the extent file.
-        assert!(e.to_string().contains(&d.display().to_string()), "{what}: {e}");
+        assert!(
+            e.to_string().contains(&d.display().to_string()),
+            "{what}: {e}"
+        );
     }
 }
 
@@ -668,7 +728,11 @@ fn corrupt_tables_fail_the_reads_that_need_them() {
     let path = sparse_image(one.path());
     let len = std::fs::metadata(&path).expect("len").len();
     // The entry of the grain at 1 MiB points past the end of the file.
-    patch(&path, gte_offset(&path, MIB), &((len / 512 + 8) as u32).to_le_bytes());
+    patch(
+        &path,
+        gte_offset(&path, MIB),
+        &((len / 512 + 8) as u32).to_le_bytes(),
+    );
     let blk = open_ro(&path);
     let b = blk.clone();
     co(move || {
@@ -713,7 +777,11 @@ fn compressed_garbage_fails_the_read() {
     let mut cases: Vec<(&str, u64, Vec<u8>)> = vec![
         ("garbage", grain + 12, vec![0xa5; 64]),
         ("no zlib header", grain + 12, vec![0; 2]),
-        ("marker of a huge size", grain + 8, u32::MAX.to_le_bytes().to_vec()),
+        (
+            "marker of a huge size",
+            grain + 8,
+            u32::MAX.to_le_bytes().to_vec(),
+        ),
         ("metadata marker", grain + 8, 0u32.to_le_bytes().to_vec()),
         ("one byte", grain + 8, 1u32.to_le_bytes().to_vec()),
     ];

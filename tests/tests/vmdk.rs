@@ -74,7 +74,16 @@ fn make(dir: &Path, subformat: &str, size: u64) -> PathBuf {
         let opts = format!("subformat={subformat}");
         qemu_img_in(
             dir,
-            &["create", "-q", "-f", "vmdk", "-o", &opts, "disk.vmdk", &size_arg],
+            &[
+                "create",
+                "-q",
+                "-f",
+                "vmdk",
+                "-o",
+                &opts,
+                "disk.vmdk",
+                &size_arg,
+            ],
         );
         qemu_io("vmdk", &dir.join("disk.vmdk"), &writes);
     }
@@ -229,8 +238,11 @@ fn snapshot_takes_writes_and_leaves_the_vmdk_files_unchanged() {
         assert!(e.stdout().contains(shown), "{}", e.logs());
         let mut want = read_all(e.path());
         let f = open_rw(e.path());
-        for (off, len, seed) in [(0u64, 4096usize, 1u64), (65536 - 100, 300, 2), (5 * MIB, 200_000, 3)]
-        {
+        for (off, len, seed) in [
+            (0u64, 4096usize, 1u64),
+            (65536 - 100, 300, 2),
+            (5 * MIB, 200_000, 3),
+        ] {
             let data = random_bytes(seed, len);
             f.write_all_at(&data, off).unwrap();
             want[off as usize..off as usize + len].copy_from_slice(&data);
@@ -250,7 +262,10 @@ fn snapshot_takes_writes_and_leaves_the_vmdk_files_unchanged() {
 fn a_writable_export_is_refused_with_the_remedies() {
     require!(fuse_available(), have_tools(&["qemu-img"]));
     let dir = workdir();
-    qemu_img_in(dir.path(), &["create", "-q", "-f", "vmdk", "disk.vmdk", "8M"]);
+    qemu_img_in(
+        dir.path(),
+        &["create", "-q", "-f", "vmdk", "disk.vmdk", "8M"],
+    );
     let img = dir.path().join("disk.vmdk");
     let before = read_all(&img);
     let mnt = mountpoint(dir.path(), "mnt");

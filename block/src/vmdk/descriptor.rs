@@ -114,8 +114,8 @@ pub fn parent_hint(bytes: &[u8]) -> Option<String> {
 /// [`BlockError::Corrupt`] (malformed) and quote the offending line.
 pub fn parse(bytes: &[u8]) -> Result<Descriptor> {
     let corrupt = |why: String| BlockError::Corrupt(format!("vmdk: descriptor: {why}"));
-    let create_type = find_value(bytes, "createType")
-        .ok_or_else(|| corrupt("no createType".into()))?;
+    let create_type =
+        find_value(bytes, "createType").ok_or_else(|| corrupt("no createType".into()))?;
     let create_type = String::from_utf8_lossy(create_type).into_owned();
     if !CREATE_TYPES.contains(&create_type.as_str()) {
         return Err(BlockError::Invalid(format!(
@@ -170,7 +170,8 @@ fn parse_extent_line(line: &[u8]) -> Result<Option<ExtentLine>> {
         return Ok(None);
     }
     let shown = String::from_utf8_lossy(line);
-    let invalid = |why: &str| BlockError::Corrupt(format!("vmdk: invalid extent line '{shown}': {why}"));
+    let invalid =
+        |why: &str| BlockError::Corrupt(format!("vmdk: invalid extent line '{shown}': {why}"));
     if access == b"NOACCESS" {
         return Err(BlockError::Invalid(format!(
             "vmdk: extent line '{shown}': NOACCESS extents cannot be read"
@@ -250,14 +251,18 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(find_value(TWO_GB.as_bytes(), "ddb.adapterType"), Some(&b"ide"[..]));
+        assert_eq!(
+            find_value(TWO_GB.as_bytes(), "ddb.adapterType"),
+            Some(&b"ide"[..])
+        );
         assert_eq!(parent_hint(TWO_GB.as_bytes()), None);
     }
 
     #[test]
     fn flat_lines() {
-        let d = parse(b"createType=\"monolithicFlat\"\nRW 10 FLAT \"f.vmdk\" 3\nRW 2 VMFS \"v\"\0junk")
-            .expect("valid");
+        let d =
+            parse(b"createType=\"monolithicFlat\"\nRW 10 FLAT \"f.vmdk\" 3\nRW 2 VMFS \"v\"\0junk")
+                .expect("valid");
         assert_eq!(
             d.extents[0].kind,
             ExtentKind::Flat {

@@ -149,8 +149,7 @@ impl SparseHeader {
         if le_u32(marker, 8) != 0 || le_u32(marker, 12) != MARKER_FOOTER {
             return Err(bad("no footer marker"));
         }
-        if le_u64(eos, 0) != 0 || le_u32(eos, 8) != 0 || le_u32(eos, 12) != MARKER_END_OF_STREAM
-        {
+        if le_u64(eos, 0) != 0 || le_u32(eos, 8) != 0 || le_u32(eos, 12) != MARKER_END_OF_STREAM {
             return Err(bad("no end-of-stream marker after it"));
         }
         if &header[..4] != MAGIC {
@@ -320,17 +319,52 @@ mod tests {
         let len = 1408 * 512;
         let bad = [
             SparseHeader { version: 4, ..base },
-            SparseHeader { compression: 2, ..base },
-            SparseHeader { gtes_per_gt: 0, ..base },
-            SparseHeader { gtes_per_gt: 513, ..base },
-            SparseHeader { grain_sectors: 0, ..base },
-            SparseHeader { grain_sectors: MAX_GRAIN_SECTORS + 1, ..base },
-            SparseHeader { capacity: u64::MAX, ..base },
-            SparseHeader { capacity: 1 << 60, grain_sectors: 1, gtes_per_gt: 1, ..base },
-            SparseHeader { gd_offset: 0, ..base },
-            SparseHeader { gd_offset: 1408, ..base },
-            SparseHeader { gd_offset: u64::MAX / 2, ..base },
-            SparseHeader { overhead: 1409, ..base },
+            SparseHeader {
+                compression: 2,
+                ..base
+            },
+            SparseHeader {
+                gtes_per_gt: 0,
+                ..base
+            },
+            SparseHeader {
+                gtes_per_gt: 513,
+                ..base
+            },
+            SparseHeader {
+                grain_sectors: 0,
+                ..base
+            },
+            SparseHeader {
+                grain_sectors: MAX_GRAIN_SECTORS + 1,
+                ..base
+            },
+            SparseHeader {
+                capacity: u64::MAX,
+                ..base
+            },
+            SparseHeader {
+                capacity: 1 << 60,
+                grain_sectors: 1,
+                gtes_per_gt: 1,
+                ..base
+            },
+            SparseHeader {
+                gd_offset: 0,
+                ..base
+            },
+            SparseHeader {
+                gd_offset: 1408,
+                ..base
+            },
+            SparseHeader {
+                gd_offset: u64::MAX / 2,
+                ..base
+            },
+            SparseHeader {
+                overhead: 1409,
+                ..base
+            },
         ];
         for h in bad {
             assert!(h.geometry(len).is_err(), "{h:?} accepted");
@@ -349,7 +383,12 @@ mod tests {
         let mut h = qemu_header();
         h[56..64].copy_from_slice(&30u64.to_le_bytes());
         footer[512..1024].copy_from_slice(&h);
-        assert_eq!(SparseHeader::parse_footer(&footer).expect("valid").gd_offset, 30);
+        assert_eq!(
+            SparseHeader::parse_footer(&footer)
+                .expect("valid")
+                .gd_offset,
+            30
+        );
         let mut no_eos = footer.clone();
         no_eos[1024 + 12] = 1;
         assert!(SparseHeader::parse_footer(&no_eos).is_err());

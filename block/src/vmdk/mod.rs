@@ -209,9 +209,13 @@ impl VmdkDriver {
             read_only: true,
             ..*opts
         };
-        VmdkDriver::open_with(file, path, &mut |p: &Path| -> Result<Arc<dyn BlockDriver>> {
-            Ok(Arc::new(FileDriver::open(p, &opts)?))
-        })
+        VmdkDriver::open_with(
+            file,
+            path,
+            &mut |p: &Path| -> Result<Arc<dyn BlockDriver>> {
+                Ok(Arc::new(FileDriver::open(p, &opts)?))
+            },
+        )
     }
 
     /// [`VmdkDriver::open`] with the extent files opened by `open_extent` (given the resolved

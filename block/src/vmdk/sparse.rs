@@ -169,7 +169,9 @@ impl SparseExtent {
         let grain = pos / self.geo.grain_size;
         let gtes = u64::from(self.geo.gtes_per_gt);
         let Some(&gt_sector) = self.gd.get((grain / gtes) as usize) else {
-            return Err(self.file.corrupt(format!("offset {pos} is beyond the grain directory")));
+            return Err(self
+                .file
+                .corrupt(format!("offset {pos} is beyond the grain directory")));
         };
         if gt_sector == 0 {
             return Ok(Grain::Unallocated);
@@ -283,7 +285,7 @@ impl SparseExtent {
                 n += span - at % span;
                 continue;
             }
-            if n == 0 || at % span == 0 {
+            if n == 0 || at.is_multiple_of(span) {
                 tables += 1;
                 if tables > 1 {
                     break;
@@ -346,7 +348,10 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         assert!(inflate_zlib(&bad, &mut all).is_err(), "checksum");
-        assert!(inflate_zlib(&z[..z.len() / 2], &mut all).is_err(), "truncated");
+        assert!(
+            inflate_zlib(&z[..z.len() / 2], &mut all).is_err(),
+            "truncated"
+        );
         assert!(inflate_zlib(&[0xff; 64], &mut all).is_err(), "garbage");
     }
 }
