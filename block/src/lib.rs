@@ -350,8 +350,8 @@ pub enum Format {
     /// `vmdk` over `file` ([`VmdkDriver`]), read-only: a writable open is refused (pass
     /// `read_only`, or put an overlay on it, [`overlay`]).
     Vmdk,
-    /// Look at the first bytes ([`probe`]): qcow2 by its magic, raw unless they are another
-    /// format's magic, which is refused with [`BlockError::UnsupportedFormat`]. A raw image
+    /// Look at the first bytes ([`probe`]): qcow2 and vmdk by their magic, raw unless they are
+    /// another format's magic, which is refused with [`BlockError::UnsupportedFormat`]. A raw image
     /// found this way is *probed*: writes that would make its first sector look like another
     /// format are refused ([`RawDriver::mark_probed`]).
     #[default]
