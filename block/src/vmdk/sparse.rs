@@ -21,8 +21,9 @@
 //!
 //! In a stream-optimized extent every grain is a zlib stream, which a *grain marker* (the guest
 //! LBA and the compressed length) precedes when [`FLAG_MARKERS`](super::header::FLAG_MARKERS)
-//! is set; a GT entry points at the marker. A read inflates the grain from its start up to the
-//! end of the requested bytes (QEMU inflates the whole grain every time).
+//! is set; a GT entry points at the marker. A read inflates the whole grain and keeps the last
+//! one, so that sequential reads smaller than a grain inflate it once (QEMU inflates the whole
+//! grain for every read); a grain over 1 MiB is inflated only up to the requested bytes.
 //!
 //! Every offset from the file is checked before it is used: a GT or grain starting past the
 //! end of the file, or a compressed grain that does not inflate, fails that read with
@@ -40,6 +41,9 @@ use crate::{BlockError, BlockStatus, Result};
 
 /// Grain tables kept per extent (QEMU: `L2_CACHE_SIZE`).
 const GT_CACHE_TABLES: usize = 16;
+/// Compressed grains up to this size are inflated whole and the last one kept (every grain
+/// `qemu-img` and VMware make is 64 KiB).
+const MAX_CACHED_GRAIN: u64 = 1 << 20;
 
 /// Where the bytes of one grain are. QEMU: `VMDK_UNALLOC`, `VMDK_ZEROED`, `VMDK_OK`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +79,8 @@ pub(super) struct SparseExtent {
     /// The grain directory, decoded.
     gd: Vec<u32>,
     gts: Mutex<GtCache>,
+    /// The last compressed grain inflated whole: its file offset and bytes.
+    inflated: Mutex<Option<(u64, Arc<[u8]>)>>,
 }
 
 impl SparseExtent {
@@ -120,6 +126,7 @@ impl SparseExtent {
             geo,
             gd: decode(&raw),
             gts: Mutex::new(GtCache { tables: Vec::new() }),
+            inflated: Mutex::new(None),
         })
     }
 
@@ -229,10 +236,60 @@ impl SparseExtent {
         Ok(())
     }
 
-    /// Inflates the grain stored at `host` up to `skip + buf.len()` bytes and copies those
-    /// from `skip` on. QEMU: the compressed branch of `vmdk_read_extent()`.
-    #[cold]
+    /// Copies `buf.len()` bytes from `skip` on of the grain stored compressed at `host`: from
+    /// the last grain inflated if it is that one, else inflated now — the whole grain, kept
+    /// for the next read (sequential reads smaller than a grain inflate it once), or for
+    /// grains over [`MAX_CACHED_GRAIN`] only up to the end of `buf`. QEMU: the compressed
+    /// branch of `vmdk_read_extent()`, which inflates the whole grain for every read.
     fn co_read_compressed(&self, host: u64, skip: u64, buf: &mut [u8]) -> Result<()> {
+        let cached = {
+            let last = self.inflated.lock().unwrap_or_else(|p| p.into_inner());
+            last.as_ref()
+                .filter(|(at, _)| *at == host)
+                .map(|(_, g)| g.clone())
+        };
+        let grain = match cached {
+            Some(grain) => grain,
+            None => {
+                let input = self.co_read_compressed_input(host)?;
+                let whole = self.geo.grain_size <= MAX_CACHED_GRAIN;
+                let want = if whole {
+                    self.geo.grain_size as usize
+                } else {
+                    skip as usize + buf.len()
+                };
+                let mut out = vec![0u8; want];
+                let n = inflate_zlib(&input, &mut out).map_err(|why| {
+                    self.file
+                        .corrupt(format!("the compressed grain at {host:#x}: {why}"))
+                })?;
+                out.truncate(n);
+                let grain: Arc<[u8]> = out.into();
+                if whole {
+                    *self.inflated.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((host, grain.clone()));
+                }
+                grain
+            }
+        };
+        let src = grain
+            .get(skip as usize..skip as usize + buf.len())
+            .ok_or_else(|| {
+                self.file.corrupt(format!(
+                    "the compressed grain at {host:#x} inflates to {} bytes, fewer than the \
+                 {} read",
+                    grain.len(),
+                    skip as usize + buf.len()
+                ))
+            })?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    /// The compressed bytes of the grain at `host` (after its marker, if the extent has
+    /// them): at most two grains' worth, as QEMU reads, and no further than the file's end.
+    #[cold]
+    fn co_read_compressed_input(&self, host: u64) -> Result<Vec<u8>> {
         let gs = self.geo.grain_size;
         let (start, len) = if self.geo.markers {
             let mut marker = [0u8; GRAIN_MARKER_LEN as usize];
@@ -256,13 +313,7 @@ impl SparseExtent {
         let len = len.min(self.file.len().saturating_sub(start));
         let mut input = vec![0u8; len as usize];
         self.file.co_read(start, &mut input)?;
-        let mut out = vec![0u8; (skip as usize) + buf.len()];
-        inflate_zlib(&input, &mut out).map_err(|why| {
-            self.file
-                .corrupt(format!("the compressed grain at {host:#x}: {why}"))
-        })?;
-        buf.copy_from_slice(&out[skip as usize..]);
-        Ok(())
+        Ok(input)
     }
 
     /// The status at extent offset `pos` and how many bytes (≤ `len`) share it. Scans at most
@@ -308,18 +359,18 @@ fn decode(raw: &[u8]) -> Vec<u32> {
         .collect()
 }
 
-/// Inflates the zlib stream (RFC 1950: header, deflate, Adler-32) in `input` into all of
-/// `out`; the stream may go on past `out` (a read of a grain's first bytes). An error if it is
-/// malformed, its checksum is wrong, or it ends before `out` is full. QEMU uses zlib's
-/// `uncompress()`, which needs the whole grain.
-pub fn inflate_zlib(input: &[u8], out: &mut [u8]) -> std::result::Result<(), &'static str> {
+/// Inflates the zlib stream (RFC 1950: header, deflate, Adler-32) in `input` into `out`;
+/// returns how many bytes it wrote: all of `out` (the stream may go on: a read of a grain's
+/// first bytes), or fewer if the stream ended (checksum verified) before. An error if it is
+/// malformed, truncated or its checksum is wrong. QEMU uses zlib's `uncompress()`.
+pub fn inflate_zlib(input: &[u8], out: &mut [u8]) -> std::result::Result<usize, &'static str> {
     let mut state = DecompressorOxide::new();
     let flags = inflate_flags::TINFL_FLAG_PARSE_ZLIB_HEADER
         | inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
     let (status, _read, written) = decompress(&mut state, input, out, 0, flags);
     match status {
-        TINFLStatus::Done | TINFLStatus::HasMoreOutput if written == out.len() => Ok(()),
-        TINFLStatus::Done => Err("the stream ends before the requested bytes"),
+        TINFLStatus::Done => Ok(written),
+        TINFLStatus::HasMoreOutput if written == out.len() => Ok(written),
         TINFLStatus::Adler32Mismatch => Err("checksum mismatch"),
         TINFLStatus::FailedCannotMakeProgress | TINFLStatus::NeedsMoreInput => {
             Err("the stream is truncated")
@@ -337,13 +388,17 @@ mod tests {
         let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
         let z = miniz_oxide::deflate::compress_to_vec_zlib(&data, 6);
         let mut all = vec![0u8; 5000];
-        inflate_zlib(&z, &mut all).expect("whole");
+        assert_eq!(inflate_zlib(&z, &mut all), Ok(5000), "whole");
         assert_eq!(all, data);
         let mut part = vec![0u8; 100];
-        inflate_zlib(&z, &mut part).expect("a prefix");
+        assert_eq!(inflate_zlib(&z, &mut part), Ok(100), "a prefix");
         assert_eq!(part, data[..100]);
-        let mut more = vec![0u8; 5001];
-        assert!(inflate_zlib(&z, &mut more).is_err(), "past the end");
+        let mut more = vec![0u8; 6000];
+        assert_eq!(
+            inflate_zlib(&z, &mut more),
+            Ok(5000),
+            "the stream ends first"
+        );
         let mut bad = z.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
