@@ -163,10 +163,13 @@ impl SparseExtent {
         self.file.co_read(offset, &mut raw)?;
         let table: Arc<[u32]> = decode(&raw).into();
         let mut c = self.gts.lock().unwrap_or_else(|p| p.into_inner());
-        if c.tables.len() >= GT_CACHE_TABLES {
-            c.tables.remove(0);
+        // Another reader may have loaded it meanwhile: keep one copy.
+        if !c.tables.iter().any(|(s, _)| *s == gt_sector) {
+            if c.tables.len() >= GT_CACHE_TABLES {
+                c.tables.remove(0);
+            }
+            c.tables.push((gt_sector, table.clone()));
         }
-        c.tables.push((gt_sector, table.clone()));
         Ok(table)
     }
 
