@@ -805,3 +805,29 @@ fn compressed_garbage_fails_the_read() {
         });
     }
 }
+
+#[test]
+fn o_direct_reads_the_same() {
+    if !have_qemu("o_direct_reads_the_same") {
+        return;
+    }
+    let dir = disk_dir();
+    let d = dir.path();
+    for subformat in ["monolithicSparse", "twoGbMaxExtentFlat"] {
+        let name = format!("{subformat}.vmdk");
+        let path = make(
+            d,
+            &name,
+            &format!("subformat={subformat}"),
+            8 * MIB + 512,
+            &["write -P 0x81 1000 70000", "write -P 0x82 5M 4097"],
+        );
+        let opts = OpenOptions {
+            cache: block::CacheMode::None,
+            ..ro()
+        };
+        let blk = open_image(&path, &opts).unwrap_or_else(|e| panic!("{subformat}: {e}"));
+        check_bytes(&blk, &path, 8);
+        check_map(&blk, &path);
+    }
+}
