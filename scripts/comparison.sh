@@ -11,14 +11,14 @@
 #              run and the first engine of a pair alternating too (so drift on a shared machine
 #              hits both alike); each run on a fresh export after WARMUP (1) s of unmeasured fio;
 #              time-based runs last RUNTIME (3) s.
-#   sweep      queue depth DEPTHS (1 2 4 … 256) on SWEEP_CONFIG (null-lat), SWEEP_RUNS (3) runs
+#   sweep      queue depth DEPTHS (1 2 4 … 256) on SWEEP_CONFIG (null-lat-ring), SWEEP_RUNS (10) runs
 #              per engine and depth, SWEEP_RUNTIME (2) s each, same alternation; fio's
 #              completion-latency percentiles go into the CSV for the CDF plots.
 #   callgrind  user-space instructions per request of the daemon (valgrind --tool=callgrind:
 #              counters zeroed after a warm-up, dumped after CG_IOS requests; deterministic, so
 #              immune to the VM's noise), CG_RUNS (3) runs per engine and configuration
-#              of CG_CONFIGS (default: all but qcow2-alloc, whose 2-thread export did not
-#              finish mounting under valgrind 3.19 in 8 minutes).
+#              of CG_CONFIGS (default: all but qcow2-alloc, whose 2-thread io_uring export
+#              cannot run under valgrind 3.19 — see qcow2-alloc-pool — plus qcow2-alloc-pool).
 #              Hardware counters (`perf stat -e instructions,cycles`) are used instead when
 #              `perf stat -e instructions true` counts on this machine; on the project's VM it
 #              says <not supported> (no PMU), so there are no cycle counts: CPU time per request
@@ -29,6 +29,10 @@
 #                 request creation, nothing suspends). 4k randread QD32, 1 queue thread.
 #   null-yield    -f null --null-latency yield: every request suspends once, resumed by a BH.
 #   null-lat      -f null --null-latency LATENCY_NS (50000): every request sleeps on a timer.
+#   null-lat-ring null-lat on io_uring event loops (--aio io_uring), whose waits take a
+#                 nanosecond timeout: an idle epoll loop sleeps in whole milliseconds
+#                 (epoll_wait), which at low depths turns the 50 µs into ~1.1 ms. The sweep's
+#                 default; not in the main phase (CONFIGS) unless named.
 #   raw-threads   a raw image of random data on a disk (DISKDIR, default /var/tmp: ext4),
 #                 --cache none --aio threads: O_DIRECT preadv on the thread pool.
 #   raw-uring     the same image, --cache none --aio io_uring: O_DIRECT reads on the loop's ring.
@@ -36,6 +40,11 @@
 #                 none --aio io_uring; fio: 2 jobs × QD16 of 64 KiB random writes, each job into
 #                 its own half, so every write allocates a cluster under the qcow2 CoMutex,
 #                 which the two queue threads contend for.
+#   qcow2-alloc-pool  qcow2-alloc with --aio threads (epoll loops, disk I/O on the pool): the
+#                 form callgrind can count. valgrind 3.19 does not treat io_uring_enter as a
+#                 blocking syscall, so a queue thread waiting in it keeps valgrind's lock and
+#                 the other thread never runs: the 2-thread io_uring export never mounts.
+#                 Not in the main phase unless named.
 #
 # Output: DIR/comparison.csv — '#' lines of metadata (commit, rustc, kernel, fio, qemu, valgrind,
 # CPU, the command line and every knob), then one row per measured run of every phase (all raw
@@ -49,14 +58,15 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 outdir=$root/docs/comparison
 while getopts "o:" o; do case $o in o) outdir=$OPTARG;; *) exit 2;; esac; done
 runs=${RUNS:-10} runtime=${RUNTIME:-3} warmup=${WARMUP:-1}
-sweep_runs=${SWEEP_RUNS:-3} sweep_runtime=${SWEEP_RUNTIME:-2}
-depths=${DEPTHS:-1 2 4 8 16 32 64 128 256} sweep_config=${SWEEP_CONFIG:-null-lat}
+sweep_runs=${SWEEP_RUNS:-10} sweep_runtime=${SWEEP_RUNTIME:-2}
+depths=${DEPTHS:-1 2 4 8 16 32 64 128 256} sweep_config=${SWEEP_CONFIG:-null-lat-ring}
 cg_runs=${CG_RUNS:-3} cg_ios=${CG_IOS:-4000}
-cg_configs=${CG_CONFIGS:-null-inline null-yield null-lat raw-threads raw-uring}
+cg_configs=${CG_CONFIGS:-null-inline null-yield null-lat raw-threads raw-uring qcow2-alloc-pool}
 latency_ns=${LATENCY_NS:-50000}
 phases=${PHASES:-main sweep callgrind}
 all_configs="null-inline null-yield null-lat raw-threads raw-uring qcow2-alloc"
 configs=${CONFIGS:-$all_configs}
+all_configs="$all_configs null-lat-ring qcow2-alloc-pool"
 diskdir=${DISKDIR:-/var/tmp}
 qcow2_size=${QCOW2_SIZE:-256M}
 for t in fio qemu-img python3 mountpoint umount getconf; do
@@ -65,7 +75,7 @@ done
 [[ " $phases " != *" callgrind "* ]] || command -v valgrind >/dev/null || die "missing valgrind (apt-get install valgrind)"
 ((EUID == 0)) || die "needs root (FUSE mounts)"
 [[ -c /dev/fuse ]] || die "no /dev/fuse"
-for c in $configs $sweep_config; do [[ " $all_configs " == *" $c "* ]] || die "unknown configuration '$c'"; done
+for c in $configs $sweep_config $cg_configs; do [[ " $all_configs " == *" $c "* ]] || die "unknown configuration '$c'"; done
 bin=${CORO_FUSE:-$root/target/release/coro-fuse}
 [[ -n ${CORO_FUSE:-} ]] || cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p fuse
 [[ -x $bin ]] || die "no coro-fuse binary at $bin"
@@ -120,14 +130,15 @@ config() {
     null-inline) args=(-f null --size 1G) ;;
     null-yield) args=(-f null --size 1G --null-latency yield) ;;
     null-lat) args=(-f null --size 1G --null-latency "$latency_ns") ;;
+    null-lat-ring) args=(-f null --size 1G --null-latency "$latency_ns" --aio io_uring) ;;
     raw-threads|raw-uring)
       [[ -f $raw_img ]] || { echo "$me: 1 GiB of random data in $raw_img" >&2
         head -c 1G /dev/urandom >"$raw_img"; sync "$raw_img"; }
       args=(-f raw --cache none --aio "$([[ $1 == raw-threads ]] && echo threads || echo io_uring)")
       image=$raw_img ;;
-    qcow2-alloc)
+    qcow2-alloc|qcow2-alloc-pool)
       threads=2 fresh=1 rw=randwrite bs=64k numjobs=2 depth=16 sized=1 image=$qcow_img
-      args=(-f qcow2 --cache none --aio io_uring) ;;
+      args=(-f qcow2 --cache none --aio "$([[ $1 == qcow2-alloc ]] && echo io_uring || echo threads)") ;;
   esac
 }
 fresh_image() { rm -f "$qcow_img"; qemu-img create -q -f qcow2 -o cluster_size=64k "$qcow_img" "$qcow2_size"; }
@@ -157,7 +168,7 @@ fio_run() {
     *) extra=(--time_based --runtime="$how") ;;
   esac
   local size=1G; ((sized)) && size=$(( $(numfmt --from=iec "$qcow2_size") / numjobs ))
-  [[ $how == ios:* ]] && ((sized)) && size=$(( ${how#ios:} * $(numfmt --from=iec "$bs") ))
+  [[ $how == ios:* ]] && ((sized)) && size=$(( ${how#ios:} * $(numfmt --from=iec "${bs^^}") ))
   fio --name=cmp --filename="$work/mnt" --rw="$rw" --bs="$bs" --iodepth="$d" --numjobs="$numjobs" \
       --offset_increment="$size" --size="$size" --ioengine=libaio --direct=1 --group_reporting \
       --percentile_list="$pcts" --output-format=json "${extra[@]}" >"$work/fio.json" 2>"$work/fio.err" ||
@@ -229,8 +240,7 @@ if [[ " $phases " == *" sweep "* ]]; then
   done
 fi
 if [[ " $phases " == *" callgrind "* ]]; then
-  for cfg in $configs; do
-    [[ " $cg_configs " == *" $cfg "* ]] || continue
+  for cfg in $cg_configs; do
     config "$cfg"
     for run in $(seq "$cg_runs"); do
       for engine in coroutine async; do

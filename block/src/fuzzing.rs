@@ -18,7 +18,15 @@
 //! - [`backing_name`]: a header naming the bytes as its backing file, then the path resolution
 //!   of [`resolve_backing_path`] and the protocol check;
 //! - [`partition_table`]: the bytes as the start of a disk of a size they give, through the
-//!   MBR/GPT parser.
+//!   MBR/GPT parser;
+//! - [`nbd_server`]: the bytes as everything an NBD server says — first to the handshake (an
+//!   in-memory stream), then, from a fixed offset, as the replies on a real socket pair to
+//!   requests in flight in the NBD driver's connection (`nbd/conn.rs`): every request must
+//!   end (no hang), with a result or EIO.
+//! - [`vdi_image`], [`vpc_image`], [`vhdx_image`]: the bytes, a *sparse image* (see
+//!   [`expand_sparse`]: these formats put their metadata megabytes apart), opened read-only by
+//!   the driver; reads and block status must not panic, a zero range reads as zeros, nothing is
+//!   written.
 //!
 //! Everything stays in memory: no file is created, no backing file is opened.
 
@@ -471,6 +479,103 @@ pub fn partition_table(data: &[u8]) {
     assert!(reads <= 200, "{reads} reads for one table");
 }
 
+/// Fuzz target `nbd_server`: `data[..512]` (zero-padded) is what a server answers in the
+/// handshake; `data[512..]` what it sends once transmission starts, in reply to a read of
+/// 4096 bytes at 8192 (cookie `0x10000`), a block status query (`0x10001`) and a write
+/// (`0x10002`) in flight at once. The handshake must not panic and what it accepts must be
+/// sane; each request must end — the bytes run out, then the socket says EOF.
+pub fn nbd_server(data: &[u8]) {
+    use crate::nbd::{conn, handshake, uri::Stream};
+    use std::io::Write;
+    let (hello, replies) = data.split_at(data.len().min(512));
+    let mut fake = FakeServer(hello);
+    if let Ok(info) = handshake::negotiate(&mut fake, "export") {
+        assert!(info.size <= i64::MAX as u64);
+        assert!(info.min_block.is_power_of_two() && info.max_block >= info.min_block);
+        assert!(info.max_block <= handshake::MAX_PAYLOAD);
+    }
+    let replies = &replies[..replies.len().min(64 * 1024)]; // fits a socket buffer
+    let Ok((ours, mut theirs)) = std::os::unix::net::UnixStream::pair() else {
+        return;
+    };
+    if theirs.write_all(replies).is_err() {
+        return;
+    }
+    let _ = theirs.shutdown(std::net::Shutdown::Write);
+    let info = handshake::ExportInfo {
+        size: 1 << 20,
+        flags: crate::nbd::proto::FLAG_HAS_FLAGS,
+        min_block: 1,
+        pref_block: 4096,
+        max_block: 1 << 20,
+        structured: true,
+        meta_context: Some(1),
+    };
+    let Ok(c) = conn::Conn::new(Stream::Unix(ours), info, "fuzz".into()) else {
+        return;
+    };
+    let c = Arc::new(c);
+    // Drain what the requests send, so that the write never waits for room.
+    let sink = std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while matches!(std::io::Read::read(&mut theirs, &mut buf), Ok(n) if n > 0) {}
+    });
+    conn::spawn_reader(c.clone(), |_| {});
+    let requests = [(crate::nbd::proto::CMD_READ, 0u16), (7, 1), (1, 2)];
+    let handles: Vec<_> = requests
+        .into_iter()
+        .map(|(ty, _)| {
+            let c = c.clone();
+            runtime::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                let data = match ty {
+                    0 => conn::Data::In(&mut buf),
+                    1 => conn::Data::Out(&[7u8; 4096]),
+                    _ => conn::Data::Status(None),
+                };
+                let flags = if ty == 7 { 8 } else { 0 };
+                let mut req = conn::Request {
+                    ty,
+                    flags,
+                    offset: 8192,
+                    len: 4096,
+                    data,
+                };
+                c.co_request(&mut req).is_ok()
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    c.kill("");
+    // The reader ends on the shut-down socket.
+    let ctx = runtime::AioContext::current();
+    while ctx.poll(false) {}
+    let _ = sink.join();
+}
+
+/// The server side of a handshake, from bytes; what the client writes is dropped.
+struct FakeServer<'a>(&'a [u8]);
+
+impl std::io::Read for FakeServer<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.0.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+}
+
+impl std::io::Write for FakeServer<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A valid v3 header (512-byte clusters, 1 MiB) whose backing file name is `name`, stored
 /// after the header extensions at offset 1024 of a 4 KiB first cluster.
 fn header_with_backing(name: &[u8]) -> Vec<u8> {
@@ -519,4 +624,134 @@ pub fn corpus_files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
             (p, bytes)
         })
         .collect()
+}
+
+/// The largest image [`expand_sparse`] makes.
+const SPARSE_LIMIT: u64 = 64 << 20;
+
+/// A fuzz input as an image: records of a 4-byte little-endian offset in 512-byte sectors, a
+/// 2-byte little-endian length and that many bytes, placed at the offset in a zero-filled image
+/// as long as the furthest record's end (at most 64 MiB; records beyond are dropped). A
+/// trailing partial record counts with the bytes it has. Lets a few KiB describe a vhdx file,
+/// whose headers, log, metadata and BAT lie a megabyte apart. [`compact_sparse`] is the
+/// inverse.
+pub fn expand_sparse(data: &[u8]) -> Vec<u8> {
+    let mut image = Vec::new();
+    let mut rest = data;
+    while rest.len() >= 6 {
+        let sector = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        let len = usize::from(u16::from_le_bytes([rest[4], rest[5]]));
+        let bytes = &rest[6..(6 + len).min(rest.len())];
+        rest = &rest[(6 + len).min(rest.len())..];
+        let at = u64::from(sector) * 512;
+        let end = at + bytes.len() as u64;
+        if end > SPARSE_LIMIT {
+            continue;
+        }
+        if end as usize > image.len() {
+            image.resize(end as usize, 0);
+        }
+        image[at as usize..end as usize].copy_from_slice(bytes);
+    }
+    image
+}
+
+/// The sparse form of `image` (see [`expand_sparse`]): one record per run of non-zero
+/// 512-byte sectors (at most 127 sectors a record), and an empty record at the end so the
+/// length survives. For making seeds from real images.
+pub fn compact_sparse(image: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut record = |sector: usize, bytes: &[u8]| {
+        out.extend_from_slice(&(sector as u32).to_le_bytes());
+        out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+        out.extend_from_slice(bytes);
+    };
+    let sectors: Vec<&[u8]> = image.chunks(512).collect();
+    let mut i = 0;
+    while i < sectors.len() {
+        if sectors[i].iter().all(|&b| b == 0) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < sectors.len() && i - start < 127 && sectors[i].iter().any(|&b| b != 0) {
+            i += 1;
+        }
+        record(start, &image[start * 512..(i * 512).min(image.len())]);
+    }
+    if image.len().is_multiple_of(512) && !image.is_empty() {
+        // An empty record cannot set a length inside a sector: end on the last sector.
+        let last = image.len() / 512 - 1;
+        record(last, &image[last * 512..]);
+    }
+    out
+}
+
+/// The body of the read-only format targets: `data` expanded ([`expand_sparse`]) into a
+/// read-only image in memory, opened by `open`, read and queried; nothing may be written.
+fn read_only_image<D: BlockDriver>(data: &[u8], open: fn(Arc<dyn BlockDriver>) -> Result<D>) {
+    let image = expand_sparse(data);
+    let child = Arc::new(MemDriver::new(image.clone(), true, 0));
+    if let Ok(driver) = open(child.clone()) {
+        assert!(driver.is_read_only());
+        if let Ok(blk) = BlockBackend::new(
+            Arc::new(driver),
+            BackendOptions {
+                read_only: true,
+                write_beyond_eof: false,
+                ..BackendOptions::default()
+            },
+        ) {
+            let blk = Arc::new(blk);
+            let (b, d) = (blk.clone(), data.to_vec());
+            co(move || {
+                exercise_read_only(&b, &d);
+                assert!(
+                    b.co_pwrite(0, &[1]).is_err(),
+                    "a read-only format took a write"
+                );
+            });
+            let _ = blk.close();
+        }
+    }
+    assert_eq!(child.writes(), 0, "a read-only driver wrote to the image");
+    assert!(
+        child.contents() == image,
+        "a read-only driver changed the image"
+    );
+}
+
+/// Fuzz target `vdi_image`.
+pub fn vdi_image(data: &[u8]) {
+    read_only_image(data, crate::vdi::VdiDriver::open);
+}
+
+/// Fuzz target `vpc_image`.
+pub fn vpc_image(data: &[u8]) {
+    read_only_image(data, crate::vpc::VpcDriver::open);
+}
+
+/// Fuzz target `vhdx_image` (differencing images are refused without a path, so the parent
+/// code is not reached; the sector bitmap path is, through a non-differencing image's BAT).
+pub fn vhdx_image(data: &[u8]) {
+    read_only_image(data, crate::vhdx::VhdxDriver::open);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_round_trip() {
+        let mut image = vec![0u8; 5 << 20];
+        image[10] = 1;
+        image[(1 << 20)..(1 << 20) + 100_000].fill(7);
+        image[(5 << 20) - 1] = 9;
+        assert!(expand_sparse(&compact_sparse(&image)) == image);
+        let small = vec![3u8; 1000];
+        assert_eq!(expand_sparse(&compact_sparse(&small)), small);
+        assert!(expand_sparse(&[1, 2, 3]).is_empty());
+        // Beyond the limit: dropped.
+        assert!(expand_sparse(&[0xff, 0xff, 0xff, 0xff, 1, 0, 5]).is_empty());
+    }
 }

@@ -63,6 +63,11 @@
 //! | [`vmdk`] | `block/vmdk.c` | the `vmdk` format, read-only: sparse, flat, split and stream-optimized disks |
 //! | [`chain`] | `block/io.c` `bdrv_co_common_block_status_above()` | block status through a backing chain |
 //! | [`null`] | `block/null.c` | `null-co`: zeros in, nothing out |
+//! | [`nbd`] (`nbd/`) | `block/nbd.c`, `nbd/client.c` | the `nbd` protocol driver: a remote image over TCP or a Unix socket, many requests in flight, reconnect |
+//! | [`readonly`] | `block.c` `bdrv_apply_auto_read_only()` | the read-only formats: the `-r` rule, opening them by name, the shared read path |
+//! | [`vdi`] | `block/vdi.c` | the `vdi` format (VirtualBox), read-only |
+//! | [`vpc`] | `block/vpc.c` | the `vpc` format (VHD: fixed, dynamic), read-only |
+//! | [`vhdx`] | `block/vhdx*.c` | the `vhdx` format (fixed, dynamic, differencing), read-only |
 //! | [`overlay`] | `block.c` `bdrv_append_temp_snapshot()` | `--snapshot`/`--overlay`: a qcow2 overlay over a read-only image |
 //! | [`blkdebug`] | `block/blkdebug.c` | error injection for tests |
 //! | [`blklogwrites`] | `block/blklogwrites.c` | a log of every write and flush, for crash-consistency tests |
@@ -80,14 +85,19 @@ pub mod file;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image_lock;
+pub mod nbd;
 pub mod null;
 pub mod overlay;
 pub mod partition;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
+pub mod readonly;
 mod sys;
+pub mod vdi;
+pub mod vhdx;
 pub mod vmdk;
+pub mod vpc;
 
 use std::any::Any;
 use std::fmt;
@@ -101,6 +111,7 @@ pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Gate, Rule, RuleId};
 pub use blklogwrites::{BlklogwritesDriver, LoggedOp};
 pub use file::{is_in_memory, AioMode, CacheMode, FileDriver, FileOptions, FileStats};
 pub use image_lock::Perm;
+pub use nbd::{open_nbd, NbdDriver, NbdOptions};
 pub use null::{NullDriver, NullLatency};
 pub use qcow2::{Qcow2Driver, Qcow2Options};
 pub use raw::{RawDriver, RawOptions};
@@ -134,6 +145,9 @@ pub enum BlockError {
         image: PathBuf,
         source: Box<BlockError>,
     },
+    /// A writable open of an image in a format this build can only read; the message names
+    /// `-r` and `--snapshot`/`--overlay` ([`readonly::require_read_only`]).
+    ReadOnlyFormat { path: PathBuf, format: &'static str },
     /// A write was refused to protect the image, e.g. one that would make a probed raw image
     /// look like another format (QEMU: `-EPERM` from `raw_co_pwritev()`).
     Refused(String),
@@ -154,6 +168,7 @@ impl BlockError {
             BlockError::UnsupportedFormat { .. } => libc::EMEDIUMTYPE,
             BlockError::Backing { source, .. } => source.errno(),
             BlockError::Refused(_) => libc::EPERM,
+            BlockError::ReadOnlyFormat { .. } => libc::EROFS,
         }
     }
 }
@@ -203,6 +218,13 @@ impl fmt::Display for BlockError {
                 e => write!(f, "'{}': backing file: {e}", image.display()),
             },
             BlockError::Refused(why) => write!(f, "not permitted: {why}"),
+            BlockError::ReadOnlyFormat { path, format } => write!(
+                f,
+                "'{}' is a {format} image, which can only be read: pass -r (--read-only) to \
+                 export it read-only, or --snapshot (or --overlay FILE) to send writes to a \
+                 qcow2 overlay",
+                path.display()
+            ),
         }
     }
 }
@@ -347,15 +369,34 @@ pub enum Format {
     Null,
     /// `qcow2` over `file` ([`Qcow2Driver`]).
     Qcow2,
-    /// `vmdk` over `file` ([`VmdkDriver`]), read-only: a writable open is refused (pass
-    /// `read_only`, or put an overlay on it, [`overlay`]).
+    /// `vdi` over `file`, read-only ([`vdi::VdiDriver`]).
+    Vdi,
+    /// `vpc` (VHD) over `file`, read-only ([`vpc::VpcDriver`]).
+    Vpc,
+    /// `vhdx` over `file`, read-only, with a differencing image's parent ([`vhdx::VhdxDriver`]).
+    Vhdx,
+    /// `vmdk` over `file` and its extent files, read-only ([`VmdkDriver`]).
     Vmdk,
-    /// Look at the first bytes ([`probe`]): qcow2 and vmdk by their magic, raw unless they are
-    /// another format's magic, which is refused with [`BlockError::UnsupportedFormat`]. A raw image
+    /// Look at the first bytes ([`probe`]): qcow2, vdi, vpc, vhdx, vmdk by their magic (the
+    /// read-only ones under [`readonly::require_read_only`]), raw unless they are another
+    /// format's magic, which is refused with [`BlockError::UnsupportedFormat`]. A raw image
     /// found this way is *probed*: writes that would make its first sector look like another
     /// format are refused ([`RawDriver::mark_probed`]).
     #[default]
     Auto,
+}
+
+impl Format {
+    /// The name of a read-only format ([`readonly`]), `None` for the others.
+    pub fn read_only_name(self) -> Option<&'static str> {
+        match self {
+            Format::Vdi => Some("vdi"),
+            Format::Vpc => Some("vpc"),
+            Format::Vhdx => Some("vhdx"),
+            Format::Vmdk => Some("vmdk"),
+            _ => None,
+        }
+    }
 }
 
 /// Options of [`open_image`]: the union of the file, raw and backend options.
@@ -461,7 +502,9 @@ pub fn open_image_with(
     if format == Format::Auto {
         match probe::probe(&file)? {
             Some("qcow2") => format = Format::Qcow2,
-            Some("vmdk") => format = Format::Vmdk,
+            Some(f) if readonly::is_read_only_format(f) => {
+                return open_read_only(path, file, f, opts, backend_opts, debug)
+            }
             Some(format) => {
                 return Err(BlockError::UnsupportedFormat {
                     path: path.to_owned(),
@@ -471,17 +514,13 @@ pub fn open_image_with(
             None => probed_raw = true,
         }
     }
+    if let Some(name) = format.read_only_name() {
+        return open_read_only(path, file, name, opts, backend_opts, debug);
+    }
     if format == Format::Qcow2 {
         let qcow2 = open_qcow2(path, file, opts, read_only)?;
         return Ok(Arc::new(BlockBackend::new(
             debug(Arc::new(qcow2)),
-            backend_opts,
-        )?));
-    }
-    if format == Format::Vmdk {
-        let vmdk = open_vmdk(path, file, opts, &file_opts)?;
-        return Ok(Arc::new(BlockBackend::new(
-            debug(Arc::new(vmdk)),
             backend_opts,
         )?));
     }
@@ -515,6 +554,38 @@ pub fn open_image_with(
     )?))
 }
 
+/// The read-only formats' part of [`open_image_with`]: the `-r` rule
+/// ([`readonly::require_read_only`]), no raw window, the driver (and a vhdx parent chain).
+fn open_read_only(
+    path: &Path,
+    file: Arc<dyn BlockDriver>,
+    format: &'static str,
+    opts: &OpenOptions,
+    backend_opts: BackendOptions,
+    debug: impl Fn(Arc<dyn BlockDriver>) -> Arc<dyn BlockDriver>,
+) -> Result<Arc<BlockBackend>> {
+    readonly::require_read_only(path, format, file.is_read_only())?;
+    if opts.offset != 0 || opts.size.is_some() {
+        return Err(BlockError::Invalid(format!(
+            "'{}': the offset and size options apply to raw images only",
+            path.display()
+        )));
+    }
+    let chain = qcow2::ChainOptions {
+        cache: opts.cache,
+        aio: opts.aio,
+        force_share: opts.force_share || opts.backing_force_share,
+        qcow2: opts.qcow2,
+    };
+    let mut seen: Vec<readonly::FileId> = readonly::file_id(path).into_iter().collect();
+    let node = readonly::open_node(format, file, path, &chain, &mut seen).unwrap_or_else(|| {
+        Err(BlockError::Invalid(format!(
+            "{format}: not a read-only format"
+        )))
+    })?;
+    Ok(Arc::new(BlockBackend::new(debug(node), backend_opts)?))
+}
+
 /// The qcow2 part of [`open_image_with`]: refuses the raw-only options, opens the backing chain
 /// (read-only, with the image's cache mode and force-share), and names the file in errors. The
 /// driver is writable when the file is.
@@ -536,27 +607,4 @@ fn open_qcow2(
         qcow2: opts.qcow2,
     };
     Qcow2Driver::open_chain(file, path, &chain).map_err(|e| qcow2::name_error(path, e))
-}
-
-/// The vmdk part of [`open_image_with`]: refuses a writable open (the driver is read-only)
-/// and the raw-only options, and names the file in errors.
-fn open_vmdk(
-    path: &Path,
-    file: Arc<dyn BlockDriver>,
-    opts: &OpenOptions,
-    file_opts: &FileOptions,
-) -> Result<VmdkDriver> {
-    if !file_opts.read_only {
-        return Err(BlockError::Refused(format!(
-            "'{}' is a vmdk image, which coro-fuse opens read-only: pass -r (--read-only) to \
-             export it read-only, or --snapshot / --overlay FILE to send writes to a qcow2 \
-             overlay and leave the vmdk files unchanged",
-            path.display()
-        )));
-    }
-    if opts.offset != 0 || opts.size.is_some() {
-        let e = BlockError::Invalid("the offset and size options apply to raw images only".into());
-        return Err(qcow2::name_error(path, e));
-    }
-    VmdkDriver::open(file, path, file_opts).map_err(|e| qcow2::name_error(path, e))
 }

@@ -7,7 +7,8 @@
 //!
 //! Exporting a qcow2 file as raw would show the guest its metadata, and a write could corrupt
 //! it, so a format we do not implement is refused by name. QEMU scores candidates; we only need
-//! "which magic matches", checked against the first 512 bytes and, for dmg, the trailer.
+//! "which magic matches", checked against the first 512 bytes and, for dmg and a fixed VHD
+//! (whose footer is only at the end), the last 512.
 //!
 //! A raw image found by probing is *probed*: like QEMU, its raw driver refuses writes that would
 //! make the first sector match one of these magics (see `raw.rs`), so a guest cannot turn its
@@ -68,6 +69,14 @@ pub fn probe(node: &Arc<dyn BlockDriver>) -> Result<Option<&'static str>> {
         blk.co_pread(len - 512, &mut tail)?;
         if &tail == b"koly" {
             return Ok(Some("dmg"));
+        }
+    }
+    // A fixed VHD: its only footer is at the end (QEMU's probe misses it; see `vpc.rs`).
+    if len >= 512 {
+        let mut tail = [0u8; 512];
+        blk.co_pread(len - 512, &mut tail)?;
+        if crate::vpc::is_fixed_footer(&tail) {
+            return Ok(Some("vpc"));
         }
     }
     Ok(None)

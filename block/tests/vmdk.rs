@@ -361,7 +361,8 @@ fn a_writable_open_is_refused_with_a_hint() {
             ..OpenOptions::default()
         };
         let e = open_image(&path, &opts).expect_err("read-write must be refused");
-        assert!(matches!(e, BlockError::Refused(_)), "{e:?}");
+        assert!(matches!(e, BlockError::ReadOnlyFormat { .. }), "{e:?}");
+        assert_eq!(e.errno(), libc::EROFS);
         let msg = e.to_string();
         assert!(
             msg.contains("-r") && msg.contains("--snapshot") && msg.contains("d.vmdk"),

@@ -31,7 +31,8 @@ mod daemon;
 #[derive(Parser, Debug)]
 #[command(name = "coro-fuse", version, about, long_about)]
 struct Cli {
-    /// The disk image (a regular file or block device).
+    /// The disk image (a regular file or block device), or an NBD export:
+    /// `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH` (QEMU's URI syntax).
     image: PathBuf,
 
     /// Where to show the image: a regular file or a directory.
@@ -40,10 +41,11 @@ struct Cli {
     /// Image format; `auto` is raw unless the image starts with the magic of a known format
     /// (a raw image found so refuses writes that would make its first sector look like another
     /// format: pass `-f raw` to lift that). qcow2 is read-write, with backing files opened
-    /// read-only. vmdk (monolithicSparse, monolithicFlat, twoGbMaxExtentSparse/Flat,
-    /// streamOptimized; extent files beside the descriptor) is read-only: it needs -r, or
-    /// --snapshot/--overlay to take writes in a qcow2 overlay; without either it is refused.
-    /// Other formats are refused by name.
+    /// read-only. vdi, vpc (VHD; a fixed one is recognised by its footer at the end), vhdx and
+    /// vmdk (monolithicSparse, monolithicFlat, twoGbMaxExtentSparse/Flat, streamOptimized;
+    /// extent files beside the descriptor) can only be read: without -r or
+    /// --snapshot/--overlay they are refused at start with a message saying so (a writable
+    /// export that fails every write would be worse). Other formats are refused by name.
     #[arg(short = 'f', long, value_enum, default_value_t = FormatArg::Auto)]
     format: FormatArg,
 
@@ -108,7 +110,7 @@ struct Cli {
     /// with -U no lock, so a VM writing it is not refused — but then what is read may change)
     /// and send every write to a temporary qcow2 overlay in $TMPDIR (default /var/tmp) whose
     /// backing file is IMAGE. The overlay is unlinked as soon as it is open, so it is gone
-    /// after any exit, SIGKILL included. Works over raw, qcow2 and vmdk images.
+    /// after any exit, SIGKILL included. Works over raw, qcow2, vdi, vpc, vhdx and vmdk images.
     #[arg(long, conflicts_with_all = ["read_only", "create", "overlay", "offset", "size"])]
     snapshot: bool,
 
@@ -142,6 +144,13 @@ struct Cli {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..),
           conflicts_with_all = ["offset", "size", "create", "growable"])]
     partition: Option<u32>,
+
+    /// NBD only: when the connection to the server drops, requests wait up to SECS seconds
+    /// for a reconnect (and are then sent again) before they fail with EIO; reconnection is
+    /// tried in the background all the while (QEMU's `reconnect-delay`; default 0: fail at
+    /// once).
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    reconnect_delay: f64,
 
     /// qcow2: bytes of L2 tables to cache (QEMU's `l2-cache-size`; at most 64 tables).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4M")]
@@ -181,6 +190,13 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = fuse::transport::uring::DEFAULT_ENTRIES as u16,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     uring_entries: u16,
+
+    /// With the io_uring transport: `on` pins each queue thread that serves exactly one kernel
+    /// queue to that queue's CPU (as libfuse does), so a request is served on the CPU that
+    /// issued it and the round trip wakes no other CPU; `off` lets the scheduler place the
+    /// threads. Pinning is what makes a ring win at queue depth 1 (docs/fuse-uring.md).
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = OnOff::On)]
+    uring_pin: OnOff,
 
     /// How each FUSE request runs: `coroutine` (a stackful coroutine per request, QEMU's
     /// model) or `async` (a Rust future per request, on the same event loops, queues and thread
@@ -268,12 +284,21 @@ enum TransportArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum FormatArg {
     Auto,
     Raw,
     Qcow2,
-    Vmdk,
     Null,
+    Vdi,
+    Vpc,
+    Vhdx,
+    Vmdk,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -367,6 +392,21 @@ fn default_threads() -> usize {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let nbd = server::is_nbd(&cli.image);
+    check_nbd_args(&cli, nbd);
+    if cli.create.is_some()
+        && matches!(
+            cli.format,
+            FormatArg::Vdi | FormatArg::Vpc | FormatArg::Vhdx | FormatArg::Vmdk
+        )
+    {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--create makes raw or qcow2 images only (vdi, vpc, vhdx and vmdk can only be read)",
+            )
+            .exit();
+    }
     if let Some(size) = cli.create {
         let format = match cli.format {
             FormatArg::Qcow2 => Format::Qcow2,
@@ -412,8 +452,11 @@ fn main() -> ExitCode {
         FormatArg::Auto => Format::Auto,
         FormatArg::Raw => Format::Raw,
         FormatArg::Qcow2 => Format::Qcow2,
-        FormatArg::Vmdk => Format::Vmdk,
         FormatArg::Null => Format::Null,
+        FormatArg::Vdi => Format::Vdi,
+        FormatArg::Vpc => Format::Vpc,
+        FormatArg::Vhdx => Format::Vhdx,
+        FormatArg::Vmdk => Format::Vmdk,
     };
     if cli.inject_no_io_uring {
         runtime::ring::inject_setup_failure(usize::MAX);
@@ -450,6 +493,7 @@ fn main() -> ExitCode {
         // Where nothing waits for a device — an image in memory (tmpfs), the null driver —
         // the ring has nothing to do but watch /dev/fuse, and its polls cost ~5 % more CPU per
         // request than epoll (docs/performance.md): auto takes the thread-pool path there.
+        AioArg::Auto if nbd => AioMode::Auto,
         AioArg::Auto if cli.format == FormatArg::Null || block::is_in_memory(&cli.image) => {
             log::info!(
                 "--aio auto: nothing waits for a device ({}): epoll loops and the thread pool \
@@ -486,15 +530,6 @@ fn main() -> ExitCode {
             .error(
                 clap::error::ErrorKind::ArgumentConflict,
                 "-f null has no image to put an overlay on",
-            )
-            .exit();
-    }
-    if cli.format == FormatArg::Vmdk && cli.create.is_some() {
-        Cli::command()
-            .error(
-                clap::error::ErrorKind::ArgumentConflict,
-                "--create cannot make vmdk images (the vmdk driver is read-only): make one with \
-                 `qemu-img create -f vmdk`",
             )
             .exit();
     }
@@ -563,6 +598,8 @@ fn main() -> ExitCode {
         },
         uring_entries: usize::from(cli.uring_entries),
         uring_payload: cli.inject_uring_payload.map(|n| n as usize),
+        uring_pin: cli.uring_pin == OnOff::On,
+        reconnect_delay: std::time::Duration::from_secs_f64(cli.reconnect_delay),
     };
     let mut hooks = Hooks {
         daemon,
@@ -589,6 +626,41 @@ fn main() -> ExitCode {
             eprintln!("coro-fuse: {e}");
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+/// The options that have no meaning for an NBD export are usage errors (exit 2).
+fn check_nbd_args(cli: &Cli, nbd: bool) {
+    let refuse = |why: &str| -> ! {
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, why)
+            .exit()
+    };
+    if !nbd {
+        if cli.reconnect_delay != 0.0 {
+            refuse("--reconnect-delay is an option of NBD exports (nbd://, nbd+unix://)");
+        }
+        return;
+    }
+    if !(0.0..=86400.0).contains(&cli.reconnect_delay) {
+        refuse("--reconnect-delay must be between 0 and 86400 seconds");
+    }
+    if matches!(cli.format, FormatArg::Qcow2 | FormatArg::Null) {
+        refuse("an NBD export is exported as raw bytes: -f raw or auto");
+    }
+    if cli.create.is_some() {
+        refuse("--create makes an image file; an NBD export exists on its server");
+    }
+    if cli.snapshot || cli.overlay.is_some() {
+        refuse("--snapshot and --overlay need an image file; not supported over NBD yet");
+    }
+    if cli.growable {
+        refuse("--growable: an NBD export cannot be resized");
+    }
+    if let Err(e) = block::nbd::NbdUri::parse(&cli.image.to_string_lossy()) {
+        Cli::command()
+            .error(clap::error::ErrorKind::ValueValidation, e)
+            .exit()
     }
 }
 

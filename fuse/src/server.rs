@@ -72,6 +72,15 @@ pub struct ServerConfig {
     pub uring_entries: usize,
     /// Test hook (hidden `--inject-uring-payload`): ring payload buffers of this size.
     pub uring_payload: Option<usize>,
+    /// `--uring-pin`: pin each queue thread serving one kernel queue to that queue's CPU.
+    pub uring_pin: bool,
+    /// `image` is an NBD URI: how long requests wait for a reconnect (`--reconnect-delay`).
+    pub reconnect_delay: std::time::Duration,
+}
+
+/// Whether `image` names an NBD export (`nbd://…`, `nbd+unix://…`) rather than a file.
+pub fn is_nbd(image: &Path) -> bool {
+    image.to_str().is_some_and(block::nbd::is_nbd_uri)
 }
 
 /// `--transport`.
@@ -385,6 +394,16 @@ struct OpenImage {
 /// Phase 1: creates the image if asked (`--create`), then opens it — through a qcow2 overlay
 /// with `--snapshot` / `--overlay`.
 fn open_image(cfg: &ServerConfig) -> Result<OpenImage, ServerError> {
+    if let Some(uri) = cfg.image.to_str().filter(|_| is_nbd(&cfg.image)) {
+        let nbd = block::NbdOptions {
+            read_only: false,
+            reconnect_delay: cfg.reconnect_delay,
+        };
+        let blk = block::open_nbd(uri, &cfg.open, nbd, &cfg.inject).map_err(start_err)?;
+        // Through a raw window (--offset/--size) the top node is raw; the data comes over NBD.
+        let shown_format = "nbd".to_owned();
+        return Ok(OpenImage { blk, shown_format });
+    }
     let mut open = cfg.open;
     if let Some(size) = cfg.create {
         let format = create_format(&cfg.image, cfg.open.format);
@@ -423,6 +442,19 @@ fn open_image(cfg: &ServerConfig) -> Result<OpenImage, ServerError> {
     })
 }
 
+/// The file a directory mountpoint shows for an NBD export: the export's name (its last
+/// path component), or `nbd` for the default export.
+fn nbd_file_name(image: &Path) -> std::ffi::OsString {
+    let uri = image
+        .to_str()
+        .and_then(|s| block::nbd::NbdUri::parse(s).ok());
+    let export = uri.map(|u| u.export).unwrap_or_default();
+    match export.rsplit('/').next() {
+        Some(name) if !name.is_empty() && name != "." && name != ".." => name.into(),
+        _ => "nbd".into(),
+    }
+}
+
 /// Phase 2: the export — which files it shows (mountpoint kind, partitions), whether it is
 /// writable, what INIT offers (`max_background` from the in-flight bound).
 fn build_export(
@@ -432,7 +464,11 @@ fn build_export(
 ) -> Result<(Arc<Export>, Files), ServerError> {
     let meta = std::fs::metadata(&cfg.mountpoint)
         .map_err(|e| start_err(format!("mountpoint {}: {e}", cfg.mountpoint.display())))?;
-    let image_name = cfg.image.file_name().map(|n| n.to_os_string());
+    let image_name = if is_nbd(&cfg.image) {
+        Some(nbd_file_name(&cfg.image))
+    } else {
+        cfg.image.file_name().map(|n| n.to_os_string())
+    };
     let files = exported_files(cfg, blk, image_name, meta.is_dir())?;
     let allow_other = match cfg.allow_other {
         AllowOther::On => true,
@@ -614,7 +650,8 @@ fn plan_ring(
         let qids = uring::qids_for_thread(t, threads, cpus);
         let s = session.clone();
         let payload = cfg.uring_payload;
-        let plan = move || UringQueue::prepare_here(t, fd, s, qids, entries, payload);
+        let pin = cfg.uring_pin;
+        let plan = move || UringQueue::prepare_here(t, fd, s, qids, entries, payload, pin);
         match t {
             0 => plan(),
             _ => {

@@ -81,6 +81,7 @@
 //! | [`timer`] | `util/qemu-timer.c` | timers |
 //! | [`coroutine`] | `util/qemu-coroutine.c` | coroutines, wakes, the stack pool |
 //! | [`lock`] | `util/qemu-coroutine-lock.c` | `CoMutex`, `CoQueue`, `CoRwLock`, `co_sleep` |
+//! | [`fd_wait`] | `io/channel.c` `qio_channel_yield()` | `co_wait_fd`: a coroutine yields until a socket is readable/writable |
 //! | [`thread_pool`] | `util/thread-pool.c` | `ThreadPool` |
 //! | [`iothread`] | `iothread.c` | `IoThread` |
 //! | [`aio_wait`] | `util/aio-wait.c` | `wait_while`, `kick` |
@@ -98,6 +99,7 @@ pub mod bh;
 pub mod coroutine;
 pub mod executor;
 pub mod fault;
+pub mod fd_wait;
 pub mod iothread;
 pub mod lock;
 pub mod ring;
@@ -119,6 +121,7 @@ pub use executor::{
     block_on, co_bridge, spawn_detached, spawn_local, CoMutexLock, CoQueueWait, PoolFuture,
     TaskHandle,
 };
+pub use fd_wait::{co_wait_fd, FdReady};
 pub use iothread::IoThread;
 pub use lock::{
     co_sleep, co_sleep_until, CoMutex, CoMutexGuard, CoQueue, CoReadGuard, CoRwLock, CoWriteGuard,

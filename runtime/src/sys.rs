@@ -176,3 +176,41 @@ impl AsRawFd for EventFd {
         self.fd.as_raw_fd()
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// CPU affinity
+// ---------------------------------------------------------------------------------------
+
+/// The CPUs the calling thread may run on (`sched_getaffinity(0)`).
+pub(crate) fn thread_affinity() -> io::Result<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a writable cpu_set_t of the size passed; pid 0 is the calling thread.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(set)
+}
+
+/// Lets the calling thread run on the CPUs of `set` only (`sched_setaffinity(0)`).
+pub(crate) fn set_thread_affinity(set: &libc::cpu_set_t) -> io::Result<()> {
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The set holding CPU `cpu` alone; `EINVAL` past `CPU_SETSIZE`.
+pub(crate) fn single_cpu(cpu: usize) -> io::Result<libc::cpu_set_t> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked above), so the bit is inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    Ok(set)
+}

@@ -292,3 +292,130 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
     }
     Guard(Some(f))
 }
+
+/// The CPUs a thread may run on, from `/proc/PID/task/TID/status` (`Cpus_allowed_list`).
+fn threads_and_cpus(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in fs::read_dir(format!("/proc/{pid}/task")).expect("the daemon's threads") {
+        let dir = t.expect("a thread").path();
+        let (Ok(comm), Ok(status)) = (
+            fs::read_to_string(dir.join("comm")),
+            fs::read_to_string(dir.join("status")),
+        ) else {
+            continue; // a thread that just ended
+        };
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|c| c.trim().to_owned())
+            .unwrap_or_default();
+        out.push((comm.trim().to_owned(), cpus));
+    }
+    out
+}
+
+/// `--uring-pin` (on by default): with as many queue threads as kernel queues, each queue
+/// thread runs on its queue's CPU only — every CPU has its thread — while the thread-pool
+/// workers (started later by those pinned threads) may run on every CPU; `--uring-pin off`
+/// pins nothing. Read from `/proc`, after a write and an fsync through the ring (the fsync
+/// runs on a pool worker with `--aio threads`).
+#[test]
+fn uring_pins_each_queue_thread_to_its_cpu_and_no_worker() {
+    require!(fuse_available());
+    let Some(_param) = uring_enabled() else {
+        return;
+    };
+    let possible = fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    let mine = fs::read_to_string("/proc/self/status").unwrap();
+    let mine = mine
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    if possible.trim() != mine {
+        // A cpuset or offline CPUs: the pins of CPUs we may not use fail (the daemon logs it).
+        loud(&format!(
+            "SKIP-PART: this process may use CPUs {mine}, the kernel has queues for {}; \
+             the pinning test needs them equal",
+            possible.trim()
+        ));
+        return;
+    }
+    let cpus: usize = possible
+        .trim()
+        .rsplit(['-', ','])
+        .next()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap()
+        + 1;
+    let dir = workdir();
+    let img = dir.path().join("t.img");
+    sparse_image(&img, 16 * MIB);
+    let mnt = dir.path().join("mnt");
+    fs::write(&mnt, b"").unwrap();
+    for pin in ["on", "off"] {
+        let threads = cpus.to_string();
+        let args = [
+            "--transport",
+            "uring",
+            "--threads",
+            &threads,
+            "--aio",
+            "threads",
+            "--uring-pin",
+            pin,
+        ];
+        let mut e = Export::start(&img, &mnt, &args);
+        assert!(mounted_line(&e).contains("via io_uring"), "{}", e.logs());
+        sh!(
+            "dd",
+            "if=/dev/urandom",
+            format!("of={}", mnt.display()),
+            "bs=64k",
+            "count=16",
+            "conv=fsync,notrunc"
+        )
+        .ok();
+        let seen = threads_and_cpus(e.pid());
+        let queue = |c: &str| c == "coro-fuse" || c.starts_with("queue-");
+        let mut pinned: Vec<&str> = seen
+            .iter()
+            .filter(|(c, _)| queue(c))
+            .map(|(_, cpus)| cpus.as_str())
+            .collect();
+        pinned.sort_unstable();
+        let workers: Vec<&(String, String)> = seen
+            .iter()
+            .filter(|(c, _)| c.starts_with("worker"))
+            .collect();
+        assert!(
+            !workers.is_empty(),
+            "no pool worker started: {seen:?}\n{}",
+            e.logs()
+        );
+        for (name, c) in &workers {
+            assert_eq!(
+                c, &mine,
+                "{pin}: pool worker {name} runs on CPUs {c}: {seen:?}"
+            );
+        }
+        if pin == "on" {
+            let want: Vec<String> = (0..cpus).map(|c| c.to_string()).collect();
+            let mut want: Vec<&str> = want.iter().map(String::as_str).collect();
+            want.sort_unstable();
+            assert_eq!(
+                pinned,
+                want,
+                "one queue thread per CPU: {seen:?}\n{}",
+                e.logs()
+            );
+        } else {
+            assert!(
+                pinned.iter().all(|c| *c == mine),
+                "--uring-pin off: {seen:?}"
+            );
+        }
+        e.stop_ok();
+    }
+}

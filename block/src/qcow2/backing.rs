@@ -21,9 +21,10 @@
 //!    read* and *write unchanged* (the read-only row of [`crate::image_lock`]). A VM writing to
 //!    the base image is seen and refused; other readers are not. `-U`/force-share and the cache
 //!    mode are inherited from the top image, as QEMU's backing child inherits them.
-//! 4. **Format.** The backing format extension (`qemu-img create -F qcow2|raw|vmdk`) decides.
-//!    Without it the file is probed: qcow2 and vmdk are opened as such (a vmdk's extent files
-//!    beside it, read-only: `crate::vmdk`), another known format is refused by name,
+//! 4. **Format.** The backing format extension (`qemu-img create -F qcow2|raw|vmdk|…`)
+//!    decides. Without it the file is probed: qcow2 and the read-only formats of
+//!    [`crate::readonly`] (vdi, vpc, vhdx, vmdk — a vmdk's extent files beside it) are opened as
+//!    such, another known format is refused by name,
 //!    and *raw is refused*: a probed raw backing file is exactly what a guest could forge (it
 //!    writes a qcow2 header into its disk, pointing at a host file as *its* backing file), so we
 //!    require the format to be stated — QEMU's safe rule (`qemu-img rebase -u -F raw`).
@@ -66,9 +67,10 @@ pub struct ChainOptions {
     pub qcow2: super::Qcow2Options,
 }
 
-/// An open backing file of a qcow2 image.
-pub(super) struct Backing {
-    /// The backing node: `raw`, `qcow2` or `vmdk` over `file`.
+/// An open backing file of a qcow2 image (or the parent of a vhdx differencing image).
+pub(crate) struct Backing {
+    /// The backing node: `raw`, `qcow2` or a read-only format ([`crate::readonly`]) over
+    /// `file`.
     node: Arc<dyn BlockDriver>,
     /// Read-only view of `node` that pads for its alignment.
     blk: BlockBackend,
@@ -79,7 +81,38 @@ pub(super) struct Backing {
 }
 
 /// Identity of an image file in the chain: (device, inode).
-type FileId = (u64, u64);
+type FileId = crate::readonly::FileId;
+
+impl Backing {
+    /// Reads `[offset, +buf.len())` of the backing node; zeros past its end (a backing file
+    /// shorter than the image above it).
+    pub(crate) fn co_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let avail = self.len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (inside, past) = buf.split_at_mut(avail);
+        past.fill(0);
+        if inside.is_empty() {
+            return Ok(());
+        }
+        self.blk.co_pread(offset, inside)
+    }
+
+    /// The backing node.
+    pub(crate) fn node(&self) -> &dyn BlockDriver {
+        &*self.node
+    }
+
+    /// The path it was opened from.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Closes it (nothing to flush: it is read-only).
+    pub(crate) fn close(&self) {
+        if let Err(e) = self.node.close() {
+            log::warn!("closing backing file '{}': {e}", self.path.display());
+        }
+    }
+}
 
 impl Qcow2Driver {
     /// Opens a qcow2 image and its backing chain. `image` is the path the image was opened from
@@ -124,20 +157,13 @@ impl Qcow2Driver {
     /// path for unallocated clusters (and the copy-on-write source of the writable driver).
     /// QEMU: `QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN` in `qcow2_co_preadv_task()`.
     pub(super) fn co_read_below(&self, guest_offset: u64, buf: &mut [u8]) -> Result<()> {
-        let Some(backing) = &self.backing else {
-            buf.fill(0);
-            return Ok(());
-        };
-        let avail = backing
-            .len
-            .saturating_sub(guest_offset)
-            .min(buf.len() as u64) as usize;
-        let (inside, past) = buf.split_at_mut(avail);
-        past.fill(0);
-        if inside.is_empty() {
-            return Ok(());
+        match &self.backing {
+            Some(backing) => backing.co_read(guest_offset, buf),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
         }
-        backing.blk.co_pread(guest_offset, inside)
     }
 
     /// The length of the backing file (0 without one): unallocated clusters past it read as
@@ -164,9 +190,7 @@ impl Qcow2Driver {
     /// Closes the backing chain (nothing to flush: it is read-only).
     pub(super) fn close_backing(&self) {
         if let Some(b) = &self.backing {
-            if let Err(e) = b.node.close() {
-                log::warn!("closing backing file '{}': {e}", b.path.display());
-            }
+            b.close();
         }
     }
 }
@@ -201,8 +225,10 @@ pub fn resolve_backing_path(image: &Path, name: &Path) -> PathBuf {
     }
 }
 
-/// Opens backing file `name` of `image` (format from the header extension, or probed).
-fn open_backing(
+/// Opens backing file `name` of `image` (format from the header extension, or probed; a
+/// vhdx differencing image passes its parent's format). `seen` lists the files already in the
+/// chain.
+pub(crate) fn open_backing(
     image: &Path,
     name: &Path,
     format: Option<&str>,
@@ -263,15 +289,16 @@ fn open_backing(
             Qcow2Driver::open_chain_at(file, &path, opts, seen)
                 .map_err(|e| name_error(&path, e))?,
         ),
-        "vmdk" => Arc::new(
-            crate::VmdkDriver::open(file, &path, &file_opts).map_err(|e| name_error(&path, e))?,
-        ),
-        other => {
-            return Err(invalid(format!(
-                "'{}': backing file format '{other}' is not supported (raw, qcow2 and vmdk are)",
-                path.display()
-            )))
-        }
+        other => match crate::readonly::open_node(other, file, &path, opts, seen) {
+            Some(node) => node?,
+            None => {
+                return Err(invalid(format!(
+                    "'{}': backing file format '{other}' is not supported (raw, qcow2, {} are)",
+                    path.display(),
+                    crate::readonly::FORMATS.join(", ")
+                )))
+            }
+        },
     };
     let blk = BlockBackend::new(
         node.clone(),

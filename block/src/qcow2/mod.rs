@@ -138,7 +138,7 @@ use runtime::{CoMutex, CoQueue};
 
 use crate::backend::{BackendOptions, BlockBackend};
 use crate::{BlockDriver, BlockError, BlockStatus, Result};
-pub(crate) use backing::{has_protocol, name_error};
+pub(crate) use backing::{has_protocol, name_error, open_backing, Backing};
 pub use backing::{resolve_backing_path, ChainOptions, MAX_CHAIN_DEPTH};
 pub use cluster::Mapping;
 pub use create::{create_qcow2, create_qcow2_overlay};

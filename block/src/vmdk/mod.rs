@@ -33,11 +33,15 @@
 //!
 //! # Read-only
 //!
-//! Writing VMDK is not implemented: the driver is read-only. `open_image` refuses a writable
-//! open with a message pointing at `-r` and at `--snapshot`/`--overlay`, which put a qcow2
-//! overlay (backing format `vmdk`) on top of the untouched VMDK files (see `crate::overlay`).
-//! We chose a clear refusal over silently exporting read-only: a user who asked for a writable
-//! export learns at once, not at the first failed write of a `mkfs`.
+//! Writing VMDK is not implemented: the driver is read-only, one of the read-only formats of
+//! [`crate::readonly`]. `open_image` refuses a writable open
+//! ([`crate::readonly::require_read_only`]) with a message pointing at `-r` and at
+//! `--snapshot`/`--overlay`, which put a qcow2 overlay (backing format `vmdk`) on top of the
+//! untouched VMDK files (see `crate::overlay`): a user who asked for a writable export learns
+//! at once, not at the first failed write of a `mkfs`. Unlike `readonly::HostFile`, an extent
+//! file reads zeros past its end, as QEMU's file driver pads short reads (a flat file shorter
+//! than its extent, a last grain cut short); only a table or grain that *starts* past the end
+//! is corruption.
 //!
 //! # Block status
 //!

@@ -216,3 +216,83 @@ pub fn find_extension(path: &Path, ty: u32) -> Option<u64> {
 pub fn at(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+
+/// `qemu-img create -q -f FMT -o OPTS DIR/NAME SIZE` (OPTS may be empty); returns the path.
+pub fn create(dir: &Path, name: &str, fmt: &str, opts: &str, size: u64) -> PathBuf {
+    let path = dir.join(name);
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", fmt]);
+    if !opts.is_empty() {
+        cmd.args(["-o", opts]);
+    }
+    run(cmd.arg(&path).arg(size.to_string()));
+    path
+}
+
+/// The oracle for an image of a stated format: `qemu-img convert -f FMT -O raw`.
+pub fn oracle_bytes_of(path: &Path, fmt: &str) -> Vec<u8> {
+    let raw = path.with_extension("oracle.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", fmt, "-O", "raw"])
+        .arg(path)
+        .arg(&raw));
+    let bytes = std::fs::read(&raw).expect("read the oracle");
+    std::fs::remove_file(&raw).expect("remove the oracle");
+    bytes
+}
+
+/// `qemu-img info -f FMT`'s virtual size.
+pub fn virtual_size(path: &Path, fmt: &str) -> u64 {
+    let json = run(Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", fmt])
+        .arg(path));
+    // The top node's comes last (its children's come first).
+    let at = json.rfind("\"virtual-size\":").expect("virtual-size") + 15;
+    json[at..]
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .expect("a number")
+}
+
+/// Our block status agrees with `qemu-img map -f FMT` sector by sector: data is data, the
+/// rest zero.
+pub fn check_map_of(blk: &Arc<BlockBackend>, path: &Path, fmt: &str) {
+    let ours = our_map(blk);
+    let json = run(Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", fmt])
+        .arg(path));
+    for obj in json.split('{').skip(1) {
+        let num = |key: &str| -> u64 {
+            let at = obj.find(&format!("\"{key}\":")).expect("key") + key.len() + 3;
+            obj[at..]
+                .trim_start()
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .expect("a number")
+        };
+        let (start, len) = (num("start"), num("length"));
+        let want = if obj.contains("\"data\": true") {
+            BlockStatus::Data
+        } else {
+            BlockStatus::Zero
+        };
+        for s in start / 512..(start + len).div_ceil(512) {
+            assert_eq!(ours[s as usize], want, "sector {s} of {}", path.display());
+        }
+    }
+}
+
+/// Opens an image read-only with a stated format.
+pub fn open_ro_as(path: &Path, format: block::Format) -> block::Result<Arc<BlockBackend>> {
+    let opts = OpenOptions {
+        read_only: true,
+        format,
+        ..OpenOptions::default()
+    };
+    open_image(path, &opts)
+}

@@ -69,6 +69,8 @@ pub struct UringQueue {
     /// Payload buffer size instead of the kernel's minimum (a test hook: a smaller one makes
     /// the kernel refuse REGISTER, the fallback path).
     payload_override: Option<usize>,
+    /// `--uring-pin`: pin this thread to its kernel queue's CPU when it serves exactly one.
+    pin: bool,
 }
 
 thread_local! {
@@ -87,6 +89,7 @@ impl UringQueue {
         qids: Vec<u16>,
         entries: usize,
         payload_override: Option<usize>,
+        pin: bool,
     ) -> Result<(), UringError> {
         if !runtime::uring::sqe128_available() {
             return Err(UringError::NoRing);
@@ -98,6 +101,7 @@ impl UringQueue {
             qids,
             entries: entries.max(1),
             payload_override,
+            pin,
         };
         PLANNED.with(|p| *p.borrow_mut() = Some(q));
         Ok(())
@@ -121,6 +125,7 @@ impl UringQueue {
         let payload = q
             .payload_override
             .unwrap_or_else(|| payload_size(n.max_write, n.max_pages, 4096));
+        q.pin_to_its_cpu();
         let q = Rc::new(q);
         let mut started = 0;
         for &qid in &q.qids {
@@ -157,6 +162,31 @@ impl UringQueue {
             q.index,
             q.qids
         );
+    }
+
+    /// Pins this thread to the CPU of its kernel queue, when it serves exactly one (threads ≥
+    /// CPUs). The kernel queues a request on the queue of the CPU that issued it (fact 9 of
+    /// docs/fuse-uring.md); with the thread on that CPU the request is served there, and
+    /// neither the hand-over nor the reply wakes another CPU — two cross-CPU wake-ups saved
+    /// per round trip, which at queue depth 1 are most of it. libfuse pins its ring threads
+    /// the same way. A thread serving several queues (fewer threads than CPUs) is left to the
+    /// scheduler. A CPU outside this process's allowed set (a cpuset) refuses the pin: then
+    /// the thread floats, and the log says so.
+    fn pin_to_its_cpu(&self) {
+        let [qid] = self.qids[..] else {
+            return;
+        };
+        if !self.pin {
+            return;
+        }
+        let cpu = usize::from(qid);
+        match runtime::iothread::pin_current_thread(cpu) {
+            Ok(()) => log::debug!("queue thread {}: pinned to CPU {cpu}", self.index),
+            Err(e) => log::warn!(
+                "queue thread {}: cannot pin to CPU {cpu} ({e}); it floats",
+                self.index
+            ),
+        }
     }
 
     /// One entry's life, coroutine engine: REGISTER, then per request serve it, write the

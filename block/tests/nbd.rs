@@ -1,0 +1,721 @@
+//! The `nbd` driver against real servers — `qemu-nbd` (the image file it serves is the
+//! oracle) and `nbdkit` (memory plugin; error and delay filters) — on Unix sockets and
+//! loopback TCP, and against a fake server that lies (wrong cookie, short payload, oversized
+//! length, bad magic): every lie is EIO, never a hang or a panic.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use block::nbd::proto::*;
+use block::{open_nbd, BlockBackend, BlockStatus, NbdOptions, OpenOptions};
+use common::{co, pattern, Lcg};
+use runtime::IoThread;
+
+// ---------------------------------------------------------------------------------------------
+// Servers
+// ---------------------------------------------------------------------------------------------
+
+/// A server process, killed when dropped.
+struct Server {
+    child: Child,
+    uri: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn have(tool: &str, test: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: {tool} is required when CI=true"
+        );
+        common::skip(test, &format!("{tool} not found"));
+    }
+    ok
+}
+
+/// Waits until something accepts connections at `sock`.
+fn wait_unix(sock: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(sock).is_err() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("the server exited: {st}");
+        }
+        assert!(Instant::now() < deadline, "no server at {}", sock.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `qemu-nbd -t -k SOCK -f raw IMG` (persistent: it outlives each client).
+fn qemu_nbd_unix(img: &Path, sock: &Path, extra: &[&str]) -> Server {
+    let mut child = Command::new("qemu-nbd")
+        .args(["-t", "-f", "raw", "-k"])
+        .arg(sock)
+        .args(extra)
+        .arg(img)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start qemu-nbd");
+    wait_unix(sock, &mut child);
+    Server {
+        child,
+        uri: format!("nbd+unix:///?socket={}", sock.display()),
+    }
+}
+
+/// `nbdkit -f -U SOCK ARGS…`.
+fn nbdkit(sock: &Path, args: &[&str]) -> Server {
+    let mut child = Command::new("nbdkit")
+        .args(["-f", "-U"])
+        .arg(sock)
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start nbdkit");
+    wait_unix(sock, &mut child);
+    Server {
+        child,
+        uri: format!("nbd+unix:///?socket={}", sock.display()),
+    }
+}
+
+fn open(uri: &str, delay: Duration) -> Arc<BlockBackend> {
+    let nbd = NbdOptions {
+        read_only: false,
+        reconnect_delay: delay,
+    };
+    open_nbd(uri, &OpenOptions::default(), nbd, &[]).expect("open the NBD export")
+}
+
+/// Opens on an iothread, so that the reader coroutine lives on a loop that always polls.
+fn open_on(io: &IoThread, uri: &str, delay: Duration) -> Arc<BlockBackend> {
+    let uri = uri.to_owned();
+    io.run_sync(move || open(&uri, delay))
+}
+
+fn errno(e: &block::BlockError) -> i32 {
+    e.errno()
+}
+
+fn image(dir: &Path, len: usize) -> (PathBuf, Vec<u8>) {
+    let data = pattern(len, 3);
+    (common::image(dir, "disk.img", &data), data)
+}
+
+// ---------------------------------------------------------------------------------------------
+// qemu-nbd
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn qemu_nbd_reads_writes_zeroes_and_flushes_like_the_file() {
+    if !have("qemu-nbd", "qemu_nbd_reads_writes") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, mut model) = image(dir.path(), 4 << 20);
+    let srv = qemu_nbd_unix(&img, &dir.path().join("s.sock"), &[]);
+    let blk = open(&srv.uri, Duration::ZERO);
+    assert_eq!(blk.size(), model.len() as u64);
+    assert_eq!(blk.format_name(), "nbd");
+    let b = blk.clone();
+    let got = co(move || {
+        let mut buf = vec![0; 4 << 20];
+        b.co_pread(0, &mut buf).map(|()| buf)
+    })
+    .unwrap();
+    assert!(got == model, "the export reads as the file");
+
+    let mut rng = Lcg(7);
+    for i in 0..40 {
+        let off = rng.below(model.len() as u64 - 70_000);
+        let len = 1 + rng.below(70_000) as usize;
+        let data = pattern(len, i as u8);
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+        let b = blk.clone();
+        co(move || b.co_pwrite(off, &data)).unwrap();
+    }
+    let b = blk.clone();
+    co(move || b.co_pwrite_zeroes(1 << 20, 200_000, false)).unwrap();
+    model[1 << 20..(1 << 20) + 200_000].fill(0);
+    let b = blk.clone();
+    co(move || b.co_flush()).unwrap();
+    assert!(
+        std::fs::read(&img).unwrap() == model,
+        "the file holds the writes"
+    );
+    let b = blk.clone();
+    co(move || b.close()).unwrap();
+}
+
+#[test]
+fn qemu_nbd_over_tcp() {
+    if !have("qemu-nbd", "qemu_nbd_over_tcp") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, model) = image(dir.path(), 1 << 20);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("qemu-nbd")
+        .args([
+            "-t",
+            "--shared=4",
+            "-f",
+            "raw",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-x",
+            "disk",
+        ])
+        .arg(&img)
+        .spawn()
+        .expect("start qemu-nbd");
+    let srv = Server {
+        child,
+        uri: format!("nbd://127.0.0.1:{port}/disk"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "qemu-nbd did not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let blk = open(&srv.uri, Duration::ZERO);
+    let b = blk.clone();
+    let got = co(move || {
+        let mut buf = vec![0; 1 << 20];
+        b.co_pread(0, &mut buf).map(|()| buf)
+    })
+    .unwrap();
+    assert!(got == model);
+    // A name the server does not have is a clear open error.
+    let e = open_nbd(
+        &format!("nbd://127.0.0.1:{port}/nope"),
+        &OpenOptions::default(),
+        NbdOptions::default(),
+        &[],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("no export 'nope'"), "{e}");
+}
+
+#[test]
+fn block_status_matches_qemu_img_map() {
+    if !have("qemu-nbd", "block_status") || !common::qemu::have_qemu("block_status") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("sparse.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(8 << 20).unwrap();
+    for (off, len) in [(0u64, 4096usize), (1 << 20, 65536), (5 << 20, 12288)] {
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&vec![0xab; len], off).unwrap();
+    }
+    drop(f);
+    let srv = qemu_nbd_unix(&img, &dir.path().join("s.sock"), &[]);
+    let blk = open(&srv.uri, Duration::ZERO);
+    let json = common::qemu::run(
+        Command::new("qemu-img")
+            .args(["map", "--output=json", "-f", "raw", "-U"])
+            .arg(&img),
+    );
+    let map = parse_map(&json);
+    let b = blk.clone();
+    let ours = co(move || {
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < b.size() {
+            let (s, n) = b.co_block_status(off, b.size() - off).unwrap();
+            out.push((off, n, s == BlockStatus::Data));
+            off += n;
+        }
+        out
+    });
+    // Compare byte by byte at 4 KiB granularity.
+    let data_at = |list: &[(u64, u64, bool)], at: u64| {
+        list.iter()
+            .find(|(s, l, _)| *s <= at && at < s + l)
+            .map(|e| e.2)
+            .unwrap()
+    };
+    let oracle = map;
+    for at in (0..8 << 20).step_by(4096) {
+        assert_eq!(
+            data_at(&ours, at),
+            data_at(&oracle, at),
+            "at {at}: {ours:?} vs {oracle:?}"
+        );
+    }
+}
+
+/// `qemu-img map --output=json` → (start, length, data).
+fn parse_map(json: &str) -> Vec<(u64, u64, bool)> {
+    let num = |obj: &str, key: &str| -> u64 {
+        let at = obj.find(&format!("\"{key}\":")).expect("key") + key.len() + 3;
+        let digits: String = obj[at..]
+            .trim_start()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().expect("a number")
+    };
+    json.split('{')
+        .skip(1)
+        .map(|o| {
+            (
+                num(o, "start"),
+                num(o, "length"),
+                o.contains("\"data\": true"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn many_requests_in_flight_from_two_threads() {
+    if !have("qemu-nbd", "many_requests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _) = image(dir.path(), 8 << 20);
+    let srv = qemu_nbd_unix(&img, &dir.path().join("s.sock"), &[]);
+    let home = IoThread::spawn("nbd-home").unwrap();
+    let blk = open_on(&home, &srv.uri, Duration::ZERO);
+    let workers: Vec<IoThread> = (0..2)
+        .map(|i| IoThread::spawn(&format!("nbd-worker-{i}")).unwrap())
+        .collect();
+    // Each worker runs 32 coroutines; each writes its own 64 KiB stripe, then reads it back.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (w, io) in workers.iter().enumerate() {
+        for c in 0..32u64 {
+            let (b, tx) = (blk.clone(), tx.clone());
+            io.spawn_co(move || {
+                let stripe = (w as u64 * 32 + c) * 65536;
+                let data = pattern(65536, (w * 32 + c as usize) as u8);
+                let mut back = vec![0; 65536];
+                let r = b
+                    .co_pwrite(stripe, &data)
+                    .and_then(|()| b.co_pread(stripe, &mut back))
+                    .map(|()| back == data);
+                tx.send(r.map_err(|e| e.to_string())).unwrap();
+            });
+        }
+    }
+    for _ in 0..64 {
+        let r = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a request hung");
+        assert_eq!(r, Ok(true));
+    }
+    let b = blk.clone();
+    home.run_sync(move || runtime::spawn(move || b.close()).join().unwrap().unwrap());
+    for io in workers {
+        io.stop();
+    }
+    home.stop();
+}
+
+#[test]
+fn read_only_server_makes_a_read_only_export() {
+    if !have("nbdkit", "read_only_server") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = nbdkit(&dir.path().join("s.sock"), &["-r", "memory", "1M"]);
+    let blk = open(&srv.uri, Duration::ZERO);
+    assert!(blk.is_read_only());
+    let b = blk.clone();
+    let e = co(move || b.co_pwrite(0, &[1; 512])).unwrap_err();
+    assert_eq!(errno(&e), libc::EROFS);
+}
+
+#[test]
+fn nbdkit_memory_trim_and_zeroes_read_back_as_zeros() {
+    if !have("nbdkit", "nbdkit_memory") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = nbdkit(&dir.path().join("s.sock"), &["memory", "64M"]);
+    let blk = open(&srv.uri, Duration::ZERO);
+    let b = blk.clone();
+    co(move || {
+        b.co_pwrite(0, &vec![9; 1 << 20]).unwrap();
+        let (s, _) = b.co_block_status(0, 1 << 20).unwrap();
+        assert_eq!(s, BlockStatus::Data);
+        b.co_pdiscard(0, 512 << 10).unwrap();
+        b.co_pwrite_zeroes(512 << 10, 256 << 10, true).unwrap();
+        let mut back = vec![1; 1 << 20];
+        b.co_pread(0, &mut back).unwrap();
+        assert!(back[..768 << 10].iter().all(|&x| x == 0));
+        assert!(back[768 << 10..].iter().all(|&x| x == 9));
+        let (s, n) = b.co_block_status(32 << 20, 1 << 20).unwrap();
+        assert_eq!(
+            (s, n),
+            (BlockStatus::Zero, 1 << 20),
+            "never written: a hole"
+        );
+    });
+}
+
+#[test]
+fn server_errors_fail_that_request_only() {
+    if !have("nbdkit", "server_errors") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = nbdkit(
+        &dir.path().join("s.sock"),
+        &[
+            "--filter=error",
+            "memory",
+            "1M",
+            "error-pread=ENOSPC",
+            "error-pread-rate=100%",
+        ],
+    );
+    let blk = open(&srv.uri, Duration::ZERO);
+    let b = blk.clone();
+    co(move || {
+        let e = b.co_pread(0, &mut [0; 4096]).unwrap_err();
+        assert_eq!(errno(&e), libc::ENOSPC);
+        b.co_pwrite(0, &[5; 4096]).expect("writes still work");
+        b.co_flush().unwrap();
+    });
+}
+
+#[test]
+fn requests_overlap_on_a_slow_server() {
+    if !have("nbdkit", "slow_server") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = nbdkit(
+        &dir.path().join("s.sock"),
+        &["--filter=delay", "memory", "1M", "rdelay=200ms"],
+    );
+    let home = IoThread::spawn("nbd-home").unwrap();
+    let blk = open_on(&home, &srv.uri, Duration::ZERO);
+    let start = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..16u64 {
+        let (b, tx) = (blk.clone(), tx.clone());
+        home.spawn_co(move || {
+            let r = b.co_pread(i * 4096, &mut [0; 4096]);
+            tx.send(r.is_ok()).unwrap();
+        });
+    }
+    for _ in 0..16 {
+        assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(1600),
+        "16 reads of 0.2 s each took {took:?}: they did not overlap"
+    );
+    home.stop();
+}
+
+#[test]
+fn a_server_killed_mid_request_is_eio_not_a_hang() {
+    if !have("nbdkit", "server_killed") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = nbdkit(
+        &dir.path().join("s.sock"),
+        &["--filter=delay", "memory", "1M", "rdelay=5"],
+    );
+    let home = IoThread::spawn("nbd-home").unwrap();
+    let blk = open_on(&home, &srv.uri, Duration::ZERO);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = blk.clone();
+    home.spawn_co(move || {
+        let r = b.co_pread(0, &mut [0; 4096]);
+        tx.send(r.map_err(|e| e.errno())).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    srv.kill();
+    let r = rx
+        .recv_timeout(Duration::from_secs(4))
+        .expect("the read hung");
+    assert_eq!(r, Err(libc::EIO));
+    assert!(start.elapsed() < Duration::from_secs(2));
+    // New requests fail at once too.
+    let b = blk.clone();
+    let r = home.run_sync(move || {
+        runtime::spawn(move || b.co_pread(0, &mut [0; 512]).map_err(|e| e.errno()))
+            .join()
+            .unwrap()
+    });
+    assert_eq!(r, Err(libc::EIO));
+    home.stop();
+}
+
+#[test]
+fn reconnect_within_the_delay_continues_beyond_it_fails() {
+    if !have("qemu-nbd", "reconnect") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, model) = image(dir.path(), 1 << 20);
+    let sock = dir.path().join("s.sock");
+    let srv = qemu_nbd_unix(&img, &sock, &[]);
+    let home = IoThread::spawn("nbd-home").unwrap();
+    let blk = open_on(&home, &srv.uri, Duration::from_secs(3));
+    let read = |blk: &Arc<BlockBackend>| {
+        let b = blk.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        home.spawn_co(move || {
+            let mut buf = vec![0; 65536];
+            let r = b.co_pread(65536, &mut buf).map(|()| buf);
+            tx.send(r.map_err(|e| e.errno())).unwrap();
+        });
+        rx
+    };
+    srv.kill();
+    let _ = std::fs::remove_file(&sock);
+    let pending = read(&blk);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        pending.try_recv().is_err(),
+        "the read waits for the reconnect"
+    );
+    let srv = qemu_nbd_unix(&img, &sock, &[]);
+    let got = pending
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the read completes after the reconnect");
+    assert_eq!(got.unwrap(), model[65536..131072]);
+
+    // Beyond the delay: EIO, about when the delay ends.
+    srv.kill();
+    let _ = std::fs::remove_file(&sock);
+    let start = Instant::now();
+    let pending = read(&blk);
+    let got = pending
+        .recv_timeout(Duration::from_secs(8))
+        .expect("no hang");
+    assert_eq!(got, Err(libc::EIO));
+    let took = start.elapsed();
+    assert!(
+        took > Duration::from_millis(2000) && took < Duration::from_secs(6),
+        "failed after {took:?}, the delay is 3 s"
+    );
+    home.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// A lying server
+// ---------------------------------------------------------------------------------------------
+
+/// What the fake server answers to the first request after the handshake.
+#[derive(Clone, Copy, Debug)]
+enum Lie {
+    WrongCookie,
+    BadMagic,
+    ShortPayloadThenClose,
+    OversizedLength,
+    ChunkOutsideRead,
+    DataChunkLongerThanRead,
+    SecondReplyToFinishedRequest,
+    NoDoneEver,
+}
+
+fn be(v: &mut Vec<u8>, x: u64, n: usize) {
+    v.extend_from_slice(&x.to_be_bytes()[8 - n..]);
+}
+
+/// Serves one client: a valid handshake (structured replies, base:allocation, GO with a
+/// 1 MiB export), then lies in reply to the first request.
+fn fake_server(listener: UnixListener, lie: Lie) {
+    let (mut s, _) = listener.accept().unwrap();
+    let mut hello = Vec::new();
+    be(&mut hello, INIT_MAGIC, 8);
+    be(&mut hello, OPTS_MAGIC, 8);
+    be(
+        &mut hello,
+        u64::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES),
+        2,
+    );
+    s.write_all(&hello).unwrap();
+    let mut flags = [0u8; 4];
+    s.read_exact(&mut flags).unwrap();
+    loop {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h).unwrap();
+        let opt = be32(&h[8..12]);
+        let mut data = vec![0u8; be32(&h[12..16]) as usize];
+        s.read_exact(&mut data).unwrap();
+        let reply = |s: &mut UnixStream, ty: u32, payload: &[u8]| {
+            let mut r = Vec::new();
+            be(&mut r, REP_MAGIC, 8);
+            be(&mut r, u64::from(opt), 4);
+            be(&mut r, u64::from(ty), 4);
+            be(&mut r, payload.len() as u64, 4);
+            r.extend_from_slice(payload);
+            s.write_all(&r).unwrap();
+        };
+        match opt {
+            OPT_STRUCTURED_REPLY => reply(&mut s, REP_ACK, &[]),
+            OPT_SET_META_CONTEXT => {
+                let mut p = 1u32.to_be_bytes().to_vec();
+                p.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+                reply(&mut s, REP_META_CONTEXT, &p);
+                reply(&mut s, REP_ACK, &[]);
+            }
+            OPT_GO => {
+                let mut p = Vec::new();
+                be(&mut p, u64::from(INFO_EXPORT), 2);
+                be(&mut p, 1 << 20, 8);
+                be(&mut p, u64::from(FLAG_HAS_FLAGS | FLAG_SEND_FLUSH), 2);
+                reply(&mut s, REP_INFO, &p);
+                reply(&mut s, REP_ACK, &[]);
+                break;
+            }
+            _ => reply(&mut s, REP_ERR_UNSUP, &[]),
+        }
+    }
+    let mut req = [0u8; 28];
+    if s.read_exact(&mut req).is_err() {
+        return;
+    }
+    let cookie = be64(&req[8..16]);
+    let offset = be64(&req[16..24]);
+    let len = u64::from(be32(&req[24..28]));
+    let chunk = |flags: u16, ty: u16, cookie: u64, length: u64| {
+        let mut r = Vec::new();
+        be(&mut r, u64::from(STRUCTURED_REPLY_MAGIC), 4);
+        be(&mut r, u64::from(flags), 2);
+        be(&mut r, u64::from(ty), 2);
+        be(&mut r, cookie, 8);
+        be(&mut r, length, 4);
+        r
+    };
+    let mut out = match lie {
+        Lie::WrongCookie => chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie ^ 0x55_0000, 0),
+        Lie::BadMagic => vec![0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        Lie::ShortPayloadThenClose => {
+            let mut r = chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + len);
+            be(&mut r, offset, 8);
+            r.extend(std::iter::repeat_n(1u8, len as usize / 2));
+            r
+        }
+        Lie::OversizedLength => chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 0xffff_fff0),
+        Lie::ChunkOutsideRead => {
+            let mut r = chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + len);
+            be(&mut r, offset + 1, 8);
+            r.extend(std::iter::repeat_n(1u8, len as usize));
+            r
+        }
+        Lie::DataChunkLongerThanRead => {
+            let mut r = chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + 2 * len);
+            be(&mut r, offset, 8);
+            r.extend(std::iter::repeat_n(1u8, 2 * len as usize));
+            r
+        }
+        Lie::SecondReplyToFinishedRequest => {
+            let mut r = chunk(0, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+            be(&mut r, offset, 8);
+            be(&mut r, len, 4);
+            r.extend(chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0));
+            r.extend(chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0));
+            r
+        }
+        Lie::NoDoneEver => {
+            let mut r = chunk(0, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+            be(&mut r, offset, 8);
+            be(&mut r, len, 4);
+            r
+        }
+    };
+    let _ = s.write_all(&out);
+    out.clear();
+    if matches!(lie, Lie::ShortPayloadThenClose | Lie::NoDoneEver) {
+        // Hang up (NoDoneEver: after a while, as a server that dies would).
+        std::thread::sleep(Duration::from_millis(100));
+        return;
+    }
+    // Keep the connection open: the client must not wait for more.
+    let mut sink = [0u8; 4096];
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+}
+
+#[test]
+fn a_lying_server_gets_eio_and_a_closed_connection() {
+    for lie in [
+        Lie::WrongCookie,
+        Lie::BadMagic,
+        Lie::ShortPayloadThenClose,
+        Lie::OversizedLength,
+        Lie::ChunkOutsideRead,
+        Lie::DataChunkLongerThanRead,
+        Lie::SecondReplyToFinishedRequest,
+        Lie::NoDoneEver,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("fake.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || fake_server(listener, lie));
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let home = IoThread::spawn("nbd-home").unwrap();
+        let blk = open_on(&home, &uri, Duration::ZERO);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b = blk.clone();
+        home.spawn_co(move || {
+            let mut buf = vec![0; 4096];
+            let r = b.co_pread(8192, &mut buf);
+            tx.send(r.map_err(|e| e.errno())).unwrap();
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("{lie:?}: the read hung"));
+        if matches!(lie, Lie::SecondReplyToFinishedRequest) {
+            // The read itself was answered correctly (a hole); the extra reply then kills
+            // the connection, so the next request fails.
+            assert_eq!(r, Ok(()), "{lie:?}");
+            std::thread::sleep(Duration::from_millis(100));
+            let b = blk.clone();
+            let r = home.run_sync(move || {
+                runtime::spawn(move || b.co_pread(0, &mut [0; 512]).map_err(|e| e.errno()))
+                    .join()
+                    .unwrap()
+            });
+            assert_eq!(r, Err(libc::EIO), "{lie:?}: the connection is closed");
+        } else {
+            assert_eq!(r, Err(libc::EIO), "{lie:?}");
+        }
+        drop(blk);
+        home.stop();
+        server.join().unwrap();
+    }
+}
