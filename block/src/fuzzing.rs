@@ -12,6 +12,9 @@
 //!   as zeros; the bytes must not change), then writable (the open may rebuild refcounts of a
 //!   dirty image; then a few writes — each reads back as written unless the driver reported
 //!   the image corrupt —, zeroes, a discard and a flush);
+//! - [`vmdk_image`]: the bytes as a vmdk image in memory — a sparse file, or a text descriptor,
+//!   a NUL and the bytes of the extent file(s) it names — opened by the vmdk driver and read
+//!   as `qcow2_image`'s read-only part (the bytes must not change);
 //! - [`backing_name`]: a header naming the bytes as its backing file, then the path resolution
 //!   of [`resolve_backing_path`] and the protocol check;
 //! - [`partition_table`]: the bytes as the start of a disk of a size they give, through the
@@ -344,6 +347,51 @@ pub fn qcow2_image(data: &[u8]) {
         exercise_read_only(&b, &d);
     });
     let _ = blk.close();
+}
+
+/// Fuzz target `vmdk_image`: `data` as a vmdk image in memory. A sparse extent (`KDMV`, or
+/// the refused `COWD`) is the whole file; anything else is a descriptor up to the first NUL,
+/// and every extent file it names is the bytes after that NUL (at most 16 opens). Opened
+/// read-only and read like `qcow2_image`'s read-only part; the bytes must not change.
+pub fn vmdk_image(data: &[u8]) {
+    let sparse = data.starts_with(b"KDMV") || data.starts_with(b"COWD");
+    let (first, extent) = match data.iter().position(|&b| b == 0) {
+        Some(nul) if !sparse => (&data[..nul], &data[nul + 1..]),
+        _ => (data, &[][..]),
+    };
+    let child = Arc::new(MemDriver::new(first.to_vec(), true, 0));
+    let extent_file = Arc::new(MemDriver::new(extent.to_vec(), true, 0));
+    let mut opens = 0;
+    let mut open_extent = |path: &Path| -> Result<Arc<dyn BlockDriver>> {
+        opens += 1;
+        if opens > 16 {
+            return Err(BlockError::Invalid(format!(
+                "{}: too many extents",
+                path.display()
+            )));
+        }
+        Ok(extent_file.clone())
+    };
+    if let Ok(driver) =
+        crate::VmdkDriver::open_with(child.clone(), Path::new("fuzz.vmdk"), &mut open_extent)
+    {
+        assert!(driver.getlength() <= i64::MAX as u64);
+        if let Ok(blk) = BlockBackend::new(
+            Arc::new(driver),
+            BackendOptions {
+                read_only: true,
+                write_beyond_eof: false,
+                ..BackendOptions::default()
+            },
+        ) {
+            let blk = Arc::new(blk);
+            let (b, d) = (blk.clone(), data.to_vec());
+            co(move || exercise_read_only(&b, &d));
+            let _ = blk.close();
+        }
+    }
+    assert_eq!(child.writes() + extent_file.writes(), 0, "a read wrote");
+    assert!(child.contents() == first && extent_file.contents() == extent);
 }
 
 /// Fuzz target `backing_name`: `data` (up to [`MAX_BACKING_NAME`] + 1 bytes used) as the

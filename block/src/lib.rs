@@ -60,6 +60,7 @@
 //! | [`image_lock`] | `block/file-posix.c` (lock bytes) | QEMU-compatible image locking |
 //! | [`raw`] | `block/raw-format.c` | the `raw` format, with an offset/size window |
 //! | [`qcow2`] | `block/qcow2*.c` | the `qcow2` format: reads, writes, backing chains, internal snapshots kept intact |
+//! | [`vmdk`] | `block/vmdk.c` | the `vmdk` format, read-only: sparse, flat, split and stream-optimized disks |
 //! | [`chain`] | `block/io.c` `bdrv_co_common_block_status_above()` | block status through a backing chain |
 //! | [`null`] | `block/null.c` | `null-co`: zeros in, nothing out |
 //! | [`nbd`] (`nbd/`) | `block/nbd.c`, `nbd/client.c` | the `nbd` protocol driver: a remote image over TCP or a Unix socket, many requests in flight, reconnect |
@@ -95,6 +96,7 @@ pub mod readonly;
 mod sys;
 pub mod vdi;
 pub mod vhdx;
+pub mod vmdk;
 pub mod vpc;
 
 use std::any::Any;
@@ -114,6 +116,7 @@ pub use null::{NullDriver, NullLatency};
 pub use qcow2::{Qcow2Driver, Qcow2Options};
 pub use raw::{RawDriver, RawOptions};
 pub use sys::AlignedBuf;
+pub use vmdk::VmdkDriver;
 
 /// One error type for the block layer; the export maps it to an errno once.
 #[derive(Debug)]
@@ -372,7 +375,9 @@ pub enum Format {
     Vpc,
     /// `vhdx` over `file`, read-only, with a differencing image's parent ([`vhdx::VhdxDriver`]).
     Vhdx,
-    /// Look at the first bytes ([`probe`]): qcow2, vdi, vpc, vhdx by their magic (the
+    /// `vmdk` over `file` and its extent files, read-only ([`VmdkDriver`]).
+    Vmdk,
+    /// Look at the first bytes ([`probe`]): qcow2, vdi, vpc, vhdx, vmdk by their magic (the
     /// read-only ones under [`readonly::require_read_only`]), raw unless they are another
     /// format's magic, which is refused with [`BlockError::UnsupportedFormat`]. A raw image
     /// found this way is *probed*: writes that would make its first sector look like another
@@ -388,6 +393,7 @@ impl Format {
             Format::Vdi => Some("vdi"),
             Format::Vpc => Some("vpc"),
             Format::Vhdx => Some("vhdx"),
+            Format::Vmdk => Some("vmdk"),
             _ => None,
         }
     }

@@ -11,7 +11,7 @@
 //! (`force_share`), which here applies to the image only: the overlay is always locked.
 //!
 //! 1. **The image is looked at first**, opened read-only with the caller's options: its format
-//!    (as given, or probed) is recorded in the overlay's backing format extension, so the image
+//!    (as given, or probed; raw, qcow2 or the read-only vmdk) is recorded in the overlay's backing format extension, so the image
 //!    is never probed again, and its virtual size becomes the overlay's.
 //! 2. **`--snapshot`** makes a new overlay in `$TMPDIR` (or `/var/tmp`), opens the chain, then
 //!    unlinks the overlay at once: the open file lives as long as the export, and nothing is

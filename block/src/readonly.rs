@@ -1,4 +1,4 @@
-//! What the read-only image formats (`vdi`, `vpc`, `vhdx`) share: the rule for opening them
+//! What the read-only image formats (`vdi`, `vpc`, `vhdx`, `vmdk`) share: the rule for opening them
 //! without `-r`, the one place that opens them by name (for [`crate::open_image`], a qcow2
 //! overlay's backing file and a vhdx differencing image's parent), bounds-checked reads of the
 //! image file, and the read loop over a block map.
@@ -35,7 +35,7 @@ use crate::{BlockDriver, BlockError, BlockStatus, Result};
 
 /// The formats this module opens, by the name [`crate::probe`] and qcow2's backing format
 /// extension use.
-pub const FORMATS: &[&str] = &["vdi", "vpc", "vhdx"];
+pub const FORMATS: &[&str] = &["vdi", "vpc", "vhdx", "vmdk"];
 
 /// Whether `format` is one of the read-only formats.
 pub fn is_read_only_format(format: &str) -> bool {
@@ -78,6 +78,16 @@ pub(crate) fn open_node(
         "vpc" => crate::vpc::VpcDriver::open(file).map(|d| Arc::new(d) as _),
         "vhdx" => {
             crate::vhdx::VhdxDriver::open_chain(file, path, chain, seen).map(|d| Arc::new(d) as _)
+        }
+        // Its extent files are opened beside `path`, read-only, as the image file was.
+        "vmdk" => {
+            let extents = crate::FileOptions {
+                read_only: true,
+                cache: chain.cache,
+                aio: chain.aio,
+                force_share: chain.force_share,
+            };
+            crate::vmdk::VmdkDriver::open(file, path, &extents).map(|d| Arc::new(d) as _)
         }
         _ => return None,
     };

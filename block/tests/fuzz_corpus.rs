@@ -1,7 +1,8 @@
 //! Replays the committed fuzz corpora of the block layer's targets (`fuzz/corpus/qcow2_header/`,
 //! `qcow2_image/`, `backing_name/`, `partition_table/`, `vdi_image/`, `vpc_image/`,
-//! `vhdx_image/`: small images made by `qemu-img` (the last three in the sparse form of
-//! `block::fuzzing::expand_sparse`), tables
+//! `vhdx_image/`, `vmdk_image/`: small images made by `qemu-img` (the vdi, vpc and vhdx ones in
+//! the sparse form of `block::fuzzing::expand_sparse`, the vmdk ones compacted by
+//! `scripts/vmdk-fuzz-seeds.py`), tables
 //! made by `sfdisk` and `sgdisk`, names, and every input that once crashed) through the same
 //! bodies the fuzzer runs ([`block::fuzzing`]). This is the part of the fuzzing that runs in
 //! every `cargo test`, without cargo-fuzz or nightly.
@@ -53,6 +54,30 @@ fn qcow2_image_corpus_replays_cleanly() {
                 panic!("{name} (read-only: {read_only}): {e}");
             }
         }
+    }
+}
+
+#[test]
+fn vmdk_image_corpus_replays_cleanly() {
+    replay("vmdk_image", block::fuzzing::vmdk_image);
+    // The seeds made by qemu-img open, so the target starts from images that reach the reads.
+    for (path, bytes) in corpus("vmdk_image") {
+        let name = path.file_name().expect("a name").to_string_lossy();
+        if !name.starts_with("qemu-img-") {
+            continue;
+        }
+        let (first, extent) = match bytes.iter().position(|&b| b == 0) {
+            Some(nul) if !bytes.starts_with(b"KDMV") => (&bytes[..nul], &bytes[nul + 1..]),
+            _ => (&bytes[..], &[][..]),
+        };
+        let child = Arc::new(MemDriver::new(first.to_vec(), true, 0));
+        let extent = Arc::new(MemDriver::new(extent.to_vec(), true, 0));
+        let mut open = |_: &std::path::Path| -> block::Result<Arc<dyn block::BlockDriver>> {
+            Ok(extent.clone())
+        };
+        let d = block::VmdkDriver::open_with(child, std::path::Path::new("seed.vmdk"), &mut open)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(block::BlockDriver::getlength(&d) % 512, 0, "{name}");
     }
 }
 

@@ -227,11 +227,11 @@ fn probed_qcow2_backing_is_accepted_probed_raw_is_refused() {
     // An explicit format the driver does not have is refused by name.
     let ext = find_extension(&at(d, "t.qcow2"), 0x7777_7777).expect("patched extension");
     patch(&at(d, "t.qcow2"), ext, &EXT_BACKING_FORMAT.to_be_bytes());
-    patch(&at(d, "t.qcow2"), ext + 4, &4u32.to_be_bytes());
-    patch(&at(d, "t.qcow2"), ext + 8, b"vmdk\0\0\0\0");
+    patch(&at(d, "t.qcow2"), ext + 4, &3u32.to_be_bytes());
+    patch(&at(d, "t.qcow2"), ext + 8, b"qed\0\0\0\0\0");
     let e = open_err(&at(d, "t.qcow2")).to_string();
     assert!(
-        e.contains("backing file format 'vmdk' is not supported"),
+        e.contains("backing file format 'qed' is not supported"),
         "{e}"
     );
 }

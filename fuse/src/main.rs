@@ -41,10 +41,11 @@ struct Cli {
     /// Image format; `auto` is raw unless the image starts with the magic of a known format
     /// (a raw image found so refuses writes that would make its first sector look like another
     /// format: pass `-f raw` to lift that). qcow2 is read-write, with backing files opened
-    /// read-only. vdi, vpc (VHD; a fixed one is recognised by its footer at the end) and vhdx
-    /// can only be read: without -r or --snapshot/--overlay they are refused at start with a
-    /// message saying so (a writable export that fails every write would be worse). Other
-    /// formats are refused by name.
+    /// read-only. vdi, vpc (VHD; a fixed one is recognised by its footer at the end), vhdx and
+    /// vmdk (monolithicSparse, monolithicFlat, twoGbMaxExtentSparse/Flat, streamOptimized;
+    /// extent files beside the descriptor) can only be read: without -r or
+    /// --snapshot/--overlay they are refused at start with a message saying so (a writable
+    /// export that fails every write would be worse). Other formats are refused by name.
     #[arg(short = 'f', long, value_enum, default_value_t = FormatArg::Auto)]
     format: FormatArg,
 
@@ -109,7 +110,7 @@ struct Cli {
     /// with -U no lock, so a VM writing it is not refused — but then what is read may change)
     /// and send every write to a temporary qcow2 overlay in $TMPDIR (default /var/tmp) whose
     /// backing file is IMAGE. The overlay is unlinked as soon as it is open, so it is gone
-    /// after any exit, SIGKILL included. Works over raw, qcow2, vdi, vpc and vhdx images.
+    /// after any exit, SIGKILL included. Works over raw, qcow2, vdi, vpc, vhdx and vmdk images.
     #[arg(long, conflicts_with_all = ["read_only", "create", "overlay", "offset", "size"])]
     snapshot: bool,
 
@@ -297,6 +298,7 @@ enum FormatArg {
     Vdi,
     Vpc,
     Vhdx,
+    Vmdk,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -395,13 +397,13 @@ fn main() -> ExitCode {
     if cli.create.is_some()
         && matches!(
             cli.format,
-            FormatArg::Vdi | FormatArg::Vpc | FormatArg::Vhdx
+            FormatArg::Vdi | FormatArg::Vpc | FormatArg::Vhdx | FormatArg::Vmdk
         )
     {
         Cli::command()
             .error(
                 clap::error::ErrorKind::ArgumentConflict,
-                "--create makes raw or qcow2 images only (vdi, vpc and vhdx can only be read)",
+                "--create makes raw or qcow2 images only (vdi, vpc, vhdx and vmdk can only be read)",
             )
             .exit();
     }
@@ -454,6 +456,7 @@ fn main() -> ExitCode {
         FormatArg::Vdi => Format::Vdi,
         FormatArg::Vpc => Format::Vpc,
         FormatArg::Vhdx => Format::Vhdx,
+        FormatArg::Vmdk => Format::Vmdk,
     };
     if cli.inject_no_io_uring {
         runtime::ring::inject_setup_failure(usize::MAX);

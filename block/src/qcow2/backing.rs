@@ -21,8 +21,10 @@
 //!    read* and *write unchanged* (the read-only row of [`crate::image_lock`]). A VM writing to
 //!    the base image is seen and refused; other readers are not. `-U`/force-share and the cache
 //!    mode are inherited from the top image, as QEMU's backing child inherits them.
-//! 4. **Format.** The backing format extension (`qemu-img create -F qcow2|raw`) decides. Without
-//!    it the file is probed: qcow2 is opened as qcow2, another known format is refused by name,
+//! 4. **Format.** The backing format extension (`qemu-img create -F qcow2|raw|vmdk|…`)
+//!    decides. Without it the file is probed: qcow2 and the read-only formats of
+//!    [`crate::readonly`] (vdi, vpc, vhdx, vmdk — a vmdk's extent files beside it) are opened as
+//!    such, another known format is refused by name,
 //!    and *raw is refused*: a probed raw backing file is exactly what a guest could forge (it
 //!    writes a qcow2 header into its disk, pointing at a host file as *its* backing file), so we
 //!    require the format to be stated — QEMU's safe rule (`qemu-img rebase -u -F raw`).
@@ -67,7 +69,8 @@ pub struct ChainOptions {
 
 /// An open backing file of a qcow2 image (or the parent of a vhdx differencing image).
 pub(crate) struct Backing {
-    /// The backing node: `raw` or `qcow2` over `file`.
+    /// The backing node: `raw`, `qcow2` or a read-only format ([`crate::readonly`]) over
+    /// `file`.
     node: Arc<dyn BlockDriver>,
     /// Read-only view of `node` that pads for its alignment.
     blk: BlockBackend,
