@@ -10,36 +10,11 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
 
 use crate::aio::{AioContext, RemoteContext};
 use crate::coroutine::Coroutine;
-
-/// The CPUs threads could run on before any thread was pinned ([`pin_current_thread`]).
-static UNPINNED: OnceLock<libc::cpu_set_t> = OnceLock::new();
-
-/// Pins the calling thread to CPU `cpu` (the io_uring FUSE transport pins each queue thread to
-/// its kernel queue's CPU). A thread inherits its creator's CPUs, so a thread-pool worker
-/// started later by a pinned thread would be pinned too; the first pin therefore remembers the
-/// CPUs the thread had before, and [`unpin_current_thread`] (each new pool worker) goes back
-/// to them. QEMU has no counterpart (its iothreads take a `thread-pool` CPU list from the
-/// user); libfuse pins its io_uring queue threads the same way.
-pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
-    let before = crate::sys::thread_affinity()?;
-    UNPINNED.get_or_init(|| before);
-    crate::sys::set_thread_affinity(&crate::sys::single_cpu(cpu)?)
-}
-
-/// Lets the calling thread run on every CPU threads had before the first
-/// [`pin_current_thread`]; nothing if no thread was pinned.
-pub(crate) fn unpin_current_thread() {
-    if let Some(set) = UNPINNED.get() {
-        if let Err(e) = crate::sys::set_thread_affinity(set) {
-            log::debug!("cannot unpin a thread from its creator's CPU: {e}");
-        }
-    }
-}
 
 /// A thread running an event loop. QEMU: `IOThread`.
 pub struct IoThread {

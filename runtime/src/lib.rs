@@ -84,15 +84,17 @@
 //! | [`fd_wait`] | `io/channel.c` `qio_channel_yield()` | `co_wait_fd`: a coroutine yields until a socket is readable/writable |
 //! | [`thread_pool`] | `util/thread-pool.c` | `ThreadPool` |
 //! | [`iothread`] | `iothread.c` | `IoThread` |
+//! | [`affinity`] | none (libfuse `lib/fuse_uring.c` pins its ring threads) | pinning a thread to a CPU; pool workers started by a pinned thread unpinned |
 //! | [`aio_wait`] | `util/aio-wait.c` | `wait_while`, `kick` |
 //! | [`ring`] | `util/fdmon-io_uring.c`, `aio_add_sqe()` | the io_uring of a context: fd polls, SQEs, completions |
 //! | [`uring`] | `block/io_uring.c` | I/O on the thread's ring for coroutines: `co_read` & co. |
-//! | `sys` (private) | `util/fdmon-epoll.c` | the epoll and eventfd syscalls (the fallback monitor) |
+//! | `sys` (private) | `util/fdmon-epoll.c` | the epoll and eventfd syscalls (the fallback monitor), CPU affinity |
 //! | [`executor`] (`executor/`) | none (the async/await counterpart of `util/qemu-coroutine.c` and of the waits above) | the async engine: tasks, wakers, `block_on`, `sleep`, the coroutine bridge (`task.rs`, `wait.rs`, `bridge.rs`), and the async forms of the locks, the pool and ring I/O (`lock.rs`, `thread_pool.rs`, `uring.rs`: the same names as their coroutine twins) |
 //!
 //! `docs/runtime.md` at the repository root walks through the same material with diagrams and
 //! the measured costs.
 
+pub mod affinity;
 pub mod aio;
 pub mod aio_wait;
 pub mod bh;

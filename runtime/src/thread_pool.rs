@@ -384,7 +384,7 @@ pub fn inject_spawn_failures(after: usize, count: usize) {
 
 fn worker(inner: Arc<Inner>) {
     // Started by whichever thread submitted; if that one is pinned to a CPU, do not stay there.
-    crate::iothread::unpin_current_thread();
+    crate::affinity::unpin_current_thread();
     let mut st = inner.lock();
     loop {
         if let Some(job) = st.queue.pop_front() {

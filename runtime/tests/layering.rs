@@ -15,6 +15,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("sys", 0),
     ("bh", 0),
     ("timer", 0),
+    ("affinity", 1),
     ("ring", 1),
     ("aio", 2),
     ("coroutine", 3),
@@ -22,6 +23,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("thread_pool", 4),
     ("iothread", 4),
     ("uring", 4),
+    ("fd_wait", 4),
     ("aio_wait", 5),
     ("executor", 5),
 ];

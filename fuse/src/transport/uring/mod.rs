@@ -180,7 +180,7 @@ impl UringQueue {
             return;
         }
         let cpu = usize::from(qid);
-        match runtime::iothread::pin_current_thread(cpu) {
+        match runtime::affinity::pin_current_thread(cpu) {
             Ok(()) => log::debug!("queue thread {}: pinned to CPU {cpu}", self.index),
             Err(e) => log::warn!(
                 "queue thread {}: cannot pin to CPU {cpu} ({e}); it floats",
