@@ -3,16 +3,19 @@
 # 1M sequential read and 1M sequential write, through each FUSE mount, alternating the two
 # clients, ROUNDS rounds (default 3). Prints one CSV line per run and a median table.
 #
-#   [NBDFUSE_ARGS="-C 1"] scripts/nbd-compare.sh [ROUNDS] [SECONDS]
+#   [NBDFUSE_ARGS="-C 1"] [WORKDIR=/var/tmp] [QEMU_NBD_ARGS="--cache=none --aio=io_uring"] \
+#     scripts/nbd-compare.sh [ROUNDS] [SECONDS]
 #
 # Needs root, /dev/fuse, qemu-nbd, nbdfuse, fio; builds coro-fuse --release. The image (512 MiB,
-# written once so that reads return data) lives in /dev/shm, the server serves it with its
-# default cache; both clients talk to it over the same Unix socket.
+# written once so that reads return data) lives in WORKDIR (default /dev/shm); the server serves
+# it with its default cache unless QEMU_NBD_ARGS says otherwise (on a disk,
+# "--cache=none --aio=io_uring" makes every request reach the device); both clients talk to it
+# over the same Unix socket.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 SECS=${2:-10}
-W=$(mktemp -d /dev/shm/nbd-compare.XXXXXX)
+W=$(mktemp -d "${WORKDIR:-/dev/shm}/nbd-compare.XXXXXX")
 IMG=$W/disk.img
 SOCK=$W/nbd.sock
 CF=$W/cf.mnt
@@ -29,7 +32,8 @@ trap cleanup EXIT
 cargo build --release -q -p fuse --bin coro-fuse
 BIN=$PWD/target/release/coro-fuse
 dd if=/dev/urandom of="$IMG" bs=1M count=512 status=none
-qemu-nbd -t --shared=8 -f raw -k "$SOCK" "$IMG" &
+# shellcheck disable=SC2086
+qemu-nbd -t --shared=8 -f raw ${QEMU_NBD_ARGS:-} -k "$SOCK" "$IMG" &
 QPID=$!
 for _ in $(seq 100); do [[ -S $SOCK ]] && break; sleep 0.05; done
 touch "$CF"
