@@ -169,7 +169,14 @@ impl VdiDriver {
         }
         file.co_read(0, &mut head)?;
         let header = Header::parse(&head, file.len())?;
-        let mut raw = vec![0u8; header.blocks_in_image as usize * 4];
+        // Only the entries of blocks inside the disk: a header may claim up to MAX_BLOCKS, and
+        // a sparse file is long enough to pass the bounds check for free, so the table's size
+        // must not come from that field alone.
+        let used = header
+            .disk_size
+            .div_ceil(u64::from(header.block_size))
+            .min(u64::from(header.blocks_in_image));
+        let mut raw = vec![0u8; used as usize * 4];
         file.co_read(u64::from(header.offset_bmap), &mut raw)?;
         let bmap = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
         Ok(VdiDriver { file, header, bmap })

@@ -285,7 +285,10 @@ fn open_dynamic(file: &HostFile, footer: &Footer, size: u64) -> Result<Dynamic> 
             "the block table at {table_offset:#x} ({entries} entries) is beyond the end of the file"
         ));
     }
-    let mut raw = vec![0u8; entries as usize * 4];
+    // Only the entries of blocks inside the disk (the check above makes them ≤ `entries`): a
+    // header may claim 2^32 entries, and a sparse file passes the bounds check for free.
+    let used = size.div_ceil(block_size).min(u64::from(entries));
+    let mut raw = vec![0u8; used as usize * 4];
     file.co_read(table_offset, &mut raw)?;
     let bat: Vec<u32> = raw.chunks_exact(4).map(|c| be32(c, 0)).collect();
     let bitmap_size = (block_size / (8 * SECTOR)).next_multiple_of(SECTOR);

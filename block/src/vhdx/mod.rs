@@ -327,6 +327,9 @@ impl VhdxDriver {
 }
 
 /// Refuses an image whose log holds entries to replay (see the module doc).
+/// The largest log [`check_log`] reads (256 MiB).
+const MAX_LOG_LEN: u64 = 256 << 20;
+
 fn check_log(file: &HostFile, hdr: &Header, log: Region) -> Result<()> {
     if hdr.log_guid.is_zero() {
         return Ok(());
@@ -339,6 +342,15 @@ fn check_log(file: &HostFile, hdr: &Header, log: Region) -> Result<()> {
         return Err(BlockError::Corrupt(format!(
             "vhdx: the log at {:#x} ({} bytes) lies beyond the end of the file",
             log.offset, log.length
+        )));
+    }
+    // A log is a few MiB (qemu-img and Hyper-V make 1 MiB); its length field allows 4 GiB,
+    // which a sparse file's length would let through. Refuse what cannot be a real log rather
+    // than allocate it.
+    if log.length > MAX_LOG_LEN {
+        return Err(BlockError::Corrupt(format!(
+            "vhdx: the log is {} bytes long, more than the {MAX_LOG_LEN} this driver reads",
+            log.length
         )));
     }
     let mut bytes = vec![0u8; log.length as usize];

@@ -16,6 +16,10 @@
 //! - `parent_linkage` (and `parent_linkage2`): the parent's data write GUID when the child
 //!   was made. A parent whose current GUID differs was written since, so the child's sectors
 //!   no longer fit on it: refused, as Hyper-V refuses it.
+//!
+//! **Trust:** the locator chooses which host file is read as the parent (`..` and absolute
+//! POSIX paths included), as a qcow2 backing name or a vmdk extent does; see
+//! [`crate::vmdk`]'s note.
 
 use std::path::{Path, PathBuf};
 

@@ -31,6 +31,11 @@
 //! file is opened read-only through the `file` driver with the image's cache mode and locking
 //! (the read-only row: other readers may share it, a writer is refused).
 //!
+//! **Trust:** the descriptor chooses which host files are read — an absolute name or `../`
+//! reaches any file the exporting user may read, and exports its bytes. The same holds for
+//! qcow2 backing names and vhdx parent locators, as in QEMU. Export an untrusted image as a
+//! user who may read only what it should, or look at its descriptor first (`head -c 2048`).
+//!
 //! # Read-only
 //!
 //! Writing VMDK is not implemented: the driver is read-only, one of the read-only formats of
