@@ -607,6 +607,9 @@ fn gte_offset(path: &Path, guest: u64) -> u64 {
     gt + guest / 65536 * 4
 }
 
+/// A named way to damage an image file.
+type Corruption<'a> = (&'a str, &'a dyn Fn(&Path));
+
 #[test]
 fn corrupt_headers_fail_at_open() {
     if !have_qemu("corrupt_headers_fail_at_open") {
@@ -614,7 +617,7 @@ fn corrupt_headers_fail_at_open() {
     }
     let dir = disk_dir();
     let d = dir.path();
-    let cases: &[(&str, &dyn Fn(&Path))] = &[
+    let cases: &[Corruption] = &[
         ("truncated", &|p| {
             let f = std::fs::OpenOptions::new()
                 .write(true)
