@@ -574,7 +574,12 @@ fn be(v: &mut Vec<u8>, x: u64, n: usize) {
 /// Accepts one client and runs a valid handshake: structured replies, base:allocation
 /// (context id 1), GO with a 1 MiB writable export that takes flushes.
 fn fake_handshake(listener: &UnixListener) -> UnixStream {
-    let (mut s, _) = listener.accept().unwrap();
+    let (s, _) = listener.accept().unwrap();
+    handshake_on(s, FLAG_HAS_FLAGS | FLAG_SEND_FLUSH)
+}
+
+/// The handshake of [`fake_handshake`] on an accepted `s`, with transmission flags `tflags`.
+fn handshake_on(mut s: UnixStream, tflags: u16) -> UnixStream {
     let mut hello = Vec::new();
     be(&mut hello, INIT_MAGIC, 8);
     be(&mut hello, OPTS_MAGIC, 8);
@@ -613,7 +618,7 @@ fn fake_handshake(listener: &UnixListener) -> UnixStream {
                 let mut p = Vec::new();
                 be(&mut p, u64::from(INFO_EXPORT), 2);
                 be(&mut p, 1 << 20, 8);
-                be(&mut p, u64::from(FLAG_HAS_FLAGS | FLAG_SEND_FLUSH), 2);
+                be(&mut p, u64::from(tflags), 2);
                 reply(&mut s, REP_INFO, &p);
                 reply(&mut s, REP_ACK, &[]);
                 break;
@@ -779,7 +784,11 @@ fn a_lying_server_gets_eio_and_a_closed_connection() {
 /// succeed, block status answers one extent with `status_flags`. Returns how many
 /// NBD_CMD_FLUSH requests came.
 fn honest_server(listener: UnixListener, status_flags: u32) -> usize {
-    let mut s = fake_handshake(&listener);
+    serve_honestly(fake_handshake(&listener), status_flags)
+}
+
+/// The request loop of [`honest_server`] on a negotiated `s`.
+fn serve_honestly(mut s: UnixStream, status_flags: u32) -> usize {
     let mut flushes = 0;
     loop {
         let mut req = [0u8; 28];
@@ -889,4 +898,53 @@ fn only_the_zero_flag_means_zeros_in_block_status() {
         drop(blk);
         server.join().unwrap();
     }
+}
+
+#[test]
+fn a_reconnect_to_an_export_with_other_flags_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let server = std::thread::spawn(move || {
+        // First connection: a writable export that takes flushes, closed at once.
+        let (s, _) = listener.accept().unwrap();
+        drop(handshake_on(s, FLAG_HAS_FLAGS | FLAG_SEND_FLUSH));
+        // Every later one: the same size, but read-only and without flush.
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < deadline {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let s = handshake_on(s, FLAG_HAS_FLAGS | FLAG_READ_ONLY);
+                    serve_honestly(s, 0);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let home = IoThread::spawn("nbd-home").unwrap();
+    let blk = open_on(&home, &uri, Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(100)); // the first connection is gone
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = blk.clone();
+    home.spawn_co(move || {
+        let r = b.co_pread(0, &mut [0; 4096]);
+        tx.send(r.map_err(|e| e.errno())).unwrap();
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the read hung");
+    assert_eq!(
+        r,
+        Err(libc::EIO),
+        "the other export was not taken for the first"
+    );
+    drop(blk);
+    home.stop();
+    // The server thread ends by its own deadline; a reconnect attempt still in progress
+    // when the driver closed may leave it waiting, so it is not joined.
+    drop(server);
 }
