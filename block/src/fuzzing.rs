@@ -511,7 +511,7 @@ pub fn nbd_server(data: &[u8]) {
         structured: true,
         meta_context: Some(1),
     };
-    let Ok(c) = conn::Conn::new(Stream::Unix(ours), info, "fuzz".into()) else {
+    let Ok(c) = conn::Conn::new(Stream::Unix(ours), info, "fuzz".into(), None) else {
         return;
     };
     let c = Arc::new(c);

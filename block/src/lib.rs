@@ -111,7 +111,7 @@ pub use blkdebug::{BlkdebugDriver, BlkdebugOp, Gate, Rule, RuleId};
 pub use blklogwrites::{BlklogwritesDriver, LoggedOp};
 pub use file::{is_in_memory, AioMode, CacheMode, FileDriver, FileOptions, FileStats};
 pub use image_lock::Perm;
-pub use nbd::{open_nbd, NbdDriver, NbdOptions};
+pub use nbd::{open_nbd, NbdDriver, NbdOptions, DEFAULT_REPLY_TIMEOUT};
 pub use null::{NullDriver, NullLatency};
 pub use qcow2::{Qcow2Driver, Qcow2Options};
 pub use raw::{RawDriver, RawOptions};

@@ -105,16 +105,28 @@ fn nbdkit(sock: &Path, args: &[&str]) -> Server {
 
 fn open(uri: &str, delay: Duration) -> Arc<BlockBackend> {
     let nbd = NbdOptions {
-        read_only: false,
         reconnect_delay: delay,
+        ..NbdOptions::default()
     };
+    open_with(uri, nbd)
+}
+
+fn open_with(uri: &str, nbd: NbdOptions) -> Arc<BlockBackend> {
     open_nbd(uri, &OpenOptions::default(), nbd, &[]).expect("open the NBD export")
 }
 
 /// Opens on an iothread, so that the reader coroutine lives on a loop that always polls.
 fn open_on(io: &IoThread, uri: &str, delay: Duration) -> Arc<BlockBackend> {
+    let nbd = NbdOptions {
+        reconnect_delay: delay,
+        ..NbdOptions::default()
+    };
+    open_on_with(io, uri, nbd)
+}
+
+fn open_on_with(io: &IoThread, uri: &str, nbd: NbdOptions) -> Arc<BlockBackend> {
     let uri = uri.to_owned();
-    io.run_sync(move || open(&uri, delay))
+    io.run_sync(move || open_with(&uri, nbd))
 }
 
 fn errno(e: &block::BlockError) -> i32 {
@@ -548,16 +560,26 @@ enum Lie {
     DataChunkLongerThanRead,
     SecondReplyToFinishedRequest,
     NoDoneEver,
+    /// Two data chunks over the first half of the read, none over the second: as many bytes
+    /// as the read, but not its range.
+    OverlapAndGap,
+    /// Never answers, but keeps the connection open.
+    Silent,
 }
 
 fn be(v: &mut Vec<u8>, x: u64, n: usize) {
     v.extend_from_slice(&x.to_be_bytes()[8 - n..]);
 }
 
-/// Serves one client: a valid handshake (structured replies, base:allocation, GO with a
-/// 1 MiB export), then lies in reply to the first request.
-fn fake_server(listener: UnixListener, lie: Lie) {
-    let (mut s, _) = listener.accept().unwrap();
+/// Accepts one client and runs a valid handshake: structured replies, base:allocation
+/// (context id 1), GO with a 1 MiB writable export that takes flushes.
+fn fake_handshake(listener: &UnixListener) -> UnixStream {
+    let (s, _) = listener.accept().unwrap();
+    handshake_on(s, FLAG_HAS_FLAGS | FLAG_SEND_FLUSH)
+}
+
+/// The handshake of [`fake_handshake`] on an accepted `s`, with transmission flags `tflags`.
+fn handshake_on(mut s: UnixStream, tflags: u16) -> UnixStream {
     let mut hello = Vec::new();
     be(&mut hello, INIT_MAGIC, 8);
     be(&mut hello, OPTS_MAGIC, 8);
@@ -596,7 +618,7 @@ fn fake_server(listener: UnixListener, lie: Lie) {
                 let mut p = Vec::new();
                 be(&mut p, u64::from(INFO_EXPORT), 2);
                 be(&mut p, 1 << 20, 8);
-                be(&mut p, u64::from(FLAG_HAS_FLAGS | FLAG_SEND_FLUSH), 2);
+                be(&mut p, u64::from(tflags), 2);
                 reply(&mut s, REP_INFO, &p);
                 reply(&mut s, REP_ACK, &[]);
                 break;
@@ -604,6 +626,23 @@ fn fake_server(listener: UnixListener, lie: Lie) {
             _ => reply(&mut s, REP_ERR_UNSUP, &[]),
         }
     }
+    s
+}
+
+/// A structured reply chunk's header.
+fn chunk(flags: u16, ty: u16, cookie: u64, length: u64) -> Vec<u8> {
+    let mut r = Vec::new();
+    be(&mut r, u64::from(STRUCTURED_REPLY_MAGIC), 4);
+    be(&mut r, u64::from(flags), 2);
+    be(&mut r, u64::from(ty), 2);
+    be(&mut r, cookie, 8);
+    be(&mut r, length, 4);
+    r
+}
+
+/// Serves one client: a valid handshake, then lies in reply to the first request.
+fn fake_server(listener: UnixListener, lie: Lie) {
+    let mut s = fake_handshake(&listener);
     let mut req = [0u8; 28];
     if s.read_exact(&mut req).is_err() {
         return;
@@ -611,15 +650,6 @@ fn fake_server(listener: UnixListener, lie: Lie) {
     let cookie = be64(&req[8..16]);
     let offset = be64(&req[16..24]);
     let len = u64::from(be32(&req[24..28]));
-    let chunk = |flags: u16, ty: u16, cookie: u64, length: u64| {
-        let mut r = Vec::new();
-        be(&mut r, u64::from(STRUCTURED_REPLY_MAGIC), 4);
-        be(&mut r, u64::from(flags), 2);
-        be(&mut r, u64::from(ty), 2);
-        be(&mut r, cookie, 8);
-        be(&mut r, length, 4);
-        r
-    };
     let mut out = match lie {
         Lie::WrongCookie => chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie ^ 0x55_0000, 0),
         Lie::BadMagic => vec![0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -656,6 +686,17 @@ fn fake_server(listener: UnixListener, lie: Lie) {
             be(&mut r, len, 4);
             r
         }
+        Lie::OverlapAndGap => {
+            let half = len / 2;
+            let mut r = Vec::new();
+            for flags in [0, REPLY_FLAG_DONE] {
+                r.extend(chunk(flags, REPLY_TYPE_OFFSET_DATA, cookie, 8 + half));
+                be(&mut r, offset, 8);
+                r.extend(std::iter::repeat_n(1u8, half as usize));
+            }
+            r
+        }
+        Lie::Silent => Vec::new(),
     };
     let _ = s.write_all(&out);
     out.clear();
@@ -681,6 +722,8 @@ fn a_lying_server_gets_eio_and_a_closed_connection() {
         Lie::DataChunkLongerThanRead,
         Lie::SecondReplyToFinishedRequest,
         Lie::NoDoneEver,
+        Lie::OverlapAndGap,
+        Lie::Silent,
     ] {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("fake.sock");
@@ -688,7 +731,13 @@ fn a_lying_server_gets_eio_and_a_closed_connection() {
         let server = std::thread::spawn(move || fake_server(listener, lie));
         let uri = format!("nbd+unix:///?socket={}", sock.display());
         let home = IoThread::spawn("nbd-home").unwrap();
-        let blk = open_on(&home, &uri, Duration::ZERO);
+        // Silent: a short reply timeout turns the silence into EIO well within the wait below.
+        let nbd = NbdOptions {
+            reply_timeout: Duration::from_millis(500),
+            ..NbdOptions::default()
+        };
+        let blk = open_on_with(&home, &uri, nbd);
+        let start = Instant::now();
         let (tx, rx) = std::sync::mpsc::channel();
         let b = blk.clone();
         home.spawn_co(move || {
@@ -714,8 +763,188 @@ fn a_lying_server_gets_eio_and_a_closed_connection() {
         } else {
             assert_eq!(r, Err(libc::EIO), "{lie:?}");
         }
+        if matches!(lie, Lie::Silent) {
+            let took = start.elapsed();
+            assert!(
+                took >= Duration::from_millis(400),
+                "{lie:?}: failed after {took:?}, before the 0.5 s reply timeout"
+            );
+        }
         drop(blk);
         home.stop();
         server.join().unwrap();
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// An honest fake server: what the driver sends
+// ---------------------------------------------------------------------------------------------
+
+/// Serves one client honestly until it disconnects: reads are holes, writes and flushes
+/// succeed, block status answers one extent with `status_flags`. Returns how many
+/// NBD_CMD_FLUSH requests came.
+fn honest_server(listener: UnixListener, status_flags: u32) -> usize {
+    serve_honestly(fake_handshake(&listener), status_flags)
+}
+
+/// The request loop of [`honest_server`] on a negotiated `s`.
+fn serve_honestly(mut s: UnixStream, status_flags: u32) -> usize {
+    let mut flushes = 0;
+    loop {
+        let mut req = [0u8; 28];
+        if s.read_exact(&mut req).is_err() {
+            return flushes;
+        }
+        let ty = be16(&req[6..8]);
+        let cookie = be64(&req[8..16]);
+        let offset = be64(&req[16..24]);
+        let len = be32(&req[24..28]);
+        let out = match ty {
+            CMD_READ => {
+                let mut r = chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+                be(&mut r, offset, 8);
+                be(&mut r, u64::from(len), 4);
+                r
+            }
+            CMD_WRITE => {
+                let mut data = vec![0u8; len as usize];
+                s.read_exact(&mut data).unwrap();
+                chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)
+            }
+            CMD_FLUSH => {
+                flushes += 1;
+                chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)
+            }
+            CMD_BLOCK_STATUS => {
+                let mut r = chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, 12);
+                be(&mut r, 1, 4); // the context id of base:allocation
+                be(&mut r, u64::from(len), 4);
+                be(&mut r, u64::from(status_flags), 4);
+                r
+            }
+            CMD_DISC => return flushes,
+            other => panic!("the driver sent command {other}"),
+        };
+        if s.write_all(&out).is_err() {
+            return flushes;
+        }
+    }
+}
+
+/// Starts [`honest_server`] on a fresh socket: (its URI, the thread returning the flush
+/// count, the directory to keep alive).
+fn start_honest_server(
+    status_flags: u32,
+) -> (String, std::thread::JoinHandle<usize>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("honest.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let server = std::thread::spawn(move || honest_server(listener, status_flags));
+    (
+        format!("nbd+unix:///?socket={}", sock.display()),
+        server,
+        dir,
+    )
+}
+
+#[test]
+fn a_flush_after_writes_reaches_the_server_and_none_without_writes() {
+    // Written: exactly one flush (the close has nothing new to flush).
+    let (uri, server, _dir) = start_honest_server(0);
+    let blk = open(&uri, Duration::ZERO);
+    let b = blk.clone();
+    co(move || {
+        b.co_pwrite(0, &[7; 4096]).unwrap();
+        b.co_flush().unwrap();
+        b.close().unwrap();
+    });
+    drop(blk);
+    assert_eq!(server.join().unwrap(), 1, "one flush after the writes");
+
+    // Only read: no flush at all, neither asked for nor at the close.
+    let (uri, server, _dir) = start_honest_server(0);
+    let blk = open(&uri, Duration::ZERO);
+    let b = blk.clone();
+    co(move || {
+        b.co_pread(0, &mut [0; 4096]).unwrap();
+        b.co_flush().unwrap();
+        b.close().unwrap();
+    });
+    drop(blk);
+    assert_eq!(
+        server.join().unwrap(),
+        0,
+        "nothing written, nothing flushed"
+    );
+}
+
+#[test]
+fn only_the_zero_flag_means_zeros_in_block_status() {
+    for (flags, want) in [
+        (0, BlockStatus::Data),
+        (STATE_HOLE, BlockStatus::Data), // allocated nowhere, contents unknown
+        (STATE_ZERO, BlockStatus::Zero),
+        (STATE_HOLE | STATE_ZERO, BlockStatus::Zero),
+    ] {
+        let (uri, server, _dir) = start_honest_server(flags);
+        let blk = open(&uri, Duration::ZERO);
+        let b = blk.clone();
+        let got = co(move || {
+            let r = b.co_block_status(0, 65536).unwrap();
+            b.close().unwrap();
+            r
+        });
+        assert_eq!(got, (want, 65536), "flags {flags:#x}");
+        drop(blk);
+        server.join().unwrap();
+    }
+}
+
+#[test]
+fn a_reconnect_to_an_export_with_other_flags_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let server = std::thread::spawn(move || {
+        // First connection: a writable export that takes flushes, closed at once.
+        let (s, _) = listener.accept().unwrap();
+        drop(handshake_on(s, FLAG_HAS_FLAGS | FLAG_SEND_FLUSH));
+        // Every later one: the same size, but read-only and without flush.
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < deadline {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let s = handshake_on(s, FLAG_HAS_FLAGS | FLAG_READ_ONLY);
+                    serve_honestly(s, 0);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let home = IoThread::spawn("nbd-home").unwrap();
+    let blk = open_on(&home, &uri, Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(100)); // the first connection is gone
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = blk.clone();
+    home.spawn_co(move || {
+        let r = b.co_pread(0, &mut [0; 4096]);
+        tx.send(r.map_err(|e| e.errno())).unwrap();
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the read hung");
+    assert_eq!(
+        r,
+        Err(libc::EIO),
+        "the other export was not taken for the first"
+    );
+    drop(blk);
+    home.stop();
+    // The server thread ends by its own deadline; a reconnect attempt still in progress
+    // when the driver closed may leave it waiting, so it is not joined.
+    drop(server);
 }

@@ -398,6 +398,7 @@ fn open_image(cfg: &ServerConfig) -> Result<OpenImage, ServerError> {
         let nbd = block::NbdOptions {
             read_only: false,
             reconnect_delay: cfg.reconnect_delay,
+            ..block::NbdOptions::default()
         };
         let blk = block::open_nbd(uri, &cfg.open, nbd, &cfg.inject).map_err(start_err)?;
         // Through a raw window (--offset/--size) the top node is raw; the data comes over NBD.

@@ -61,12 +61,17 @@ fn index(dir: FdReady) -> usize {
 }
 
 /// Suspends the running coroutine until `fd` is ready for `dir` (or has an error or hang-up),
-/// as seen by this thread's [`AioContext`]. Returns at once with the fd registered on no
-/// context. Panics outside a coroutine, or when another coroutine of this thread already waits
-/// for the same direction of `fd`.
+/// as seen by this thread's [`AioContext`]. Returns with the fd registered on no context.
+/// Panics outside a coroutine, or when another coroutine of this thread already waits for the
+/// same direction of `fd`.
+///
+/// An error means the fd cannot be watched on this thread's event loop (`EBADF`, `EPERM` for
+/// a regular file, `ENOMEM`): the coroutine did not wait, and waiting again would fail the
+/// same way, so a caller looping on `EAGAIN` must stop and treat the fd as broken rather
+/// than spin.
 ///
 /// QEMU: `qio_channel_yield()`.
-pub fn co_wait_fd(fd: BorrowedFd<'_>, dir: FdReady) {
+pub fn co_wait_fd(fd: BorrowedFd<'_>, dir: FdReady) -> std::io::Result<()> {
     let raw = fd.as_raw_fd();
     let me = CoWaker::current();
     WAITING.with(|w| {
@@ -79,12 +84,11 @@ pub fn co_wait_fd(fd: BorrowedFd<'_>, dir: FdReady) {
         *slot = Some(me);
     });
     if let Err(e) = rearm(raw) {
-        // The fd cannot be watched (EBADF, EPERM for a regular file): do not wait for an
-        // event that cannot come; the caller's next syscall reports the problem.
+        // The fd cannot be watched: do not wait for an event that cannot come.
         log::warn!("cannot wait for fd {raw} on this thread's event loop: {e}");
         take_waiter(raw, dir);
         let _ = rearm(raw);
-        return;
+        return Err(e);
     }
     log::trace!("{}: yields: waits for fd {raw} to be {dir:?}", Running);
     co_yield();
@@ -93,6 +97,7 @@ pub fn co_wait_fd(fd: BorrowedFd<'_>, dir: FdReady) {
     if take_waiter(raw, dir).is_some() {
         let _ = rearm(raw);
     }
+    Ok(())
 }
 
 /// Removes and returns the waiter of `fd` for `dir` on this thread.

@@ -17,7 +17,9 @@ fn co_read_exact(s: &UnixStream, buf: &mut [u8]) -> std::io::Result<()> {
         match (&*s).read(&mut buf[done..]) {
             Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
             Ok(n) => done += n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => co_wait_fd(s.as_fd(), FdReady::Readable),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                co_wait_fd(s.as_fd(), FdReady::Readable)?
+            }
             Err(e) => return Err(e),
         }
     }
@@ -73,7 +75,7 @@ fn a_reader_and_a_writer_of_one_socket_wait_at_once_on_one_thread() {
         match (&*wa).write(b"more") {
             Ok(n) => return n,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                co_wait_fd(wa.as_fd(), FdReady::Writable)
+                co_wait_fd(wa.as_fd(), FdReady::Writable).unwrap()
             }
             Err(e) => panic!("{e}"),
         }

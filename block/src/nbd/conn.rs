@@ -31,21 +31,36 @@
 //! cookie, a request seeing a short payload or a chunk that does not fit — marks the connection
 //! dead, shuts the socket down (which wakes every coroutine waiting on it, on any thread) and
 //! wakes every parked waiter; each then finds the connection dead and fails its request.
+//!
+//! ## A server that stops answering
+//!
+//! A server may keep its socket open and never answer (hung, or its host gone without a reset
+//! reaching us). With a reply timeout, a *watchdog* timer on the reader's context kills the
+//! connection ("server stopped answering") when requests are in flight and no byte has come
+//! for that long; the requests then take the reconnect / EIO path like any lost connection.
+//! The clock restarts at every byte read and when a request is sent on an idle connection.
 
+use std::cell::OnceCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
+use std::ops::Range;
 use std::os::fd::AsFd;
+use std::rc::{Rc, Weak};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use runtime::{co_wait_fd, co_yield, CoMutex, CoWaker, Coroutine, FdReady};
+use runtime::{co_wait_fd, co_yield, AioContext, CoMutex, CoWaker, Coroutine, FdReady, Timer};
 
 use super::handshake::ExportInfo;
 use super::proto::{self, *};
 use super::uri::Stream;
 use crate::BlockError;
 
-/// Requests one connection has in flight at most (QEMU: `MAX_NBD_REQUESTS`, 16). More wait
-/// for a free slot.
+/// Requests one connection has in flight at most; more wait for a free slot. QEMU's
+/// `MAX_NBD_REQUESTS` is 16, but that connection serves one `AioContext`; this one serves
+/// every queue thread of the export at once (the FUSE queues, each with many requests), so
+/// it gets more room. 64 slots fit easily in the 16-bit slot index of the cookie, and
+/// servers (`qemu-nbd`, `nbdkit`) put no limit of their own below that.
 pub const MAX_IN_FLIGHT: usize = 64;
 
 /// How a request failed.
@@ -103,6 +118,9 @@ struct State {
     handed_off: bool,
     /// The reader, parked until the hand-back.
     reader: Option<CoWaker>,
+    /// When the server last showed life: a byte read, or a request sent while none was in
+    /// flight. The reply watchdog measures silence from here.
+    last_progress: Instant,
 }
 
 /// A connected, negotiated NBD connection.
@@ -113,6 +131,9 @@ pub struct Conn {
     name: Arc<str>,
     send: CoMutex<()>,
     state: Mutex<State>,
+    /// Silence allowed with requests in flight before the connection is killed (`None`: no
+    /// limit). See the module documentation.
+    reply_timeout: Option<Duration>,
 }
 
 fn locked(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -122,8 +143,13 @@ fn locked(m: &Mutex<State>) -> MutexGuard<'_, State> {
 
 impl Conn {
     /// Wraps a negotiated `stream` (switched to non-blocking here). Start its reader with
-    /// [`Conn::co_read_replies`] in a coroutine.
-    pub fn new(stream: Stream, info: ExportInfo, name: Arc<str>) -> io::Result<Conn> {
+    /// [`spawn_reader`]. `reply_timeout`: see the module documentation (`None`: no limit).
+    pub fn new(
+        stream: Stream,
+        info: ExportInfo,
+        name: Arc<str>,
+        reply_timeout: Option<Duration>,
+    ) -> io::Result<Conn> {
         stream.set_timeouts(None)?;
         stream.set_nonblocking(true)?;
         let slots = (0..MAX_IN_FLIGHT).map(|_| Slot::default()).collect();
@@ -139,7 +165,9 @@ impl Conn {
                 dead: None,
                 handed_off: false,
                 reader: None,
+                last_progress: Instant::now(),
             }),
+            reply_timeout: reply_timeout.filter(|t| !t.is_zero()),
         })
     }
 
@@ -236,6 +264,10 @@ impl Conn {
                 let mut st = locked(&self.state);
                 if st.dead.is_some() {
                     return Err(Failure::Lost);
+                }
+                if st.free.len() == MAX_IN_FLIGHT {
+                    // The first request on an idle connection: silence counts from now.
+                    st.last_progress = Instant::now();
                 }
                 if let Some(i) = st.free.pop() {
                     let s = &mut st.slots[i];
@@ -335,13 +367,13 @@ impl Conn {
                 self.co_read_exact(&mut at)?;
                 let data_len = u64::from(length - 8);
                 let range = chunk_range(u64::from_be_bytes(at), data_len, req_off, req_len)?;
+                out.cover(range.clone())?;
                 self.co_read_exact(&mut buf[range])?;
-                out.covered += data_len;
             }
             (REPLY_TYPE_OFFSET_HOLE, Data::In(buf)) => {
                 let payload = self.co_read_small(length)?;
                 let range = parse_hole_chunk(&payload, req_off, req_len)?;
-                out.covered += range.len() as u64;
+                out.cover(range.clone())?;
                 buf[range].fill(0);
             }
             (REPLY_TYPE_BLOCK_STATUS, Data::Status(status)) => {
@@ -381,8 +413,8 @@ impl Conn {
         }
         match &mut req.data {
             Data::In(buf) => {
+                out.cover(0..buf.len())?;
                 self.co_read_exact(buf)?;
-                out.covered = buf.len() as u64;
             }
             Data::Status(_) => {
                 return Err(violation("a simple reply to a block status request").into())
@@ -506,9 +538,15 @@ impl Conn {
         while done < buf.len() {
             match (&self.stream).read(&mut buf[done..]) {
                 Ok(0) => return Err(Broken::Io(io::ErrorKind::UnexpectedEof.into())),
-                Ok(n) => done += n,
+                Ok(n) => {
+                    done += n;
+                    if self.reply_timeout.is_some() {
+                        locked(&self.state).last_progress = Instant::now();
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    co_wait_fd(self.stream.as_fd(), FdReady::Readable)
+                    // A socket that cannot be waited for is a broken connection.
+                    co_wait_fd(self.stream.as_fd(), FdReady::Readable).map_err(Broken::Io)?
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(Broken::Io(e)),
@@ -532,7 +570,7 @@ impl Conn {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    co_wait_fd(self.stream.as_fd(), FdReady::Writable)
+                    co_wait_fd(self.stream.as_fd(), FdReady::Writable)?
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -543,15 +581,68 @@ impl Conn {
 }
 
 /// Starts the reader coroutine of `conn` on this thread's context, running `after` when it
-/// ends (the connection is dead then).
+/// ends (the connection is dead then). With a reply timeout, the watchdog runs on the same
+/// context for as long as the reader does.
 pub fn spawn_reader(conn: Arc<Conn>, after: impl FnOnce(Arc<Conn>) + 'static) {
     // `wake` enters it at once from outside a coroutine, or right after the current one
     // yields from inside one.
     Coroutine::new(move || {
+        let watchdog = conn.reply_timeout.map(|t| start_watchdog(&conn, t));
         conn.co_read_replies();
+        drop(watchdog); // disarms it
         after(conn);
     })
     .wake();
+}
+
+/// Arms the reply watchdog of `conn` on this thread's context: a timer that re-arms itself
+/// until the connection dies, and kills it after `timeout` of silence with requests in
+/// flight. Dropping the returned timer stops it.
+fn start_watchdog(conn: &Arc<Conn>, timeout: Duration) -> Rc<Timer> {
+    // The callback re-arms its own timer through a weak handle, so that dropping the
+    // returned `Rc` really ends it.
+    let me: Rc<OnceCell<Weak<Timer>>> = Rc::default();
+    let (c, m) = (Arc::downgrade(conn), me.clone());
+    let timer = Rc::new(AioContext::with_current(|ctx| {
+        ctx.timer_new(move || {
+            let (Some(conn), Some(timer)) = (c.upgrade(), m.get().and_then(Weak::upgrade)) else {
+                return;
+            };
+            if let Some(next) = conn.check_silence(timeout) {
+                timer.modify(next);
+            }
+        })
+    }));
+    let _ = me.set(Rc::downgrade(&timer));
+    timer.modify_after(timeout);
+    timer
+}
+
+impl Conn {
+    /// The watchdog's check: kills the connection if requests are in flight and the server
+    /// has said nothing for `timeout`; else returns when to look again (`None`: dead).
+    fn check_silence(&self, timeout: Duration) -> Option<Instant> {
+        let now = Instant::now();
+        let silent_for = {
+            let st = locked(&self.state);
+            if st.dead.is_some() {
+                return None;
+            }
+            if st.free.len() == MAX_IN_FLIGHT {
+                return Some(now + timeout); // nothing in flight: nothing to wait for
+            }
+            let silent_for = now.saturating_duration_since(st.last_progress);
+            if silent_for < timeout {
+                return Some(st.last_progress + timeout);
+            }
+            silent_for
+        };
+        self.kill(&format!(
+            "server stopped answering: nothing for {:.1} s with requests in flight",
+            silent_for.as_secs_f64()
+        ));
+        None
+    }
 }
 
 /// What a request's chunks said, put together at the end.
@@ -559,11 +650,59 @@ pub fn spawn_reader(conn: Arc<Conn>, after: impl FnOnce(Arc<Conn>) + 'static) {
 struct Outcome {
     /// The first error chunk (or the simple reply's error).
     error: Option<ChunkError>,
-    /// Bytes of a read covered by data and hole chunks.
-    covered: u64,
+    /// The parts of a read's buffer that data and hole chunks covered: sorted, disjoint,
+    /// adjacent ranges merged (so it stays short: one range for an honest reply in order).
+    covered: Vec<Range<usize>>,
 }
 
 impl Outcome {
+    /// Records that a chunk covered `r` (non-empty) of the read's buffer. A chunk over bytes
+    /// another chunk already covered is a protocol error: the server may not say two things
+    /// about one byte (the NBD spec forbids overlapping chunks in one reply).
+    fn cover(&mut self, r: Range<usize>) -> Result<(), ProtocolError> {
+        if r.is_empty() {
+            return Ok(());
+        }
+        // The first range that ends at or after `r` starts: the only one that may overlap
+        // `r` or touch it from the left.
+        let i = self.covered.partition_point(|c| c.end < r.start);
+        let overlaps = |c: &Range<usize>| c.start < r.end && r.start < c.end;
+        if self.covered.get(i).is_some_and(overlaps)
+            || self.covered.get(i + 1).is_some_and(overlaps)
+        {
+            return Err(violation(format!(
+                "chunk over bytes {}..{} of the read, which another chunk covered",
+                r.start, r.end
+            )));
+        }
+        // Merge with the neighbours it touches.
+        let touches_left = self.covered.get(i).is_some_and(|c| c.end == r.start);
+        let touches_right_at = if touches_left { i + 1 } else { i };
+        let touches_right = self
+            .covered
+            .get(touches_right_at)
+            .is_some_and(|c| c.start == r.end);
+        match (touches_left, touches_right) {
+            (true, true) => {
+                let right = self.covered.remove(i + 1);
+                self.covered[i].end = right.end;
+            }
+            (true, false) => self.covered[i].end = r.end,
+            (false, true) => self.covered[i].start = r.start,
+            (false, false) => self.covered.insert(i, r),
+        }
+        Ok(())
+    }
+
+    /// Whether the chunks covered the whole read of `len` bytes.
+    fn covers_all(&self, len: usize) -> bool {
+        match self.covered.as_slice() {
+            [] => len == 0,
+            [only] => *only == (0..len),
+            _ => false,
+        }
+    }
+
     fn finish(self, req: &Request<'_>, name: &str) -> Result<(), Failure> {
         if let Some(e) = self.error {
             let errno = proto::errno_of(e.error);
@@ -580,9 +719,9 @@ impl Outcome {
             )));
         }
         match &req.data {
-            Data::In(_) if self.covered != u64::from(req.len) => {
+            Data::In(buf) if !self.covers_all(buf.len()) => {
                 log::error!(
-                    "nbd {name}: the reply to a read of {}+{} covers {} bytes",
+                    "nbd {name}: the reply to a read of {}+{} covers only {:?} of it",
                     req.offset,
                     req.len,
                     self.covered

@@ -50,7 +50,13 @@
 //! ones — wait up to `reconnect_delay` from the moment of the drop, then fail with EIO; after
 //! that, new requests fail at once until a reconnect succeeds. With a reconnect the waiting
 //! requests are sent again. This is QEMU's `reconnect-delay` (default 0: fail at once, still
-//! reconnect in the background). A reconnect to an export of another size is refused.
+//! reconnect in the background). A reconnect to an export that differs from the first one
+//! (size, flags, structured replies, `base:allocation`, block sizes) is refused.
+//!
+//! A server that keeps the socket open but stops answering is caught by
+//! [`NbdOptions::reply_timeout`] (default 30 s; see `conn.rs`): the connection is closed
+//! with "server stopped answering" and handled as a drop. TCP sockets also get
+//! `SO_KEEPALIVE`, as QEMU sets it.
 //!
 //! Differences from QEMU: no TLS, no extended headers, no `NBD_CMD_CACHE` or resize, no
 //! multi-conn; FUA is not used (a flush follows writes that must be durable); the reconnect
@@ -76,13 +82,34 @@ use proto::*;
 pub use uri::{is_nbd_uri, NbdUri};
 
 /// Options of [`NbdDriver::connect`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NbdOptions {
     /// Refuse writes even if the server allows them.
     pub read_only: bool,
     /// How long requests wait for a reconnect after the connection drops (QEMU's
     /// `reconnect-delay`; zero: they fail at once).
     pub reconnect_delay: Duration,
+    /// How long the server may stay silent while requests are in flight before the
+    /// connection is treated as lost ("server stopped answering": reconnect, or EIO); zero:
+    /// no limit. Default [`DEFAULT_REPLY_TIMEOUT`]. QEMU has no such timeout and relies on
+    /// TCP keepalive, which we set too, but keepalive sees only a dead peer host, not a hung
+    /// server process, and does nothing for Unix sockets.
+    pub reply_timeout: Duration,
+}
+
+/// The default [`NbdOptions::reply_timeout`]: 30 s, far beyond any healthy server's answer
+/// to one request of at most 32 MiB (a slow disk behind it included), short enough that a
+/// hung server surfaces as EIO (or a reconnect) rather than as a hung filesystem.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for NbdOptions {
+    fn default() -> Self {
+        NbdOptions {
+            read_only: false,
+            reconnect_delay: Duration::ZERO,
+            reply_timeout: DEFAULT_REPLY_TIMEOUT,
+        }
+    }
 }
 
 /// How long a connect and handshake may take (QEMU's `open-timeout` is 0, i.e. none; a
@@ -108,7 +135,8 @@ struct Client {
     /// The URI as text, for log lines.
     name: Arc<str>,
     opts: NbdOptions,
-    /// What the first connection negotiated; later ones must agree on the size.
+    /// What the first connection negotiated; later ones must agree (see
+    /// [`Client::incompatible`]).
     info: ExportInfo,
     link: Mutex<Link>,
 }
@@ -174,7 +202,12 @@ impl NbdDriver {
             info.pref_block,
             info.max_block
         );
-        let conn = Arc::new(Conn::new(stream, info.clone(), name.clone())?);
+        let conn = Arc::new(Conn::new(
+            stream,
+            info.clone(),
+            name.clone(),
+            Some(opts.reply_timeout),
+        )?);
         let client = Arc::new(Client {
             uri: uri.clone(),
             name,
@@ -368,8 +401,9 @@ impl Client {
             let uri = self.uri.clone();
             let r = ThreadPool::global().submit_co(move || establish(&uri));
             match r {
-                Ok((stream, info)) if info.size == self.info.size => {
-                    match Conn::new(stream, info, self.name.clone()) {
+                Ok((stream, info)) if self.incompatible(&info).is_none() => {
+                    let timeout = Some(self.opts.reply_timeout);
+                    match Conn::new(stream, info, self.name.clone(), timeout) {
                         Ok(c) => {
                             if let Some(c) = self.install(Arc::new(c)) {
                                 log::info!("nbd {}: reconnected", self.name);
@@ -381,10 +415,9 @@ impl Client {
                     }
                 }
                 Ok((_, info)) => log::warn!(
-                    "nbd {}: reconnect refused: the export now has {} bytes, not {}",
+                    "nbd {}: reconnect refused: {}",
                     self.name,
-                    info.size,
-                    self.info.size
+                    self.incompatible(&info).unwrap_or_default()
                 ),
                 Err(e) if !said => {
                     log::warn!("nbd {}: reconnecting ({e}); retrying", self.name);
@@ -395,6 +428,45 @@ impl Client {
             co_sleep(pause);
             pause = (pause * 2).min(Duration::from_secs(2));
         }
+    }
+
+    /// Why a reconnect that negotiated `new` cannot replace the first connection, if it
+    /// cannot: the driver promised its users (and sized, split and routed requests by) what
+    /// the first connection said — the size, the transmission flags (read-only, flush, trim,
+    /// write-zeroes…), structured replies, `base:allocation`, and the block sizes. The meta
+    /// context's id may differ: each connection parses with its own.
+    fn incompatible(&self, new: &ExportInfo) -> Option<String> {
+        let old = &self.info;
+        let why = if new.size != old.size {
+            format!("the export now has {} bytes, not {}", new.size, old.size)
+        } else if new.flags != old.flags {
+            format!(
+                "the export's flags are now {:#06x}, not {:#06x}",
+                new.flags, old.flags
+            )
+        } else if new.structured != old.structured {
+            format!(
+                "the server {} structured replies now",
+                if new.structured { "offers" } else { "refuses" }
+            )
+        } else if new.meta_context.is_some() != old.meta_context.is_some() {
+            format!(
+                "the server {} base:allocation now",
+                if new.meta_context.is_some() {
+                    "offers"
+                } else {
+                    "refuses"
+                }
+            )
+        } else if (new.min_block, new.max_block) != (old.min_block, old.max_block) {
+            format!(
+                "the block sizes are now {}..{}, not {}..{}",
+                new.min_block, new.max_block, old.min_block, old.max_block
+            )
+        } else {
+            return None;
+        };
+        Some(why)
     }
 
     /// Makes `conn` current and wakes the requests that wait; `None` (and closes `conn`) if
@@ -533,9 +605,12 @@ impl BlockDriver for NbdDriver {
         let Data::Status(Some((length, flags))) = req.data else {
             return Err(eio()); // `Conn` checks that a status came; never reached
         };
-        // QEMU's mapping (`nbd_client_co_block_status()`): a hole is not data; zero flags
-        // zeros. Without a backing node a hole reads as zeros.
-        let status = if flags & STATE_HOLE != 0 {
+        // Only NBD_STATE_ZERO says what the bytes are: zeros. NBD_STATE_HOLE says only that
+        // no storage is allocated, and a hole without ZERO may read as anything (a server
+        // backed by a device that does not zero on discard): reporting it as zeros would let
+        // a caller skip data. QEMU keeps the two apart too (`nbd_client_co_block_status()`
+        // maps ZERO to BDRV_BLOCK_ZERO; a hole is only "not allocated").
+        let status = if flags & STATE_ZERO != 0 {
             BlockStatus::Zero
         } else {
             BlockStatus::Data

@@ -126,6 +126,29 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Turns on `SO_KEEPALIVE` (QEMU does so for NBD's TCP sockets): a peer host that vanished
+/// without a reset then ends the connection in the kernel's keepalive time, even when no
+/// request is in flight.
+fn set_keepalive(s: &TcpStream) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: `s` owns an open socket for the whole call; `&on` points to a live `c_int` and
+    // the length passed is exactly its size.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_KEEPALIVE,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A connected socket to the server, TCP or Unix.
 #[derive(Debug)]
 pub enum Stream {
@@ -144,6 +167,7 @@ impl Stream {
                     match TcpStream::connect_timeout(&a, timeout) {
                         Ok(s) => {
                             s.set_nodelay(true)?;
+                            set_keepalive(&s)?;
                             return Ok(Stream::Tcp(s));
                         }
                         Err(e) => last = e,
