@@ -103,6 +103,8 @@ fn reads_and_writes_like_the_served_image(engine: &str) {
     let (img, data) = served_image(dir.path(), 16 << 20);
     let srv = qemu_nbd(&img, &dir.path().join("nbd.sock"), &[]);
     let mut e = mount(dir.path(), &srv.uri, &["--engine", engine]);
+    // The mounted line comes just after INIT, a moment after the mount appears.
+    wait_until(Duration::from_secs(15), || e.stdout().contains("exported"));
     assert!(
         e.stdout().contains("(nbd, 16 MiB, read-write)"),
         "{}",
@@ -231,6 +233,7 @@ fn a_read_only_server_makes_a_read_only_mount() {
     let (img, data) = served_image(dir.path(), 4 << 20);
     let srv = qemu_nbd(&img, &dir.path().join("nbd.sock"), &["-r"]);
     let e = mount(dir.path(), &srv.uri, &[]);
+    wait_until(Duration::from_secs(15), || e.stdout().contains("exported"));
     assert!(e.stdout().contains("read-only"), "{}", e.stdout());
     assert!(e.logs().contains("exports it read-only"), "{}", e.logs());
     assert!(fs::OpenOptions::new().write(true).open(e.path()).is_err());
