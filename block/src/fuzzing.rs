@@ -241,6 +241,31 @@ fn offsets(data: &[u8], size: u64) -> Vec<u64> {
 
 /// The read-only part of [`qcow2_image`]: reads and block status must not fail by panicking,
 /// a range reported as zero must read as zeros.
+/// Puts `driver` under a read-only backend and runs [`exercise_read_only`] in a coroutine;
+/// with `refuses_writes` (a read-only format), a write must fail too.
+fn exercise_driver(driver: Arc<dyn BlockDriver>, data: &[u8], refuses_writes: bool) {
+    let opts = BackendOptions {
+        read_only: true,
+        write_beyond_eof: false,
+        ..BackendOptions::default()
+    };
+    let Ok(blk) = BlockBackend::new(driver, opts) else {
+        return;
+    };
+    let blk = Arc::new(blk);
+    let (b, d) = (blk.clone(), data.to_vec());
+    co(move || {
+        exercise_read_only(&b, &d);
+        if refuses_writes {
+            assert!(
+                b.co_pwrite(0, &[1]).is_err(),
+                "a read-only format took a write"
+            );
+        }
+    });
+    let _ = blk.close();
+}
+
 fn exercise_read_only(blk: &BlockBackend, data: &[u8]) {
     let size = blk.size();
     for off in offsets(data, size) {
@@ -284,19 +309,7 @@ pub fn qcow2_image(data: &[u8]) {
     // Read-only: nothing may be written, whatever the image says.
     let child = Arc::new(MemDriver::new(data.to_vec(), true, 0));
     if let Ok(driver) = Qcow2Driver::open_with(child.clone(), &opts) {
-        if let Ok(blk) = BlockBackend::new(
-            Arc::new(driver),
-            BackendOptions {
-                read_only: true,
-                write_beyond_eof: false,
-                ..BackendOptions::default()
-            },
-        ) {
-            let blk = Arc::new(blk);
-            let (b, d) = (blk.clone(), data.to_vec());
-            co(move || exercise_read_only(&b, &d));
-            let _ = blk.close();
-        }
+        exercise_driver(Arc::new(driver), data, false);
     }
     assert_eq!(child.writes(), 0, "a read-only open wrote to the image");
     assert!(
@@ -376,19 +389,7 @@ pub fn vmdk_image(data: &[u8]) {
         crate::VmdkDriver::open_with(child.clone(), Path::new("fuzz.vmdk"), &mut open_extent)
     {
         assert!(driver.getlength() <= i64::MAX as u64);
-        if let Ok(blk) = BlockBackend::new(
-            Arc::new(driver),
-            BackendOptions {
-                read_only: true,
-                write_beyond_eof: false,
-                ..BackendOptions::default()
-            },
-        ) {
-            let blk = Arc::new(blk);
-            let (b, d) = (blk.clone(), data.to_vec());
-            co(move || exercise_read_only(&b, &d));
-            let _ = blk.close();
-        }
+        exercise_driver(Arc::new(driver), data, false);
     }
     assert_eq!(child.writes() + extent_file.writes(), 0, "a read wrote");
     assert!(child.contents() == first && extent_file.contents() == extent);
@@ -694,25 +695,7 @@ fn read_only_image<D: BlockDriver>(data: &[u8], open: fn(Arc<dyn BlockDriver>) -
     let child = Arc::new(MemDriver::new(image.clone(), true, 0));
     if let Ok(driver) = open(child.clone()) {
         assert!(driver.is_read_only());
-        if let Ok(blk) = BlockBackend::new(
-            Arc::new(driver),
-            BackendOptions {
-                read_only: true,
-                write_beyond_eof: false,
-                ..BackendOptions::default()
-            },
-        ) {
-            let blk = Arc::new(blk);
-            let (b, d) = (blk.clone(), data.to_vec());
-            co(move || {
-                exercise_read_only(&b, &d);
-                assert!(
-                    b.co_pwrite(0, &[1]).is_err(),
-                    "a read-only format took a write"
-                );
-            });
-            let _ = blk.close();
-        }
+        exercise_driver(Arc::new(driver), data, true);
     }
     assert_eq!(child.writes(), 0, "a read-only driver wrote to the image");
     assert!(

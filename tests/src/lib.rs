@@ -1212,6 +1212,76 @@ pub fn lseek(f: &File, offset: u64, whence: i32) -> io::Result<u64> {
     }
 }
 
+/// The data extents of an image per `qemu-img map --output=json` (through its chain),
+/// adjacent ones merged; with `skip_zero`, extents qemu-img marks `"zero": true` are holes.
+pub fn qemu_img_data_extents(img: &Path, skip_zero: bool) -> Vec<(u64, u64)> {
+    let out = sh!("qemu-img", "map", "--output=json", img).ok();
+    let num = |obj: &str, key: &str| -> u64 {
+        let at = obj.find(&format!("\"{key}\":")).expect("key") + key.len() + 3;
+        let digits: String = obj[at..]
+            .trim_start()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().expect("a number")
+    };
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    for obj in out.stdout.split('{').skip(1) {
+        if !obj.contains("\"data\": true") || (skip_zero && obj.contains("\"zero\": true")) {
+            continue;
+        }
+        let (start, len) = (num(obj, "start"), num(obj, "length"));
+        match extents.last_mut() {
+            Some(last) if last.0 + last.1 == start => last.1 += len,
+            _ => extents.push((start, len)),
+        }
+    }
+    extents
+}
+
+/// What SEEK_DATA / SEEK_HOLE from `off` must return for a file of `size` bytes with these
+/// data extents (sorted, merged): `None` for ENXIO.
+pub fn expected_seek(extents: &[(u64, u64)], size: u64, off: u64, data: bool) -> Option<u64> {
+    // EOF is a hole: SEEK_HOLE at EOF returns EOF; everything past it is ENXIO.
+    if off > size || (off == size && data) {
+        return None;
+    }
+    if off == size {
+        return Some(size);
+    }
+    let inside = extents.iter().find(|&&(s, l)| s <= off && off < s + l);
+    if data {
+        match inside {
+            Some(_) => Some(off),
+            None => extents.iter().map(|e| e.0).find(|&s| s > off),
+        }
+    } else {
+        Some(inside.map_or(off, |&(s, l)| s + l))
+    }
+}
+
+/// SEEK_DATA and SEEK_HOLE on `mounted` at the edges of every data extent agree with
+/// [`expected_seek`]; `what` names the case in a failure.
+pub fn assert_seek_matches(mounted: &Path, extents: &[(u64, u64)], size: u64, what: &str) {
+    let f = File::open(mounted).unwrap();
+    let mut offsets = vec![0, 1, size - 1, size, size + 1];
+    for &(s, l) in extents {
+        offsets.extend([s, s + 1, s + l - 1, s + l, s + l + 4096]);
+        offsets.extend(s.checked_sub(1));
+    }
+    for off in offsets {
+        for (whence, data) in [(libc::SEEK_DATA, true), (libc::SEEK_HOLE, false)] {
+            let got = lseek(&f, off, whence).map_err(|e| e.raw_os_error());
+            let want = expected_seek(extents, size, off, data).ok_or(Some(libc::ENXIO));
+            let name = if data { "SEEK_DATA" } else { "SEEK_HOLE" };
+            assert_eq!(
+                got, want,
+                "{what}: lseek({off}, {name}) with data at {extents:?}"
+            );
+        }
+    }
+}
+
 /// `lseek(SEEK_DATA)`.
 pub fn seek_data(f: &File, offset: u64) -> io::Result<u64> {
     lseek(f, offset, libc::SEEK_DATA)

@@ -90,70 +90,11 @@ fn make(dir: &Path, subformat: &str, size: u64) -> PathBuf {
     dir.join("disk.vmdk")
 }
 
-/// The data extents per `qemu-img map`: data and not zero (a flat file's holes are reported
-/// as data *and* zero; they are holes to SEEK_HOLE).
-fn data_extents(img: &Path) -> Vec<(u64, u64)> {
-    let out = sh!("qemu-img", "map", "--output=json", img).ok();
-    let num = |obj: &str, key: &str| -> u64 {
-        let at = obj.find(&format!("\"{key}\":")).expect("key") + key.len() + 3;
-        let digits: String = obj[at..]
-            .trim_start()
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits.parse().expect("a number")
-    };
-    let mut extents: Vec<(u64, u64)> = Vec::new();
-    for obj in out.stdout.split('{').skip(1) {
-        if !obj.contains("\"data\": true") || obj.contains("\"zero\": true") {
-            continue;
-        }
-        let (start, len) = (num(obj, "start"), num(obj, "length"));
-        match extents.last_mut() {
-            Some(last) if last.0 + last.1 == start => last.1 += len,
-            _ => extents.push((start, len)),
-        }
-    }
-    extents
-}
-
-/// What SEEK_DATA / SEEK_HOLE from `off` must return for these data extents.
-fn expected_seek(extents: &[(u64, u64)], size: u64, off: u64, data: bool) -> Option<u64> {
-    if off > size || (off == size && data) {
-        return None;
-    }
-    if off == size {
-        return Some(size);
-    }
-    let inside = extents.iter().find(|&&(s, l)| s <= off && off < s + l);
-    if data {
-        match inside {
-            Some(_) => Some(off),
-            None => extents.iter().map(|e| e.0).find(|&s| s > off),
-        }
-    } else {
-        Some(inside.map_or(off, |&(s, l)| s + l))
-    }
-}
-
 /// SEEK_DATA and SEEK_HOLE on the mounted file at the edges of every data extent.
 fn check_seek(mounted: &Path, img: &Path, size: u64) {
-    let extents = data_extents(img);
+    let extents = qemu_img_data_extents(img, true);
     assert!(!extents.is_empty(), "the layout has data");
-    let f = fs::File::open(mounted).unwrap();
-    let mut offsets = vec![0, 1, size - 1, size, size + 1];
-    for &(s, l) in &extents {
-        offsets.extend([s, s + 1, s + l - 1, s + l, s + l + 4096]);
-        offsets.extend(s.checked_sub(1));
-    }
-    for off in offsets {
-        for (whence, data) in [(libc::SEEK_DATA, true), (libc::SEEK_HOLE, false)] {
-            let got = lseek(&f, off, whence).map_err(|e| e.raw_os_error());
-            let want = expected_seek(&extents, size, off, data).ok_or(Some(libc::ENXIO));
-            let name = if data { "SEEK_DATA" } else { "SEEK_HOLE" };
-            assert_eq!(got, want, "lseek({off}, {name}) with data at {extents:?}");
-        }
-    }
+    assert_seek_matches(mounted, &extents, size, "");
 }
 
 fn exported_subformat_matches_qemu(subformat: &str, size: u64) {
